@@ -1,0 +1,255 @@
+"""Typed, validated settings built from the CDK context.
+
+Every knob has its default in ``cdk.json`` (one place to read them all); this module only knows each knob's
+type and range. Values given with ``cdk synth -c key=value`` arrive as strings, so each parser accepts the
+string form too ("3", "true"), and anything else fails synth with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
+
+
+class ConfigError(ValueError):
+    """A context value that cannot become a setting; the message names the key."""
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"expected an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float, maximum: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not minimum <= number <= maximum:
+            raise ValueError(f"expected a number between {minimum} and {maximum}, got {number}")
+        return number
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "false"}:
+        return value.strip().lower() == "true"
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _one_of_ints(*allowed: int) -> Callable[[Any], int]:
+    as_int = _int(min(allowed), max(allowed))
+
+    def parse(value: Any) -> int:
+        number = as_int(value)
+        if number not in allowed:
+            raise ValueError(f"expected one of {', '.join(map(str, allowed))}, got {number}")
+        return number
+
+    return parse
+
+
+def _pattern(regex: str, what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(regex, value):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return value
+
+    return parse
+
+
+_INSTANCE_TYPE = _pattern(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)", "an instance type such as ml.g4dn.xlarge")
+_PREFIX = _pattern(r"[A-Za-z0-9!_.*'()\-/]+/", "an S3 prefix ending in '/', such as incoming/")
+_BUCKET = _pattern(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", "an S3 bucket name")
+_SCHEDULE = _pattern(r"(rate|cron)\(.+\)", "an EventBridge schedule such as rate(7 days)")
+_EMAIL = _pattern(r"|[^@\s]+@[^@\s]+\.[^@\s]+", "an e-mail address or an empty string")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """All knobs of the system. Field names are the ``cdk.json`` context keys in snake case."""
+
+    project: str
+    stage: str
+    # ingest
+    source_bucket: str
+    dataset_selector: str
+    ingest_max_concurrency: int
+    ingest_batch_size: int
+    ingest_tolerated_failure_percent: int
+    split_validation_fraction: float
+    split_test_fraction: float
+    # training
+    training_instance_type: str
+    training_instance_count: int
+    training_use_spot: bool
+    training_max_runtime_seconds: int
+    training_max_wait_seconds: int
+    training_volume_size_gb: int
+    training_epochs: int
+    training_network_isolation: bool
+    training_debugger: bool
+    training_profiler: bool
+    framework_version: str
+    python_version: str
+    # tuning
+    tuning_enabled: bool
+    tuning_max_jobs: int
+    tuning_max_parallel_jobs: int
+    # endpoint
+    endpoint_mode: str
+    endpoint_serverless_memory_mb: int
+    endpoint_serverless_max_concurrency: int
+    endpoint_instance_type: str
+    endpoint_min_instances: int
+    endpoint_max_instances: int
+    deploy_min_improvement: float
+    # counting
+    incoming_prefix: str
+    count_confidence_threshold: float
+    count_max_image_bytes: int
+    # platform
+    alarm_email: str
+    cost_report_schedule: str
+    log_retention_days: int
+
+    @property
+    def is_production(self) -> bool:
+        return self.stage == "prod"
+
+
+# The context key for each field, and how to parse it. Keys are camelCase as CDK context keys usually are.
+_SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "project": ("project", _pattern(r"[a-z][a-z0-9-]{1,30}", "a lower-case name such as invmon")),
+    "stage": ("stage", _choice("dev", "prod")),
+    "source_bucket": ("sourceBucket", _BUCKET),
+    "dataset_selector": ("datasetSelector", _choice("file-list", "count-range", "challenge", "manifest")),
+    "ingest_max_concurrency": ("ingestMaxConcurrency", _int(1, 1000)),
+    "ingest_batch_size": ("ingestBatchSize", _int(1, 1000)),
+    "ingest_tolerated_failure_percent": ("ingestToleratedFailurePercent", _int(0, 100)),
+    "split_validation_fraction": ("splitValidationFraction", _float(0.01, 0.5)),
+    "split_test_fraction": ("splitTestFraction", _float(0.0, 0.5)),
+    "training_instance_type": ("trainingInstanceType", _INSTANCE_TYPE),
+    "training_instance_count": ("trainingInstanceCount", _int(1, 20)),
+    "training_use_spot": ("trainingUseSpot", _bool),
+    "training_max_runtime_seconds": ("trainingMaxRuntimeSeconds", _int(60, 28 * 24 * 3600)),
+    "training_max_wait_seconds": ("trainingMaxWaitSeconds", _int(60, 28 * 24 * 3600)),
+    "training_volume_size_gb": ("trainingVolumeSizeGb", _int(1, 16384)),
+    "training_epochs": ("trainingEpochs", _int(1, 500)),
+    "training_network_isolation": ("trainingNetworkIsolation", _bool),
+    "training_debugger": ("trainingDebugger", _bool),
+    "training_profiler": ("trainingProfiler", _bool),
+    "framework_version": ("frameworkVersion", _pattern(r"\d+\.\d+(\.\d+)?", "a PyTorch version such as 2.3")),
+    "python_version": ("pythonVersion", _pattern(r"py3\d+", "a Python tag such as py311")),
+    "tuning_enabled": ("tuningEnabled", _bool),
+    "tuning_max_jobs": ("tuningMaxJobs", _int(1, 500)),
+    "tuning_max_parallel_jobs": ("tuningMaxParallelJobs", _int(1, 100)),
+    "endpoint_mode": ("endpointMode", _choice("serverless", "realtime")),
+    "endpoint_serverless_memory_mb": ("endpointServerlessMemoryMb", _one_of_ints(1024, 2048, 3072, 4096, 5120, 6144)),
+    "endpoint_serverless_max_concurrency": ("endpointServerlessMaxConcurrency", _int(1, 200)),
+    "endpoint_instance_type": ("endpointInstanceType", _INSTANCE_TYPE),
+    "endpoint_min_instances": ("endpointMinInstances", _int(1, 100)),
+    "endpoint_max_instances": ("endpointMaxInstances", _int(1, 100)),
+    "deploy_min_improvement": ("deployMinImprovement", _float(0.0, 1.0)),
+    "incoming_prefix": ("incomingPrefix", _PREFIX),
+    "count_confidence_threshold": ("countConfidenceThreshold", _float(0.0, 1.0)),
+    "count_max_image_bytes": ("countMaxImageBytes", _int(1024, 6 * 1024 * 1024)),
+    "alarm_email": ("alarmEmail", _EMAIL),
+    "cost_report_schedule": ("costReportSchedule", _SCHEDULE),
+    "log_retention_days": ("logRetentionDays", _int(1, 3653)),
+}
+
+assert set(_SPEC) == {f.name for f in fields(Settings)}, "every Settings field needs a context key"
+
+CONTEXT_KEYS: tuple[str, ...] = tuple(key for key, _ in _SPEC.values())
+
+
+def _cross_checks(settings: Settings) -> None:
+    """Rules that span several knobs, each named by the key a user would change."""
+    if settings.training_use_spot and settings.training_max_wait_seconds < settings.training_max_runtime_seconds:
+        raise ConfigError(
+            "trainingMaxWaitSeconds: must be at least trainingMaxRuntimeSeconds "
+            f"({settings.training_max_runtime_seconds}) when trainingUseSpot is true, "
+            f"got {settings.training_max_wait_seconds}"
+        )
+    if settings.tuning_max_parallel_jobs > settings.tuning_max_jobs:
+        raise ConfigError(
+            f"tuningMaxParallelJobs: must not exceed tuningMaxJobs ({settings.tuning_max_jobs}), "
+            f"got {settings.tuning_max_parallel_jobs}"
+        )
+    if settings.endpoint_min_instances > settings.endpoint_max_instances:
+        raise ConfigError(
+            f"endpointMinInstances: must not exceed endpointMaxInstances ({settings.endpoint_max_instances}), "
+            f"got {settings.endpoint_min_instances}"
+        )
+    if settings.split_validation_fraction + settings.split_test_fraction >= 0.9:
+        raise ConfigError(
+            "splitTestFraction: splitValidationFraction + splitTestFraction must leave at least 10 % "
+            "for training"
+        )
+
+
+def settings_from_context(get: Callable[[str], Any]) -> Settings:
+    """Build the settings from a context lookup (``app.node.try_get_context`` or a dict's ``get``).
+
+    Every problem is collected first, so one synth reports all wrong keys at once.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, (key, parse) in _SPEC.items():
+        raw = get(key)
+        if raw is None:
+            problems.append(f"{key}: missing from the CDK context (its default belongs in cdk.json)")
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as error:
+            problems.append(f"{key}: {error}")
+    if problems:
+        raise ConfigError("invalid invmon settings:\n  " + "\n  ".join(problems))
+    settings = Settings(**values)
+    _cross_checks(settings)
+    return settings
+
+
+def default_context() -> dict[str, Any]:
+    """The context block of ``cdk.json``: the defaults of every knob."""
+    return dict(json.loads(CDK_JSON.read_text())["context"])
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """The defaults from ``cdk.json`` with ``overrides`` (context keys) applied; for tools and tests."""
+    context = default_context() | dict(overrides or {})
+    return settings_from_context(context.get)

@@ -1,0 +1,124 @@
+"""The one way invmon builds a Lambda function: Python, arm64, Powertools layer, X-Ray, JSON logs into a
+log group with a set retention, and a role that may write to that log group only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from cdk_nag import NagSuppressions
+from constructs import Construct
+
+from infra.config import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = lambda_.Runtime.PYTHON_3_13
+# Powertools for AWS Lambda (Python) v3, the public layer that AWS publishes in every commercial region.
+POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python313-arm64:27"
+
+# One code asset for every function: the lambdas package plus the torch-free ABID module it shares with the
+# trainer. Everything else in the repository stays out of the zip.
+_ASSET_EXCLUDE = [
+    "*",
+    "!lambdas",
+    "!lambdas/**",
+    "!ml",
+    "!ml/__init__.py",
+    "!ml/abid.py",
+    "**/__pycache__",
+    "**/*.pyc",
+]
+
+
+def code_asset() -> lambda_.Code:
+    return lambda_.Code.from_asset(str(PROJECT_ROOT), exclude=_ASSET_EXCLUDE)
+
+
+class PythonFunction(Construct):
+    """A Lambda function running ``handler`` (a dotted path inside the repository, e.g.
+    ``lambdas.ingest.select.handler``)."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        handler: str,
+        service: str,
+        description: str,
+        environment: dict[str, str] | None = None,
+        timeout: Duration = Duration.seconds(60),
+        memory_size: int = 512,
+        reserved_concurrency: int | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=retention(settings.log_retention_days),
+            removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
+        )
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{settings.project} {service}: runs one Lambda function",
+        )
+        self.log_group.grant_write(self.role)
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            runtime=RUNTIME,
+            architecture=lambda_.Architecture.ARM_64,
+            handler=handler,
+            code=code_asset(),
+            description=description,
+            role=self.role,
+            timeout=timeout,
+            memory_size=memory_size,
+            reserved_concurrent_executions=reserved_concurrency,
+            tracing=lambda_.Tracing.ACTIVE,
+            log_group=self.log_group,
+            logging_format=lambda_.LoggingFormat.JSON,
+            layers=[
+                lambda_.LayerVersion.from_layer_version_arn(
+                    self,
+                    "Powertools",
+                    POWERTOOLS_LAYER.format(partition=stack.partition, region=stack.region),
+                )
+            ],
+            environment={
+                "POWERTOOLS_SERVICE_NAME": service,
+                "POWERTOOLS_METRICS_NAMESPACE": settings.project,
+                "INVMON_STAGE": settings.stage,
+                **(environment or {}),
+            },
+        )
+        NagSuppressions.add_resource_suppressions(
+            self.role,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "X-Ray's PutTraceSegments/PutTelemetryRecords accept no resource narrower than '*', "
+                    "and the log-group grant ends in ':*' to cover the group's own streams.",
+                }
+            ],
+            apply_to_children=True,
+        )
+
+
+# CloudWatch accepts only these retention periods (days); RetentionDays names them, in this order.
+_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922,
+                   3288, 3653)
+_RETENTIONS = dict(zip(_RETENTION_DAYS, [m for m in logs.RetentionDays if m is not logs.RetentionDays.INFINITE],
+                       strict=True))
+
+
+def retention(days: int) -> logs.RetentionDays:
+    """The shortest retention CloudWatch offers that keeps logs at least ``days`` long."""
+    return _RETENTIONS[next((choice for choice in _RETENTION_DAYS if choice >= days), _RETENTION_DAYS[-1])]
