@@ -90,7 +90,9 @@ def _pattern(regex: str, what: str) -> Callable[[Any], str]:
     return parse
 
 
-_INSTANCE_TYPE = _pattern(r"ml\.[a-z0-9]+\.[0-9]*x?large|ml\.[a-z0-9]+\.(medium|small)", "an instance type such as ml.g4dn.xlarge")
+_INSTANCE_TYPE = _pattern(
+    r"ml\.[a-z0-9-]+\.([0-9]*x?large|medium|small|micro)", "an instance type such as ml.g4dn.xlarge"
+)
 _PREFIX = _pattern(r"[A-Za-z0-9!_.*'()\-/]+/", "an S3 prefix ending in '/', such as incoming/")
 _BUCKET = _pattern(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", "an S3 bucket name")
 _SCHEDULE = _pattern(r"(rate|cron)\(.+\)", "an EventBridge schedule such as rate(7 days)")

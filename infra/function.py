@@ -51,7 +51,7 @@ class PythonFunction(Construct):
         service: str,
         description: str,
         environment: dict[str, str] | None = None,
-        timeout: Duration = Duration.seconds(60),
+        timeout_seconds: int = 60,
         memory_size: int = 512,
         reserved_concurrency: int | None = None,
     ) -> None:
@@ -79,7 +79,7 @@ class PythonFunction(Construct):
             code=code_asset(),
             description=description,
             role=self.role,
-            timeout=timeout,
+            timeout=Duration.seconds(timeout_seconds),
             memory_size=memory_size,
             reserved_concurrent_executions=reserved_concurrency,
             tracing=lambda_.Tracing.ACTIVE,

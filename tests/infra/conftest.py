@@ -1,0 +1,35 @@
+"""The whole app, synthesized once per test session in-process, the way `cdk synth` builds it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk.assertions import Annotations, Match, Template
+
+from app import build_app
+from infra.config import default_context
+from infra.stack import InvmonStack
+
+
+def synth_stack(overrides: dict[str, Any] | None = None) -> InvmonStack:
+    app = build_app(cdk.App(context=default_context() | dict(overrides or {})))
+    (stack,) = [child for child in app.node.children if isinstance(child, InvmonStack)]
+    return stack
+
+
+def nag_findings(stack: cdk.Stack, level: str = "error") -> list[str]:
+    annotations = Annotations.from_stack(stack)
+    find = annotations.find_error if level == "error" else annotations.find_warning
+    return [f"{m.id}: {m.entry.data}" for m in find("*", Match.string_like_regexp("AwsSolutions-.*"))]
+
+
+@pytest.fixture(scope="session")
+def stack() -> InvmonStack:
+    return synth_stack()
+
+
+@pytest.fixture(scope="session")
+def template(stack: InvmonStack) -> Template:
+    return Template.from_stack(stack)
