@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aws_cdk as cdk
@@ -33,3 +34,15 @@ def stack() -> InvmonStack:
 @pytest.fixture(scope="session")
 def template(stack: InvmonStack) -> Template:
     return Template.from_stack(stack)
+
+
+def definition_of(machine: dict[str, Any]) -> dict[str, Any]:
+    """The state machine definition of a synthesized ``AWS::StepFunctions::StateMachine`` resource as a dict.
+
+    CloudFormation joins the definition from strings and references (ARNs, names); references become the
+    placeholder ``"${ref}"`` so the JSON parses and its structure can be asserted.
+    """
+    definition = machine["Properties"]["DefinitionString"]
+    if isinstance(definition, dict) and "Fn::Join" in definition:
+        definition = "".join(part if isinstance(part, str) else "${ref}" for part in definition["Fn::Join"][1])
+    return json.loads(definition)

@@ -1,0 +1,95 @@
+"""The pipeline state machine: ingest, train (or tune), deploy, composed from each domain's fragment.
+
+Each stage runs inside a one-branch Parallel state. That gives every stage the same failure path without the
+stages knowing about each other: any error that a stage does not handle itself is caught here, recorded at
+``$.error`` with the stage's name, and the execution fails with that cause (after the stage has cleaned up
+what it started, which is the stage's own job).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.config import Settings
+from infra.function import retention
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: ``name`` is also the key of its result in the state (``$.<name>``)."""
+
+    name: str
+    fragment: sfn.StateMachineFragment
+
+
+class Pipeline(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        stages: Sequence[Stage],
+        timeout_hours: int = 48,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        prepare = sfn.Pass(
+            self,
+            "Prepare",
+            comment="Keep the execution input at $.input ({} means every default) and name the run",
+            parameters={"input.$": "$$.Execution.Input", "execution.$": "$$.Execution.Name"},
+        )
+        failed = sfn.Fail(
+            self,
+            "Pipeline failed",
+            comment="A stage failed after cleaning up; the cause says which stage and why",
+            error_path="$.error.Error",
+            cause_path="$.error.Cause",
+        )
+        chain = sfn.Chain.start(prepare)
+        for stage in stages:
+            wrapper = sfn.Parallel(
+                self,
+                f"{stage.name.capitalize()} stage",
+                comment=f"Runs the {stage.name} stage; its output replaces the state, which keeps $.input",
+                output_path="$[0]",
+            )
+            wrapper.branch(stage.fragment)
+            wrapper.add_catch(
+                sfn.Pass(
+                    self,
+                    f"Record {stage.name} failure",
+                    parameters={
+                        "stage": stage.name,
+                        "Error.$": "$.failure.Error",
+                        "Cause.$": "States.Format('{} stage failed: {}', '" + stage.name + "', $.failure.Cause)",
+                    },
+                    result_path="$.error",
+                ).next(failed),
+                result_path="$.failure",
+            )
+            chain = chain.next(wrapper)
+        chain = chain.next(sfn.Succeed(self, "Pipeline succeeded"))
+
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=retention(settings.log_retention_days),
+            removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
+        )
+        self.state_machine = sfn.StateMachine(
+            self,
+            "StateMachine",
+            comment=f"{settings.project}: ingest ABID, train a counting model on SageMaker, deploy it",
+            definition_body=sfn.DefinitionBody.from_chainable(chain),
+            # A backstop above the stages' own timeouts, so a stuck execution cannot run (and bill) forever.
+            timeout=Duration.hours(timeout_hours),
+            tracing_enabled=True,
+            logs=sfn.LogOptions(destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
+        )
