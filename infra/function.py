@@ -1,4 +1,4 @@
-"""The one way invmon builds a Lambda function: Python, arm64, Powertools layer, X-Ray, JSON logs into a
+"""The one way invmon builds a Lambda function: Python 3.14, arm64, Powertools layer, X-Ray, JSON logs into a
 log group with a set retention, and a role that may write to that log group only."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from constructs import Construct
 from infra.config import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RUNTIME = lambda_.Runtime.PYTHON_3_13
+RUNTIME = lambda_.Runtime.PYTHON_3_14
 # Powertools for AWS Lambda (Python) v3, the public layer that AWS publishes in every commercial region.
-POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python313-arm64:27"
+POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python314-arm64:38"
 
 # One code asset for every function: the lambdas package plus the torch-free ABID module it shares with the
 # trainer. Everything else in the repository stays out of the zip.

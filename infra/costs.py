@@ -1,0 +1,113 @@
+"""The weekly cost report: a Lambda on an EventBridge Scheduler schedule, also callable on demand."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_scheduler as scheduler
+from cdk_nag import NagSuppressions
+from constructs import Construct
+
+from infra.config import Settings
+from infra.function import PythonFunction
+from infra.storage import REPORT_PREFIX
+
+
+class Costs(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        data_bucket: s3.IBucket,
+        data_key: kms.IKey,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        self.report = PythonFunction(
+            self,
+            "Report",
+            settings=settings,
+            handler="lambdas.costs.report.handler",
+            service="costs",
+            description="Cost Explorer report by service for the project tag, with training spot savings",
+            environment={"PROJECT": settings.project, "DATA_BUCKET": data_bucket.bucket_name},
+            timeout_seconds=120,
+            memory_size=256,
+        )
+        role = self.report.role
+        data_bucket.grant_put(role, f"{REPORT_PREFIX}costs/*")
+        data_key.grant_encrypt(role)
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="CostExplorerRead",
+                actions=["ce:GetCostAndUsage"],
+                resources=["*"],
+            )
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(sid="ListTrainingJobs", actions=["sagemaker:ListTrainingJobs"], resources=["*"])
+        )
+        role.add_to_principal_policy(
+            iam.PolicyStatement(
+                sid="DescribeOwnTrainingJobs",
+                actions=["sagemaker:DescribeTrainingJob"],
+                resources=[
+                    stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{settings.project}*")
+                ],
+            )
+        )
+        NagSuppressions.add_resource_suppressions(
+            role,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": "ce:GetCostAndUsage and sagemaker:ListTrainingJobs support no resource-level "
+                    "permissions ('*' is the only resource AWS accepts); DescribeTrainingJob is limited to this "
+                    "project's job-name prefix; the report write is limited to reports/costs/*.",
+                    "appliesTo": [
+                        "Resource::*",
+                        f"Resource::arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:training-job/"
+                        f"{settings.project}*",
+                        {"regex": "/^Resource::<.*Data.*Arn>/reports/costs/\\*$/"},
+                        "Action::kms:GenerateDataKey*",
+                        "Action::kms:ReEncrypt*",
+                        "Action::s3:Abort*",
+                    ],
+                }
+            ],
+            apply_to_children=True,
+        )
+        # The L1 schedule with an own role: the L2 target's grant would also allow invoking every version (":*").
+        invoker = iam.Role(
+            self,
+            "ScheduleRole",
+            assumed_by=iam.ServicePrincipal(
+                "scheduler.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": stack.account}}
+            ),
+        )
+        invoker.add_to_principal_policy(
+            iam.PolicyStatement(actions=["lambda:InvokeFunction"], resources=[self.report.function.function_arn])
+        )
+        self.schedule = scheduler.CfnSchedule(
+            self,
+            "Weekly",
+            description=f"{settings.project}: writes the cost report to s3://<data bucket>/{REPORT_PREFIX}costs/",
+            schedule_expression=settings.cost_report_schedule,
+            schedule_expression_timezone="Etc/UTC",
+            flexible_time_window=scheduler.CfnSchedule.FlexibleTimeWindowProperty(mode="OFF"),
+            state="ENABLED",
+            target=scheduler.CfnSchedule.TargetProperty(
+                arn=self.report.function.function_arn,
+                role_arn=invoker.role_arn,
+                input=json.dumps({"days": 7}),
+                retry_policy=scheduler.CfnSchedule.RetryPolicyProperty(
+                    maximum_retry_attempts=2, maximum_event_age_in_seconds=6 * 3600
+                ),
+            ),
+        )
