@@ -1,0 +1,193 @@
+"""What a platform team watches: one dashboard, and alarms on the things that need a person.
+
+Alarms go to one SNS topic (encrypted, TLS only); ``alarmEmail`` in the settings subscribes an address to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from infra.config import Settings
+
+COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected")
+FIVE_MINUTES = Duration.minutes(5)
+
+
+def _endpoint_metric(endpoint_name: str, name: str, statistic: str) -> cloudwatch.Metric:
+    return cloudwatch.Metric(
+        namespace="AWS/SageMaker",
+        metric_name=name,
+        dimensions_map={"EndpointName": endpoint_name, "VariantName": "AllTraffic"},
+        statistic=statistic,
+        period=FIVE_MINUTES,
+    )
+
+
+class Observability(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        state_machine: sfn.IStateMachine,
+        endpoint_name: str,
+        count_dlq: sqs.IQueue,
+        count_function: lambda_.IFunction,
+        functions: Sequence[lambda_.IFunction],
+        key: kms.IKey,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.topic = sns.Topic(
+            self,
+            "Alarms",
+            display_name=f"{settings.project} {settings.stage} alarms",
+            master_key=key,
+            enforce_ssl=True,
+        )
+        # CloudWatch publishes to the topic with the key: it needs to use it.
+        key.grant_encrypt_decrypt(iam.ServicePrincipal("cloudwatch.amazonaws.com"))
+        if settings.alarm_email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(settings.alarm_email))
+        notify = actions.SnsAction(self.topic)
+
+        pipeline_failed = state_machine.metric_failed(period=FIVE_MINUTES, statistic="Sum")
+        endpoint_5xx = _endpoint_metric(endpoint_name, "Invocation5XXErrors", "Sum")
+        model_latency = _endpoint_metric(endpoint_name, "ModelLatency", "p95")
+        dlq_depth = count_dlq.metric_approximate_number_of_messages_visible(period=FIVE_MINUTES, statistic="Maximum")
+
+        self.alarms = [
+            cloudwatch.Alarm(
+                self,
+                "PipelineFailed",
+                alarm_description="A pipeline execution failed: its cause names the stage (Step Functions console)",
+                metric=pipeline_failed,
+                threshold=1,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "EndpointErrors",
+                alarm_description="The counting endpoint answered 5xx: uploads are being retried and may reach the DLQ",
+                metric=endpoint_5xx,
+                threshold=5,
+                evaluation_periods=2,
+                datapoints_to_alarm=2,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "CountDeadLetters",
+                alarm_description="Photos could not be counted after retries and wait in the dead-letter queue",
+                metric=dlq_depth,
+                threshold=1,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+        ]
+        for alarm in self.alarms:
+            alarm.add_alarm_action(notify)
+
+        counts = [
+            cloudwatch.Metric(
+                namespace=settings.project,
+                metric_name=f"Photos-{status}",
+                dimensions_map={"service": "count"},
+                statistic="Sum",
+                period=Duration.hours(1),
+                label=status,
+            )
+            for status in COUNT_STATUSES
+        ]
+        self.dashboard = cloudwatch.Dashboard(
+            self,
+            "Dashboard",
+            dashboard_name=f"{settings.project}-{settings.stage}",
+            default_interval=Duration.days(7),
+            widgets=[
+                [
+                    cloudwatch.GraphWidget(
+                        title="Pipeline executions",
+                        left=[
+                            state_machine.metric_started(period=Duration.hours(1), label="started"),
+                            state_machine.metric_succeeded(period=Duration.hours(1), label="succeeded"),
+                            state_machine.metric_failed(period=Duration.hours(1), label="failed"),
+                        ],
+                        width=8,
+                    ),
+                    cloudwatch.GraphWidget(
+                        title="Pipeline duration (ms)",
+                        left=[state_machine.metric_time(period=Duration.hours(1), statistic="Maximum")],
+                        width=8,
+                    ),
+                    cloudwatch.SingleValueWidget(
+                        title="Training jobs (this account, per hour)",
+                        metrics=[
+                            cloudwatch.MathExpression(
+                                expression=f"SEARCH('{{/aws/sagemaker/TrainingJobs,Host}} "
+                                f"MetricName=\"CPUUtilization\" {settings.project}', 'SampleCount', 3600)",
+                                label="training hosts reporting",
+                                period=Duration.hours(1),
+                            )
+                        ],
+                        width=8,
+                    ),
+                ],
+                [
+                    cloudwatch.GraphWidget(
+                        title="Endpoint invocations and errors",
+                        left=[
+                            _endpoint_metric(endpoint_name, "Invocations", "Sum"),
+                            _endpoint_metric(endpoint_name, "Invocation4XXErrors", "Sum"),
+                            endpoint_5xx,
+                        ],
+                        width=8,
+                    ),
+                    cloudwatch.GraphWidget(
+                        title="Endpoint model latency p50 / p95 (µs)",
+                        left=[_endpoint_metric(endpoint_name, "ModelLatency", "p50"), model_latency],
+                        width=8,
+                    ),
+                    cloudwatch.AlarmStatusWidget(title="Alarms", alarms=self.alarms, width=8),
+                ],
+                [
+                    cloudwatch.GraphWidget(title="Photos counted, by status", left=counts, stacked=True, width=8),
+                    cloudwatch.GraphWidget(title="Count dead-letter queue depth", left=[dlq_depth], width=8),
+                    cloudwatch.GraphWidget(
+                        title="Count Lambda errors and duration",
+                        left=[count_function.metric_errors(period=FIVE_MINUTES)],
+                        right=[count_function.metric_duration(period=FIVE_MINUTES, statistic="p95")],
+                        width=8,
+                    ),
+                ],
+                [
+                    cloudwatch.GraphWidget(
+                        title="Lambda errors (all functions)",
+                        left=[function.metric_errors(period=FIVE_MINUTES) for function in functions],
+                        width=24,
+                        legend_position=cloudwatch.LegendPosition.RIGHT,
+                    )
+                ],
+            ],
+        )
+        stack = Stack.of(self)
+        self.dashboard_url = (
+            f"https://{stack.region}.console.aws.amazon.com/cloudwatch/home?region={stack.region}"
+            f"#dashboards:name={settings.project}-{settings.stage}"
+        )

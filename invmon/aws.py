@@ -1,0 +1,232 @@
+"""Talking to a deployed invmon stack: its outputs, its pipeline, its counts and its cost report.
+
+Every function takes its boto3 clients from a :class:`Deployment`, so tests hand in moto- or Stubber-backed
+clients and the CLI hands in real ones. Problems a user can fix (no credentials, no such stack, a stack
+without the expected output) become :class:`CliError` with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
+
+from lambdas.count.records import photo_pk, version_sk
+
+DEFAULT_STACK = "Invmon-dev"
+# The stack outputs the CLI reads (infra/stack.py writes them).
+OUTPUTS = {
+    "bucket": "DataBucketName",
+    "incoming_prefix": "IncomingPrefix",
+    "state_machine": "StateMachineArn",
+    "table": "CountsTableName",
+    "endpoint": "EndpointName",
+    "dashboard": "DashboardUrl",
+    "cost_function": "CostReportFunctionName",
+}
+
+
+class CliError(RuntimeError):
+    """A problem the user can fix; the message says how."""
+
+
+@dataclass
+class Deployment:
+    stack_name: str = DEFAULT_STACK
+    session: boto3.session.Session = field(default_factory=boto3.session.Session)
+    _outputs: dict[str, str] | None = None
+    _clients: dict[str, Any] = field(default_factory=dict)
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            try:
+                self._clients[service] = self.session.client(service)
+            except NoRegionError:
+                raise CliError("no AWS region set: export AWS_REGION or use a profile with a region") from None
+        return self._clients[service]
+
+    def output(self, name: str) -> str:
+        if self._outputs is None:
+            self._outputs = stack_outputs(self.client("cloudformation"), self.stack_name)
+        key = OUTPUTS[name]
+        if key not in self._outputs:
+            raise CliError(
+                f"stack {self.stack_name} has no output {key}: it predates this invmon version; "
+                "deploy it again with `npx cdk deploy`"
+            )
+        return self._outputs[key]
+
+
+def stack_outputs(cloudformation: Any, stack_name: str) -> dict[str, str]:
+    try:
+        (stack,) = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
+    except NoCredentialsError:
+        raise CliError("no AWS credentials found: run `aws configure`, `aws sso login` or set AWS_PROFILE") from None
+    except ClientError as error:
+        if "does not exist" in str(error):
+            region = cloudformation.meta.region_name
+            raise CliError(
+                f"stack {stack_name} not found in {region}: deploy it with `npx cdk deploy`, "
+                "or name another with --stack"
+            ) from None
+        raise
+    return {output["OutputKey"]: output["OutputValue"] for output in stack.get("Outputs", [])}
+
+
+# --- pipeline ---------------------------------------------------------------------------------------------
+
+
+def start_pipeline(deployment: Deployment, execution_input: dict[str, Any], name: str | None = None) -> str:
+    request = {"stateMachineArn": deployment.output("state_machine"), "input": json.dumps(execution_input)}
+    if name:
+        request["name"] = name
+    return deployment.client("stepfunctions").start_execution(**request)["executionArn"]
+
+
+def latest_execution(deployment: Deployment) -> str:
+    executions = deployment.client("stepfunctions").list_executions(
+        stateMachineArn=deployment.output("state_machine"), maxResults=1
+    )["executions"]
+    if not executions:
+        raise CliError("the pipeline has never run: start it with `invmon pipeline start`")
+    return executions[0]["executionArn"]
+
+
+@dataclass
+class StepProgress:
+    name: str
+    status: str  # running | succeeded | failed
+    started: datetime
+    ended: datetime | None = None
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return ((self.ended or datetime.now(self.started.tzinfo)) - self.started).total_seconds()
+
+
+def execution_steps(history: list[dict[str, Any]]) -> list[StepProgress]:
+    """Each state the execution entered, in order, with its status, from GetExecutionHistory events."""
+    steps: dict[str, StepProgress] = {}
+    order: list[str] = []
+    for event in history:
+        kind = event["type"]
+        if kind.endswith("StateEntered"):
+            name = event["stateEnteredEventDetails"]["name"]
+            if name not in steps:
+                order.append(name)
+            steps[name] = StepProgress(name=name, status="running", started=event["timestamp"])
+        elif kind.endswith("StateExited"):
+            name = event["stateExitedEventDetails"]["name"]
+            if name in steps:
+                steps[name].status = "succeeded"
+                steps[name].ended = event["timestamp"]
+        elif kind.endswith("Failed") and order:
+            details = next((value for key, value in event.items() if key.endswith("EventDetails")), {})
+            step = steps[order[-1]]
+            step.status = "failed"
+            step.ended = event["timestamp"]
+            step.detail = f"{details.get('error', '')}: {details.get('cause', '')}".strip(": ")
+    return [steps[name] for name in order]
+
+
+def execution_progress(deployment: Deployment, execution_arn: str) -> tuple[str, list[StepProgress]]:
+    sfn = deployment.client("stepfunctions")
+    status = sfn.describe_execution(executionArn=execution_arn)["status"]
+    history: list[dict[str, Any]] = []
+    for page in sfn.get_paginator("get_execution_history").paginate(executionArn=execution_arn):
+        history += page["events"]
+    return status, execution_steps(history)
+
+
+def watch_execution(
+    deployment: Deployment, execution_arn: str, *, interval: float = 15.0, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[tuple[str, list[StepProgress]]]:
+    while True:
+        status, steps = execution_progress(deployment, execution_arn)
+        yield status, steps
+        if status != "RUNNING":
+            return
+        sleep(interval)
+
+
+# --- counting ---------------------------------------------------------------------------------------------
+
+
+def upload_photo(deployment: Deployment, photo: Path, *, expected: int | None = None) -> tuple[str, str | None]:
+    """Upload under the incoming prefix; returns the key and the version the count record will carry."""
+    if not photo.is_file():
+        raise CliError(f"{photo}: no such file")
+    key = f"{deployment.output('incoming_prefix')}{photo.name}"
+    extra: dict[str, Any] = {"Metadata": {"expected-count": str(expected)}} if expected is not None else {}
+    response = deployment.client("s3").put_object(
+        Bucket=deployment.output("bucket"), Key=key, Body=photo.read_bytes(), **extra
+    )
+    return key, response.get("VersionId")
+
+
+def wait_for_count(
+    deployment: Deployment,
+    key: str,
+    version_id: str | None,
+    *,
+    timeout: float = 180.0,
+    interval: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Poll the counts table until the upload's record appears."""
+    dynamodb = deployment.client("dynamodb")
+    key_item = {"pk": {"S": photo_pk(key)}, "sk": {"S": version_sk(version_id)}}
+    table = deployment.output("table")
+    deadline = time.monotonic() + timeout
+    while True:
+        item = dynamodb.get_item(TableName=table, Key=key_item, ConsistentRead=True).get("Item")
+        if item:
+            return _plain(item)
+        if time.monotonic() >= deadline:
+            raise CliError(
+                f"no count for {key} after {timeout:.0f} s: see the count Lambda's logs and the dead-letter queue"
+            )
+        sleep(interval)
+
+
+def invoke_endpoint(deployment: Deployment, photo: Path) -> dict[str, Any]:
+    body = photo.read_bytes()
+    content_type = "image/png" if body.startswith(b"\x89PNG") else "image/jpeg"
+    response = deployment.client("sagemaker-runtime").invoke_endpoint(
+        EndpointName=deployment.output("endpoint"), ContentType=content_type, Accept="application/json", Body=body
+    )
+    return json.loads(response["Body"].read())
+
+
+def _plain(item: dict[str, Any]) -> dict[str, Any]:
+    from boto3.dynamodb.types import TypeDeserializer
+
+    deserializer = TypeDeserializer()
+    return {key: deserializer.deserialize(value) for key, value in item.items()}
+
+
+# --- costs ------------------------------------------------------------------------------------------------
+
+
+def latest_cost_report(deployment: Deployment, *, refresh: bool = False) -> dict[str, Any]:
+    if refresh:
+        response = deployment.client("lambda").invoke(
+            FunctionName=deployment.output("cost_function"), Payload=json.dumps({}).encode()
+        )
+        if response.get("FunctionError"):
+            raise CliError(f"the cost report failed: {response['Payload'].read().decode()[:500]}")
+    try:
+        body = deployment.client("s3").get_object(Bucket=deployment.output("bucket"), Key="reports/costs/latest.json")
+    except ClientError as error:
+        if error.response["Error"]["Code"] in {"NoSuchKey", "404"}:
+            raise CliError("no cost report yet: it runs weekly; make one now with `invmon costs --refresh`") from None
+        raise
+    return json.loads(body["Body"].read())

@@ -1,0 +1,136 @@
+"""The ``invmon`` command: the offline demo, the local trainer, and the tools that drive a deployed stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from invmon import aws
+from invmon.table import render_table
+
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "abid-sample"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="invmon", description="Count the objects in warehouse bin photos.")
+    parser.add_argument("--version", action="version", version="invmon 0.1.0")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the whole system offline on this machine (no AWS account)")
+    demo.add_argument("--data", type=Path, default=SAMPLE_DIR, help="an ABID-layout folder (default: the sample)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: fits the data size)")
+    demo.add_argument("--workdir", type=Path, default=None, help="where to keep the run (default: a temporary folder)")
+    demo.add_argument("--keep", action="store_true", help="keep the work folder (model, reports, plots) afterwards")
+    demo.add_argument("--hold-out", type=int, default=12, help="photos kept out of training and uploaded for counting")
+
+    train = commands.add_parser("train", help="train a counting model")
+    train.add_argument("--local", action="store_true", required=True, help="on this machine (SageMaker's contract)")
+    train.add_argument("--data", type=Path, default=SAMPLE_DIR, help="an ABID-layout folder")
+    train.add_argument("--workdir", type=Path, default=Path("runs/local"), help="channels, model and output go here")
+    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--hyperparameter", "-p", action="append", default=[], metavar="NAME=VALUE",
+                       help="any other ml.train hyperparameter, e.g. -p lr=0.001 (repeatable)")
+
+    pipeline = commands.add_parser("pipeline", help="start or follow the deployed pipeline")
+    pipeline_commands = pipeline.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = pipeline_commands.add_parser("start", help="start an execution ({} = every default)")
+    start.add_argument("--input", type=Path, help="a JSON file with the execution input")
+    start.add_argument("--name", help="execution name (default: generated)")
+    status = pipeline_commands.add_parser("status", help="the steps of an execution and their progress")
+    status.add_argument("--execution", help="execution ARN (default: the latest)")
+    status.add_argument("--watch", action="store_true", help="refresh until the execution ends")
+
+    count = commands.add_parser("count", help="count photos with the deployed system")
+    count.add_argument("photos", nargs="+", type=Path)
+    count.add_argument("--expected", type=int, help="what the bin should hold (stored with the upload)")
+    count.add_argument("--direct", action="store_true", help="invoke the endpoint directly instead of uploading")
+    count.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each count")
+
+    costs = commands.add_parser("costs", help="the latest cost report")
+    costs.add_argument("--refresh", action="store_true", help="run the report now before showing it")
+
+    for sub in (start, status, count, costs):
+        sub.add_argument("--stack", default=aws.DEFAULT_STACK, help=f"stack name (default {aws.DEFAULT_STACK})")
+    return parser
+
+
+def _pipeline(args: argparse.Namespace, deployment: aws.Deployment) -> int:
+    if args.action == "start":
+        execution_input: dict[str, Any] = json.loads(args.input.read_text()) if args.input else {}
+        if not isinstance(execution_input, dict):
+            raise aws.CliError(f"{args.input}: the execution input must be a JSON object")
+        arn = aws.start_pipeline(deployment, execution_input, args.name)
+        print(f"started {arn}\nfollow it with: invmon pipeline status --watch --execution {arn}")
+        return 0
+    arn = args.execution or aws.latest_execution(deployment)
+    status = "RUNNING"
+    for status, steps in aws.watch_execution(deployment, arn) if args.watch else [
+        aws.execution_progress(deployment, arn)
+    ]:
+        rows = [[s.name, s.status, f"{s.seconds:,.0f} s", s.detail[:80]] for s in steps]
+        print(f"\n{arn}: {status}")
+        print(render_table(["step", "status", "time", "detail"], rows))
+    return 0 if status in {"SUCCEEDED", "RUNNING"} else 1
+
+
+def _count(args: argparse.Namespace, deployment: aws.Deployment) -> int:
+    rows = []
+    for photo in args.photos:
+        if args.direct:
+            answer = aws.invoke_endpoint(deployment, photo)
+            rows.append([photo.name, args.expected if args.expected is not None else "", answer["count"],
+                         f"{answer['confidence']:.2f}", "direct"])
+            continue
+        key, version = aws.upload_photo(deployment, photo, expected=args.expected)
+        record = aws.wait_for_count(deployment, key, version, timeout=args.timeout)
+        rows.append([photo.name, record.get("expectedCount", ""), record.get("count", ""),
+                     f"{float(record['confidence']):.2f}" if "confidence" in record else "",
+                     record["status"] + (f" ({record['reason']})" if record.get("reason") else "")])
+    print(render_table(["photo", "expected", "counted", "confidence", "status"], rows))
+    return 0
+
+
+def _costs(args: argparse.Namespace, deployment: aws.Deployment) -> int:
+    report = aws.latest_cost_report(deployment, refresh=args.refresh)
+    print(f"{report['project']} {report['start']} .. {report['end']}: {report['total']:.2f} {report['currency']}")
+    print(render_table(["service", report["currency"]],
+                       [[name, f"{cost:.2f}"] for name, cost in report["by_service"].items()]))
+    print(f"spot capacity saved {report['spot_saved_percent']:.1f} % of training time "
+          f"over {len(report['training_jobs'])} spot job(s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from invmon.demo import run_demo
+
+            return run_demo(data=args.data, epochs=args.epochs, workdir=args.workdir, keep=args.keep,
+                            hold_out=args.hold_out)
+        if args.command == "train":
+            from invmon.training import train_locally
+
+            return train_locally(data=args.data, workdir=args.workdir, epochs=args.epochs,
+                                 extra=args.hyperparameter)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        deployment = aws.Deployment(stack_name=args.stack)
+        handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs}
+        return handlers[args.command](args, deployment)
+    except aws.CliError as error:
+        print(f"invmon: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("invmon: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
