@@ -23,6 +23,7 @@ from invmon.local import ChildProcess
 from ml import abid
 
 STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+)")
+SHOWN_METRICS = {"train_loss", "valid_accuracy", "valid_rmse"}
 METRIC = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf);")
 
 
@@ -87,7 +88,7 @@ def run_trainer(
             elif line.startswith("epoch="):
                 values = dict(METRIC.findall(line))
                 bar.n = min(epochs, int(float(values.get("epoch", bar.n))))
-                bar.set_postfix({k: v for k, v in values.items() if k in {"train_loss", "valid_accuracy", "valid_rmse"}})
+                bar.set_postfix({k: v for k, v in values.items() if k in SHOWN_METRICS})
         status = child.process.wait()
     if status != 0:
         raise RuntimeError(f"ml.train exited with status {status}; last lines of {log_file}:\n" + "\n".join(tail))

@@ -149,7 +149,7 @@ def test_count_uploads_with_the_expected_count_and_reads_the_record(deployed, sa
 
 
 def test_count_gives_up_with_a_pointer_to_the_logs(deployed):
-    with pytest.raises(aws.CliError, match="no count for incoming/x.jpg after 0 s: see the count Lambda's logs"):
+    with pytest.raises(aws.CliError, match=r"no count for incoming/x\.jpg after 0 s: see the count Lambda's logs"):
         aws.wait_for_count(deployed, "incoming/x.jpg", None, timeout=0, sleep=lambda _: None)
 
 
