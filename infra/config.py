@@ -99,6 +99,68 @@ _SCHEDULE = _pattern(r"(rate|cron)\(.+\)", "an EventBridge schedule such as rate
 _EMAIL = _pattern(r"|[^@\s]+@[^@\s]+\.[^@\s]+", "an e-mail address or an empty string")
 
 
+def _id_list(prefix: str) -> Callable[[Any], tuple[str, ...]]:
+    """A list of AWS resource ids such as subnet-0abc (a comma-separated string from ``-c`` works too)."""
+
+    def parse(value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(
+            isinstance(item, str) and re.fullmatch(rf"{prefix}-[0-9a-f]{{8,17}}", item) for item in value
+        ):
+            raise ValueError(f"expected a list of ids such as {prefix}-0123456789abcdef0, got {value!r}")
+        return tuple(value)
+
+    return parse
+
+
+def _number_range(minimum: float, maximum: float, *, integer: bool) -> Callable[[Any], tuple[float, float]]:
+    """A [low, high] pair inside [minimum, maximum] with low < high (a tuning range)."""
+    bound = _int(int(minimum), int(maximum)) if integer else _float(minimum, maximum)
+
+    def parse(value: Any) -> tuple[float, float]:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError(f"expected a [low, high] pair, got {value!r}")
+        low, high = bound(value[0]), bound(value[1])
+        if low >= high:
+            raise ValueError(f"expected low < high, got [{low}, {high}]")
+        return (low, high)
+
+    return parse
+
+
+def _int_choices(minimum: int, maximum: int) -> Callable[[Any], tuple[int, ...]]:
+    as_int = _int(minimum, maximum)
+
+    def parse(value: Any) -> tuple[int, ...]:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"expected a non-empty list of integers, got {value!r}")
+        return tuple(sorted({as_int(item) for item in value}))
+
+    return parse
+
+
+def _hyperparameters(value: Any) -> tuple[tuple[str, str | int | float | bool], ...]:
+    """Extra trainer arguments (``--name value``), passed verbatim; stored as sorted pairs so Settings stays
+    hashable."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object of hyperparameters, got {value!r}")
+    pairs = []
+    for name, item in value.items():
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,99}", name) or name.startswith("sagemaker_"):
+            raise ValueError(f"hyperparameter name {name!r} is not a trainer argument name (sagemaker_* is reserved)")
+        if not isinstance(item, str | int | float | bool):
+            raise ValueError(f"hyperparameter {name!r} must be a string, number or boolean, got {item!r}")
+        pairs.append((name, item))
+    return tuple(sorted(pairs))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """All knobs of the system. Field names are the ``cdk.json`` context keys in snake case."""
@@ -130,6 +192,12 @@ class Settings:
     tuning_enabled: bool
     tuning_max_jobs: int
     tuning_max_parallel_jobs: int
+    tuning_learning_rate_range: tuple[float, float]
+    tuning_batch_sizes: tuple[int, ...]
+    tuning_epochs_range: tuple[int, int]
+    training_hyperparameters: tuple[tuple[str, str | int | float | bool], ...]
+    training_subnet_ids: tuple[str, ...]
+    training_security_group_ids: tuple[str, ...]
     # endpoint
     endpoint_mode: str
     endpoint_serverless_memory_mb: int
@@ -138,6 +206,8 @@ class Settings:
     endpoint_min_instances: int
     endpoint_max_instances: int
     deploy_min_improvement: float
+    endpoint_target_invocations_per_instance: int
+    deploy_bake_seconds: int
     # counting
     incoming_prefix: str
     count_confidence_threshold: float
@@ -178,6 +248,12 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "tuning_enabled": ("tuningEnabled", _bool),
     "tuning_max_jobs": ("tuningMaxJobs", _int(1, 500)),
     "tuning_max_parallel_jobs": ("tuningMaxParallelJobs", _int(1, 100)),
+    "tuning_learning_rate_range": ("tuningLearningRateRange", _number_range(1e-7, 10.0, integer=False)),
+    "tuning_batch_sizes": ("tuningBatchSizes", _int_choices(1, 4096)),
+    "tuning_epochs_range": ("tuningEpochsRange", _number_range(1, 500, integer=True)),
+    "training_hyperparameters": ("trainingHyperparameters", _hyperparameters),
+    "training_subnet_ids": ("trainingSubnetIds", _id_list("subnet")),
+    "training_security_group_ids": ("trainingSecurityGroupIds", _id_list("sg")),
     "endpoint_mode": ("endpointMode", _choice("serverless", "realtime")),
     "endpoint_serverless_memory_mb": ("endpointServerlessMemoryMb", _one_of_ints(1024, 2048, 3072, 4096, 5120, 6144)),
     "endpoint_serverless_max_concurrency": ("endpointServerlessMaxConcurrency", _int(1, 200)),
@@ -185,6 +261,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "endpoint_min_instances": ("endpointMinInstances", _int(1, 100)),
     "endpoint_max_instances": ("endpointMaxInstances", _int(1, 100)),
     "deploy_min_improvement": ("deployMinImprovement", _float(0.0, 1.0)),
+    "endpoint_target_invocations_per_instance": ("endpointTargetInvocationsPerInstance", _int(1, 100000)),
+    "deploy_bake_seconds": ("deployBakeSeconds", _int(0, 3600)),
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _float(0.0, 1.0)),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, 6 * 1024 * 1024)),
@@ -205,6 +283,12 @@ def _cross_checks(settings: Settings) -> None:
             "trainingMaxWaitSeconds: must be at least trainingMaxRuntimeSeconds "
             f"({settings.training_max_runtime_seconds}) when trainingUseSpot is true, "
             f"got {settings.training_max_wait_seconds}"
+        )
+    if bool(settings.training_subnet_ids) != bool(settings.training_security_group_ids):
+        raise ConfigError(
+            "trainingSubnetIds: a training VPC needs both trainingSubnetIds and trainingSecurityGroupIds, "
+            f"got {len(settings.training_subnet_ids)} subnets and "
+            f"{len(settings.training_security_group_ids)} security groups"
         )
     if settings.tuning_max_parallel_jobs > settings.tuning_max_jobs:
         raise ConfigError(

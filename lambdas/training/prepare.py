@@ -1,0 +1,66 @@
+"""Prepare step: execution input + deployment config -> the SageMaker training or tuning request.
+
+Input (built by the state machine)::
+
+    {"input": <execution input>, "channels": <$.ingest.channels>, "execution": <name>, "startedAt": <ISO>}
+
+Output: ``{"mode": "training"|"tuning", "jobName", "timeoutSeconds", "request", "notes"}``. A bad input
+fails this step with ``TrainingInputError`` and a message naming the field; no job has started then.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict
+
+from lambdas.training.request import Deployment, TrainingInputError, build, parse_input
+
+logger = Logger()
+tracer = Tracer()
+
+DEPLOYMENT_ENV = "TRAINING_DEPLOYMENT"
+
+
+class PrepareEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: dict[str, Any] | None = None
+    channels: Any = None
+    execution: str
+    startedAt: str
+
+
+@cache
+def deployment() -> Deployment:
+    return Deployment.model_validate_json(os.environ[DEPLOYMENT_ENV])
+
+
+def prepare(event: PrepareEvent, config: Deployment) -> dict[str, Any]:
+    """The pure part of the handler, for tests and the offline runner."""
+    execution_input = event.input or {}
+    if not isinstance(execution_input, dict):
+        raise TrainingInputError(f"input: expected an object, got {execution_input!r}")
+    overrides = parse_input(execution_input.get("training"))
+    return build(config, overrides, event.channels, execution=event.execution, started_at=event.startedAt)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@event_parser(model=PrepareEvent)
+def handler(event: PrepareEvent, context: LambdaContext) -> dict[str, Any]:
+    try:
+        result = prepare(event, deployment())
+    except TrainingInputError as error:
+        logger.warning("training input refused", extra={"reason": str(error)})
+        raise
+    logger.info(
+        "training request prepared",
+        extra={"mode": result["mode"], "job_name": result["jobName"], "notes": result["notes"]},
+    )
+    return result
