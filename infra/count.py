@@ -1,0 +1,356 @@
+"""Counting path: incoming photo -> S3 notification -> SQS (with a DLQ) -> count Lambda -> endpoint -> table.
+
+Also the counts table (design in ``lambdas/count/records.py``), the idempotency table that makes duplicate
+deliveries count once, events on mismatches and low-confidence counts (default event bus, source
+``<project>.count``), and bulk counting: a small state machine that counts every photo under a prefix with
+SageMaker Batch Transform and loads the results into the same table through the same record code.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_events as events
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda_event_sources as sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_notifications as s3n
+from aws_cdk import aws_sqs as sqs
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import aws_stepfunctions_tasks as tasks
+from cdk_nag import NagSuppressions
+from constructs import Construct
+
+from infra.config import Settings
+from infra.function import PythonFunction, retention
+from infra.storage import REPORT_PREFIX
+
+COUNT_TIMEOUT_SECONDS = 60
+# SQS should hide a message for several function timeouts (AWS's advice is six) so that a slow batch is
+# not delivered twice while it is still being counted.
+VISIBILITY_TIMEOUT = Duration.seconds(6 * COUNT_TIMEOUT_SECONDS)
+MAX_RECEIVE_COUNT = 5
+BULK_PREFIX = f"{REPORT_PREFIX}bulk/"
+
+
+def endpoint_concurrency(settings: Settings) -> int:
+    """How many requests the endpoint takes at once: its serverless concurrency, or a few per instance."""
+    if settings.endpoint_mode == "serverless":
+        wanted = settings.endpoint_serverless_max_concurrency
+    else:
+        wanted = 4 * settings.endpoint_max_instances
+    return min(1000, max(2, wanted))  # the bounds SQS event sources accept
+
+
+class Count(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        data_bucket: s3.IBucket,
+        data_key: kms.IKey,
+        endpoint_name: str,
+        sagemaker_role: iam.IRole | None = None,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        removal = RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY
+        self.endpoint_name = endpoint_name
+        endpoint_arn = stack.format_arn(service="sagemaker", resource="endpoint", resource_name=endpoint_name)
+
+        self.table = dynamodb.Table(
+            self,
+            "Counts",
+            partition_key=dynamodb.Attribute(name="pk", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="sk", type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
+            encryption_key=data_key,
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
+            removal_policy=removal,
+        )
+        self.table.add_global_secondary_index(
+            index_name="byStatus",
+            partition_key=dynamodb.Attribute(name="status", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="countedAt", type=dynamodb.AttributeType.STRING),
+        )
+        # Powertools' idempotency records: short-lived (TTL), so kept apart from the counts.
+        self.idempotency_table = dynamodb.Table(
+            self,
+            "Idempotency",
+            partition_key=dynamodb.Attribute(name="id", type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
+            encryption_key=data_key,
+            time_to_live_attribute="expiration",
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+
+        # The queues have a key of their own: S3 must be allowed to use it for this bucket, and that
+        # statement on the data key would make the key depend on the bucket that depends on the key.
+        self.queue_key = kms.Key(
+            self,
+            "QueueKey",
+            description=f"{settings.project}: encrypts the upload notifications queue and its DLQ",
+            enable_key_rotation=True,
+            removal_policy=removal,
+        )
+        self.queue_key.add_to_resource_policy(iam.PolicyStatement(
+            principals=[iam.ServicePrincipal("s3.amazonaws.com")],
+            actions=["kms:GenerateDataKey*", "kms:Decrypt"],
+            resources=["*"],
+            conditions={"ArnLike": {"aws:SourceArn": data_bucket.bucket_arn},
+                        "StringEquals": {"aws:SourceAccount": stack.account}},
+        ))
+        self.dlq = sqs.Queue(
+            self,
+            "DeadLetters",
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=self.queue_key,
+            enforce_ssl=True,
+            retention_period=Duration.days(14),
+        )
+        self.queue = sqs.Queue(
+            self,
+            "Uploads",
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=self.queue_key,
+            data_key_reuse=Duration.hours(1),
+            enforce_ssl=True,
+            visibility_timeout=VISIBILITY_TIMEOUT,
+            dead_letter_queue=sqs.DeadLetterQueue(queue=self.dlq, max_receive_count=MAX_RECEIVE_COUNT),
+        )
+        NagSuppressions.add_resource_suppressions(
+            self.dlq,
+            [{"id": "AwsSolutions-SQS3", "reason": "This queue is the dead-letter queue of the uploads queue."}],
+        )
+        data_bucket.add_event_notification(
+            s3.EventType.OBJECT_CREATED,
+            s3n.SqsDestination(self.queue),
+            s3.NotificationKeyFilter(prefix=settings.incoming_prefix),
+        )
+
+        self.event_bus = events.EventBus.from_event_bus_name(self, "DefaultBus", "default")
+        self.event_source = f"{settings.project}.count"
+        self.count = PythonFunction(
+            self,
+            "Function",
+            settings=settings,
+            handler="lambdas.count.handler.handler",
+            service="count",
+            description="Counts each photo uploaded under the incoming prefix and stores the result",
+            environment={
+                "DATA_BUCKET": data_bucket.bucket_name,
+                "COUNTS_TABLE": self.table.table_name,
+                "IDEMPOTENCY_TABLE": self.idempotency_table.table_name,
+                "ENDPOINT_NAME": endpoint_name,
+                "CONFIDENCE_THRESHOLD": str(settings.count_confidence_threshold),
+                "MAX_IMAGE_BYTES": str(settings.count_max_image_bytes),
+                "INCOMING_PREFIX": settings.incoming_prefix,
+                "EVENT_BUS_NAME": self.event_bus.event_bus_name,
+                "EVENT_SOURCE": self.event_source,
+            },
+            timeout_seconds=COUNT_TIMEOUT_SECONDS,
+            # The object is held in memory once (at most countMaxImageBytes) and sent as the request body.
+            memory_size=512,
+        )
+        self.function = self.count.function
+        self.function.add_event_source(sources.SqsEventSource(
+            self.queue,
+            batch_size=10,
+            max_batching_window=Duration.seconds(5),
+            report_batch_item_failures=True,
+            # Each invocation sends one photo at a time, so this caps the requests in flight at the endpoint:
+            # a burst of uploads waits in the queue instead of being throttled towards the DLQ.
+            max_concurrency=endpoint_concurrency(settings),
+        ))
+        role = self.count.role
+        data_bucket.grant_read(role, f"{settings.incoming_prefix}*")
+        self.table.grant_read_write_data(role)
+        self.idempotency_table.grant_read_write_data(role)
+        role.add_to_principal_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"],
+                                                         resources=[endpoint_arn]))
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["events:PutEvents"],
+            resources=[self.event_bus.event_bus_arn],
+            conditions={"StringEquals": {"events:source": self.event_source}},
+        ))
+        NagSuppressions.add_resource_suppressions(
+            role,
+            [{"id": "AwsSolutions-IAM5",
+              "reason": "Reads photos under the incoming prefix only (prefix wildcard), and the table grants "
+                        "include the table's own indexes ('<table>/index/*')."}],
+            apply_to_children=True,
+        )
+
+        self._bucket_notification_suppressions(stack)
+        if sagemaker_role is not None:
+            self.bulk = BulkCount(self, "Bulk", settings=settings, data_bucket=data_bucket, data_key=data_key,
+                                  table=self.table, endpoint_arn=endpoint_arn, endpoint_name=endpoint_name,
+                                  sagemaker_role=sagemaker_role, removal=removal)
+
+    @staticmethod
+    def _bucket_notification_suppressions(stack: Stack) -> None:
+        # add_event_notification uses CDK's own singleton Lambda that puts the bucket's notification
+        # configuration (CloudFormation cannot, without a dependency cycle between bucket and queue policy).
+        handler = next((c for c in stack.node.children
+                        if c.node.id.startswith("BucketNotificationsHandler")), None)
+        if handler is None:
+            return
+        NagSuppressions.add_resource_suppressions(
+            handler,
+            [
+                {"id": "AwsSolutions-IAM4",
+                 "reason": "CDK's bucket-notifications handler uses AWSLambdaBasicExecutionRole for its logs; "
+                           "its code and role are CDK's, not this project's."},
+                {"id": "AwsSolutions-IAM5",
+                 "reason": "CDK's bucket-notifications handler may call s3:PutBucketNotification on '*'; CDK "
+                           "generates this role and offers no way to narrow it."},
+            ],
+            apply_to_children=True,
+        )
+
+
+class BulkCount(Construct):
+    """Counts every photo under a prefix with Batch Transform, then loads the results into the table.
+
+    Input ``{"prefix": "incoming/2026-11/"}`` (default: the incoming prefix). The plan Lambda screens the
+    objects (empty, too large, not JPEG/PNG -> rejected records at once), writes a ManifestFile of the rest
+    and names the model serving the endpoint; the transform runs with ``.sync``; the loader reads the
+    ``.out`` files page by page. A failed transform still loads what it produced, then fails the execution.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, data_bucket: s3.IBucket,
+                 data_key: kms.IKey, table: dynamodb.ITable, endpoint_arn: str, endpoint_name: str,
+                 sagemaker_role: iam.IRole, removal: RemovalPolicy) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        environment = {
+            "DATA_BUCKET": data_bucket.bucket_name,
+            "COUNTS_TABLE": table.table_name,
+            "ENDPOINT_NAME": endpoint_name,
+            "CONFIDENCE_THRESHOLD": str(settings.count_confidence_threshold),
+            "MAX_IMAGE_BYTES": str(settings.count_max_image_bytes),
+            "INCOMING_PREFIX": settings.incoming_prefix,
+            "BULK_PREFIX": BULK_PREFIX,
+            "TRANSFORM_INSTANCE_TYPE": settings.endpoint_instance_type,
+            "KMS_KEY_ID": data_key.key_arn,
+        }
+        self.plan = PythonFunction(self, "Plan", settings=settings, handler="lambdas.count.bulk.plan_handler",
+                                   service="count-bulk-plan", environment=environment, timeout_seconds=300,
+                                   description="Screens a prefix and writes the Batch Transform manifest")
+        self.load = PythonFunction(self, "Load", settings=settings, handler="lambdas.count.bulk.load_handler",
+                                   service="count-bulk-load", environment=environment, timeout_seconds=300,
+                                   description="Loads Batch Transform results into the counts table")
+        data_bucket.grant_read(self.plan.role)  # any prefix may be counted in bulk
+        data_bucket.grant_put(self.plan.role, f"{BULK_PREFIX}*")
+        data_bucket.grant_read(self.load.role)
+        data_bucket.grant_put(self.load.role, f"{BULK_PREFIX}*")
+        for fn in (self.plan, self.load):
+            table.grant_read_write_data(fn.role)
+            data_key.grant_encrypt_decrypt(fn.role)
+        self.plan.role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:DescribeEndpoint", "sagemaker:DescribeEndpointConfig"],
+            resources=[endpoint_arn, stack.format_arn(service="sagemaker", resource="endpoint-config",
+                                                      resource_name="*")],
+        ))
+        # The transform job reads the photos and writes .out files with the SageMaker role.
+        self.transform_access = iam.Policy(self, "TransformAccess", roles=[sagemaker_role], statements=[
+            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]),
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[data_bucket.arn_for_objects("*")]),
+            iam.PolicyStatement(actions=["s3:PutObject", "s3:AbortMultipartUpload"],
+                                resources=[data_bucket.arn_for_objects(f"{BULK_PREFIX}*")]),
+            iam.PolicyStatement(actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey*", "kms:CreateGrant"],
+                                resources=[data_key.key_arn]),
+        ])
+
+        plan = tasks.LambdaInvoke(self, "Plan bulk count", lambda_function=self.plan.function,
+                                  payload=sfn.TaskInput.from_object({"input.$": "$", "execution.$":
+                                                                     "$$.Execution.Name"}),
+                                  result_selector={"job.$": "$.Payload"}, result_path="$.plan")
+        transform = sfn.CustomState(self, "Batch transform", state_json={
+            "Type": "Task",
+            "Resource": f"arn:{stack.partition}:states:::sagemaker:createTransformJob.sync",
+            "Parameters": {"TransformJobName.$": "$.plan.job.TransformJobName",
+                           "ModelName.$": "$.plan.job.ModelName",
+                           "TransformInput.$": "$.plan.job.TransformInput",
+                           "TransformOutput.$": "$.plan.job.TransformOutput",
+                           "TransformResources.$": "$.plan.job.TransformResources",
+                           "BatchStrategy": "SingleRecord",
+                           "MaxPayloadInMB": 6,
+                           "MaxConcurrentTransforms": 1},
+            "ResultPath": "$.transform",
+        })
+        transform_failed = sfn.Pass(self, "Transform failed", parameters={"failed": True},
+                                    result_path="$.transform")
+        transform.add_catch(transform_failed, errors=["States.ALL"], result_path="$.transformError")
+        load = tasks.LambdaInvoke(self, "Load results", lambda_function=self.load.function,
+                                  payload=sfn.TaskInput.from_object({"job.$": "$.plan.job",
+                                                                     "cursor.$": "$.cursor"}),
+                                  result_selector={"done.$": "$.Payload.done", "next.$": "$.Payload.next",
+                                                   "loaded.$": "$.Payload.loaded"},
+                                  result_path="$.page")
+        start_cursor = sfn.Pass(self, "Start loading", parameters={"index": 0}, result_path="$.cursor")
+        next_cursor = sfn.Pass(self, "Next page", input_path="$.page.next", result_path="$.cursor")
+        fail = sfn.Fail(self, "Bulk count incomplete", error="TransformFailed",
+                        cause="The Batch Transform job failed; the photos it did count are loaded, see the "
+                              "plan's report under reports/bulk/ for the rest")
+        after_load = (sfn.Choice(self, "More results?")
+                      .when(sfn.Condition.boolean_equals("$.page.done", False), next_cursor)
+                      .when(sfn.Condition.is_present("$.transformError"), fail)
+                      .otherwise(sfn.Succeed(self, "Bulk count done")))
+        next_cursor.next(load)
+        transform.next(start_cursor)
+        transform_failed.next(start_cursor)
+        start_cursor.next(load).next(after_load)
+        self.log_group = logs.LogGroup(self, "Logs", retention=retention(settings.log_retention_days),
+                                       removal_policy=removal)
+        self.state_machine = sfn.StateMachine(
+            self,
+            "StateMachine",
+            comment=f"{settings.project}: count every photo under a prefix with SageMaker Batch Transform",
+            definition_body=sfn.DefinitionBody.from_chainable(plan.next(
+                sfn.Choice(self, "Anything to transform?")
+                .when(sfn.Condition.number_equals("$.plan.job.Accepted", 0),
+                      sfn.Succeed(self, "Only rejects", comment="Every object was rejected before the job"))
+                .otherwise(transform)
+            )),
+            timeout=Duration.hours(12),
+            tracing_enabled=True,
+            logs=sfn.LogOptions(destination=self.log_group, level=sfn.LogLevel.ALL, include_execution_data=True),
+        )
+        role = self.state_machine.role
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:CreateTransformJob", "sagemaker:DescribeTransformJob",
+                     "sagemaker:StopTransformJob", "sagemaker:AddTags"],
+            resources=[stack.format_arn(service="sagemaker", resource="transform-job",
+                                        resource_name=f"{endpoint_name}-bulk-*")],
+        ))
+        # .sync polls the job through an EventBridge rule that Step Functions manages.
+        role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["events:PutTargets", "events:PutRule", "events:DescribeRule"],
+            resources=[stack.format_arn(service="events", resource="rule",
+                                        resource_name="StepFunctionsGetEventsForSageMakerTransformJobsRule")],
+        ))
+        for construct, why in (
+            (self.plan.role, "Bulk counting may be pointed at any prefix of the data bucket, so it reads the "
+                             "bucket's objects (and writes only under reports/bulk/); the table grants "
+                             "include its indexes; the endpoint-config read is for the config in service."),
+            (self.load.role, "Reads .out files and source-object metadata anywhere in the data bucket, "
+                             "writes only under reports/bulk/; the table grants include its indexes."),
+            (self.transform_access, "The transform job reads the chosen prefix and writes under "
+                                    "reports/bulk/, both inside the one data bucket."),
+            (role, "Transform jobs are named <endpoint>-bulk-<time>, so the grant ends in a wildcard; the "
+                   "invoke grant covers the two Lambdas' versions (':*')."),
+        ):
+            NagSuppressions.add_resource_suppressions(construct, [{"id": "AwsSolutions-IAM5", "reason": why}],
+                                                      apply_to_children=True)

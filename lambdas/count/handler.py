@@ -1,0 +1,272 @@
+"""Count Lambda: S3 uploads under the incoming prefix arrive through SQS; each photo is counted once.
+
+SQS batch with partial failures: a record fails (and comes back, then goes to the DLQ) only for faults that
+a retry can cure or an operator must see (throttling, endpoint 5xx, a broken response contract, AWS errors).
+A bad photo is never such a fault: it becomes a ``rejected`` record with its reason. Idempotency on
+bucket + key + version (sequencer when the bucket is unversioned) makes a duplicate delivery a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.idempotency import (
+    DynamoDBPersistenceLayer,
+    IdempotencyConfig,
+    idempotent_function,
+)
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+
+from lambdas.count import records as rec
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS)
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    bucket: str
+    key: str
+    version_id: str | None
+    sequencer: str | None
+    size: int | None
+
+    @property
+    def identity(self) -> str:
+        # What makes two deliveries the same upload: an overwrite of an unversioned key has a new sequencer.
+        return self.version_id or self.sequencer or "null"
+
+
+class Services:
+    """Clients and settings from the environment, made once per container (and again per test)."""
+
+    def __init__(self) -> None:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        self.s3 = boto3.client("s3", region_name=region)
+        self.runtime = boto3.client("sagemaker-runtime", region_name=region)
+        self.events = boto3.client("events", region_name=region)
+        self.table = boto3.resource("dynamodb", region_name=region).Table(os.environ["COUNTS_TABLE"])
+        self.endpoint_name = os.environ["ENDPOINT_NAME"]
+        self.threshold = float(os.environ.get("CONFIDENCE_THRESHOLD", "0.5"))
+        self.max_bytes = int(os.environ.get("MAX_IMAGE_BYTES", str(5 * 1024 * 1024)))
+        self.incoming_prefix = os.environ.get("INCOMING_PREFIX", "incoming/")
+        self.event_bus = os.environ.get("EVENT_BUS_NAME", "default")
+        self.event_source = os.environ.get("EVENT_SOURCE", "invmon.count")
+        self.persistence = DynamoDBPersistenceLayer(
+            table_name=os.environ["IDEMPOTENCY_TABLE"],
+            boto3_client=boto3.client("dynamodb", region_name=region),
+        )
+
+
+@cache
+def services() -> Services:
+    return Services()
+
+
+# --- events -------------------------------------------------------------------------------------------
+
+
+def object_refs(body: str) -> list[ObjectRef]:
+    """The uploads named by one SQS message: an S3 notification (keys URL-encoded), or [] for S3's test
+    event and for event types that are not uploads."""
+    try:
+        message = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"SQS message is not JSON, so not an S3 notification: {error}") from None
+    if message.get("Event") == "s3:TestEvent":
+        return []
+    refs = []
+    for record in message.get("Records", []):
+        if not str(record.get("eventName", "")).startswith("ObjectCreated"):
+            continue
+        s3 = record["s3"]
+        refs.append(
+            ObjectRef(
+                bucket=s3["bucket"]["name"],
+                key=unquote_plus(s3["object"]["key"]),
+                version_id=s3["object"].get("versionId") or None,
+                sequencer=s3["object"].get("sequencer"),
+                size=s3["object"].get("size"),
+            )
+        )
+    if not refs and "Records" not in message:
+        raise ValueError("SQS message is neither an S3 notification nor an S3 test event")
+    return refs
+
+
+# --- one photo ----------------------------------------------------------------------------------------
+
+
+def _read_object(svc: Services, ref: ObjectRef) -> tuple[int, bytes, dict[str, str], rec.Rejection | None]:
+    args = {"Bucket": ref.bucket, "Key": ref.key}
+    if ref.version_id:
+        args["VersionId"] = ref.version_id
+    try:
+        response = svc.s3.get_object(**args)
+    except ClientError as error:
+        if error.response["Error"]["Code"] in {"NoSuchKey", "NoSuchVersion", "404"}:
+            return 0, b"", {}, rec.Rejection(rec.MISSING, "object was deleted before it could be counted")
+        raise
+    size = int(response["ContentLength"])
+    metadata = response.get("Metadata", {})
+    if size > svc.max_bytes:
+        # Judged by its length alone: a too-large object is never read into memory.
+        response["Body"].close()
+        return size, b"", metadata, rec.check_upload(size, b"", svc.max_bytes)
+    body = response["Body"].read()
+    return size, body, metadata, rec.check_upload(len(body), body[: rec.SNIFF_BYTES], svc.max_bytes)
+
+
+def _expected(svc: Services, key: str, metadata: dict[str, str]) -> tuple[int | None, str | None, list[str]]:
+    return rec.expected_count(key, metadata, lambda item_key: svc.table.get_item(Key=item_key).get("Item"))
+
+
+BODY_STATUSES = {"400", "413", "415", "422"}
+
+
+def model_verdict(error: ClientError) -> tuple[int, str] | None:
+    """(status, message) when the container itself refused the body with a 4xx; None for anything a retry
+    may cure (throttling, 5xx, SageMaker's own errors such as a missing endpoint)."""
+    code = str(error.response["Error"].get("Code", ""))
+    if code == "ModelError":
+        # SageMaker wraps the container's answer: HTTP 424 outside, the container's status inside.
+        status = int(error.response.get("OriginalStatusCode") or 0)
+        if 400 <= status < 500 and status != 429:
+            return status, str(error.response.get("OriginalMessage") or error.response["Error"].get("Message")
+                               or f"HTTP {status} from the model container")
+        return None
+    # A container answering directly (the offline endpoint, ``python -m ml.serve``) has no AWS error type:
+    # botocore reports its bare HTTP status as the code. Only the statuses that judge a body count; a 404
+    # (wrong path, no such endpoint) says nothing about the photo.
+    if code in BODY_STATUSES:
+        return int(code), error.response["Error"].get("Message") or f"HTTP {code} from the model container"
+    return None
+
+
+def invoke(svc: Services, body: bytes, content_type: str) -> tuple[dict[str, Any] | None, rec.Rejection | None]:
+    """(prediction, None), or (None, rejection) when the model says the body is bad (a 4xx from the
+    container). Throttling and 5xx raise, so SQS delivers the photo again."""
+    try:
+        response = svc.runtime.invoke_endpoint(
+            EndpointName=svc.endpoint_name, ContentType=content_type, Accept="application/json", Body=body
+        )
+    except ClientError as error:
+        verdict = model_verdict(error)
+        if verdict is None:
+            raise
+        status, message = verdict
+        # 413: the model refused the pixel count (a small file can still decode to a huge image).
+        code = rec.TOO_LARGE if status == 413 else rec.CORRUPT
+        return None, rec.Rejection(code, f"the model could not read the image: {message}")
+    answer = json.loads(response["Body"].read())
+    if isinstance(answer, dict) and isinstance(answer.get("predictions"), list) and answer["predictions"]:
+        answer = answer["predictions"][0]
+    return rec.read_prediction(answer), None
+
+
+def publish(svc: Services, item: dict[str, Any]) -> None:
+    detail = rec.summary(item)
+    response = svc.events.put_events(
+        Entries=[
+            {
+                "Source": svc.event_source,
+                "DetailType": f"Photo count {item['status']}",
+                "Detail": json.dumps(detail),
+                "EventBusName": svc.event_bus,
+                "Resources": [f"arn:aws:s3:::{item['bucket']}/{item['key']}"],
+            }
+        ]
+    )
+    if response.get("FailedEntryCount"):
+        raise RuntimeError(f"EventBridge refused the {item['status']} event: {response['Entries']}")
+
+
+@tracer.capture_method
+def count_photo(ref: ObjectRef, svc: Services) -> dict[str, Any]:
+    """Count one upload and store its record; returns the record's summary."""
+    size, body, metadata, rejection = _read_object(svc, ref)
+    expected, expected_from, notes = _expected(svc, ref.key, metadata)
+    prediction = None
+    if rejection is None:
+        prediction, rejection = invoke(svc, body, rec.content_type(body[: rec.SNIFF_BYTES]) or "image/jpeg")
+    item = rec.build_record(
+        bucket=ref.bucket,
+        key=ref.key,
+        version_id=ref.version_id,
+        size=size,
+        prediction=prediction,
+        rejection=rejection,
+        expected=expected,
+        expected_from=expected_from,
+        threshold=svc.threshold,
+        counted_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        source="event",
+        notes=notes,
+    )
+    svc.table.put_item(Item=item)
+    if item["status"] in rec.NOTIFY_STATUSES:
+        publish(svc, item)
+    metrics.add_metric(name=f"Photos-{item['status']}", unit=MetricUnit.Count, value=1)
+    logger.info("photo counted", extra=rec.summary(item))
+    return rec.summary(item)
+
+
+@cache
+def _idempotent_counter():
+    svc = services()
+    config = IdempotencyConfig(
+        event_key_jmespath="[bucket, key, identity]",
+        # S3 redelivers within minutes; a day covers SQS retries up to maxReceiveCount with room to spare.
+        expires_after_seconds=24 * 3600,
+        raise_on_no_idempotency_key=True,
+    )
+
+    @idempotent_function(data_keyword_argument="upload", persistence_store=svc.persistence, config=config)
+    def count_once(upload: dict[str, Any]) -> dict[str, Any]:
+        ref = ObjectRef(**{k: upload[k] for k in ("bucket", "key", "version_id", "sequencer", "size")})
+        return count_photo(ref, svc)
+
+    return config, count_once
+
+
+def reset() -> None:
+    """Forget clients and settings (tests change the environment between cases)."""
+    services.cache_clear()
+    _idempotent_counter.cache_clear()
+
+
+def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
+    _, count_once = _idempotent_counter()
+    results = []
+    for ref in object_refs(record.body):
+        if not ref.key.startswith(services().incoming_prefix):
+            logger.warning("upload outside the incoming prefix ignored", extra={"key": ref.key})
+            continue
+        results.append(count_once(upload=asdict(ref) | {"identity": ref.identity}))
+    if not results:
+        logger.info("message acknowledged without a photo to count (S3 test event or non-upload event)")
+    return results
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    config, _ = _idempotent_counter()
+    config.register_lambda_context(context)
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor,
+                                    context=context)

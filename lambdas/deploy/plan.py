@@ -1,0 +1,252 @@
+"""Deployment decisions, pure: whether a new model goes live, and the SageMaker requests that put it there.
+
+The gate compares validation accuracy (higher is better) and, on a tie, validation RMSE (lower is better)
+with the model in service, whose metrics the finish step records in the data bucket when an endpoint
+reaches InService. The requests follow the SageMaker API (CreateModel, CreateEndpointConfig,
+CreateEndpoint / UpdateEndpoint) for the two endpoint modes: serverless (memory, max concurrency) or
+real-time instances (autoscaled by Application Auto Scaling target tracking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+VARIANT = "AllTraffic"  # blue/green needs the same variant name in the old and the new endpoint config
+PRIMARY_METRIC = "valid_accuracy"
+TIE_METRIC = "valid_rmse"
+REPORT_PREFIX = "reports/deploy/"
+TIE_TOLERANCE = 1e-9
+SCALING_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+SCALING_POLICY = "invocations-per-instance"
+
+
+def in_service_key(endpoint_name: str) -> str:
+    """Where the finish step records the model that an endpoint serves (and its metrics)."""
+    return f"{REPORT_PREFIX}in-service/{endpoint_name}.json"
+
+
+def decision_key(execution: str) -> str:
+    return f"{REPORT_PREFIX}{execution}.json"
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """The endpoint knobs, as the construct passes them to the deploy Lambdas (JSON in ``DEPLOY_SETTINGS``)."""
+
+    endpoint_name: str
+    mode: str  # serverless | realtime
+    serverless_memory_mb: int
+    serverless_max_concurrency: int
+    instance_type: str
+    min_instances: int
+    max_instances: int
+    target_invocations_per_instance: int
+    min_improvement: float
+    image_uri: str
+    role_arn: str
+    rollback_alarms: list[str] = field(default_factory=list)
+    bake_seconds: int = 300
+
+    @classmethod
+    def from_json(cls, text: str) -> EndpointSettings:
+        return cls(**json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def serving_shape(self) -> dict[str, Any]:
+        """The part of the settings that changes what the endpoint config holds, apart from the model."""
+        if self.mode == "serverless":
+            return {"mode": "serverless", "memoryMb": self.serverless_memory_mb,
+                    "maxConcurrency": self.serverless_max_concurrency, "imageUri": self.image_uri}
+        return {"mode": "realtime", "instanceType": self.instance_type, "minInstances": self.min_instances,
+                "maxInstances": self.max_instances, "imageUri": self.image_uri}
+
+
+# --- the gate -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str  # deploy | skip
+    reasons: list[str]
+
+    @property
+    def deploy(self) -> bool:
+        return self.decision == "deploy"
+
+
+def _metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
+    value = (metrics or {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def decide(
+    new_metrics: Mapping[str, Any] | None,
+    in_service: Mapping[str, Any] | None,
+    *,
+    margin: float,
+    force: bool = False,
+    serving_shape: Mapping[str, Any] | None = None,
+) -> Decision:
+    """Deploy when forced, when nothing is in service, when the endpoint settings changed, or when the new
+    model's accuracy beats the one in service by at least ``margin`` (and by something: a tie is not
+    better, unless RMSE breaks it with a zero margin).
+
+    ``in_service`` is the record the finish step wrote (``{"metrics": {...}, "servingShape": {...}}``), or
+    None when no endpoint exists.
+    """
+    new_accuracy = _metric(new_metrics, PRIMARY_METRIC)
+    reasons: list[str] = []
+    if force:
+        reasons.append("forced by the execution input (deploy.force)")
+    if new_accuracy is None and not force:
+        return Decision("skip", [f"the new model reports no numeric {PRIMARY_METRIC}, so it cannot be judged"])
+    if in_service is None:
+        return Decision("deploy", [*reasons, "no model is in service"])
+    current_accuracy = _metric(in_service.get("metrics"), PRIMARY_METRIC)
+    if current_accuracy is None:
+        return Decision("deploy", [*reasons, f"the model in service has no recorded {PRIMARY_METRIC}"])
+    if new_accuracy is None:
+        return Decision("deploy", reasons)
+    improvement = new_accuracy - current_accuracy
+    comparison = (f"{PRIMARY_METRIC} {new_accuracy:.4f} vs {current_accuracy:.4f} in service "
+                  f"({improvement:+.4f}; required margin {margin:.4f})")
+    if force:
+        return Decision("deploy", [*reasons, comparison])
+    if serving_shape is not None and in_service.get("servingShape") not in (None, dict(serving_shape)):
+        return Decision("deploy", [comparison, "the endpoint settings changed since the model in service was "
+                                               f"deployed: {in_service.get('servingShape')} -> {dict(serving_shape)}"])
+    if improvement > TIE_TOLERANCE and improvement >= margin - TIE_TOLERANCE:
+        return Decision("deploy", [comparison, "the new model is better by at least the margin"])
+    if abs(improvement) <= TIE_TOLERANCE and margin <= TIE_TOLERANCE:
+        new_rmse = _metric(new_metrics, TIE_METRIC)
+        current_rmse = _metric(in_service.get("metrics"), TIE_METRIC)
+        if new_rmse is not None and current_rmse is not None and new_rmse < current_rmse - TIE_TOLERANCE:
+            return Decision("deploy", [comparison, f"tie broken by {TIE_METRIC}: {new_rmse:.4f} < {current_rmse:.4f}"])
+        return Decision("skip", [comparison, "the new model is not better than the model in service"])
+    if improvement > TIE_TOLERANCE:
+        return Decision("skip", [comparison, "the new model is better, but by less than the margin"])
+    return Decision("skip", [comparison, "the new model is not better than the model in service"])
+
+
+# --- names and requests -------------------------------------------------------------------------------
+
+
+def resource_name(endpoint_name: str, execution: str, now: datetime) -> str:
+    """A model / endpoint-config name: unique per execution, sortable by time, within SageMaker's 63 chars."""
+    digest = hashlib.sha256(execution.encode()).hexdigest()[:6]
+    stamp = now.strftime("%Y%m%d-%H%M%S")
+    base = re.sub(r"[^a-zA-Z0-9-]", "-", endpoint_name)[: 63 - len(stamp) - len(digest) - 2]
+    return f"{base}-{stamp}-{digest}"
+
+
+def model_request(settings: EndpointSettings, model_name: str, model_data_url: str, region: str) -> dict[str, Any]:
+    return {
+        "ModelName": model_name,
+        "ExecutionRoleArn": settings.role_arn,
+        "PrimaryContainer": {
+            "Image": settings.image_uri,
+            "ModelDataUrl": model_data_url,
+            # The PyTorch serving container runs ml/inference.py from code/ inside model.tar.gz.
+            "Environment": {
+                "SAGEMAKER_PROGRAM": "inference.py",
+                "SAGEMAKER_SUBMIT_DIRECTORY": "/opt/ml/model/code",
+                "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
+                "SAGEMAKER_REGION": region,
+            },
+        },
+        "Tags": [{"Key": "endpoint", "Value": settings.endpoint_name}],
+    }
+
+
+def endpoint_config_request(settings: EndpointSettings, config_name: str, model_name: str) -> dict[str, Any]:
+    variant: dict[str, Any] = {"VariantName": VARIANT, "ModelName": model_name}
+    if settings.mode == "serverless":
+        variant["ServerlessConfig"] = {
+            "MemorySizeInMB": settings.serverless_memory_mb,
+            "MaxConcurrency": settings.serverless_max_concurrency,
+        }
+    else:
+        variant.update(
+            InstanceType=settings.instance_type,
+            InitialInstanceCount=settings.min_instances,
+            InitialVariantWeight=1.0,
+        )
+    return {
+        "EndpointConfigName": config_name,
+        "ProductionVariants": [variant],
+        "Tags": [{"Key": "endpoint", "Value": settings.endpoint_name}],
+    }
+
+
+def deployment_config(settings: EndpointSettings) -> dict[str, Any]:
+    """Blue/green with automatic rollback on the endpoint's alarms.
+
+    A canary needs a fleet of two or more (the canary may be at most half of it); a single instance and a
+    serverless endpoint shift all at once, then bake while the alarms watch before the old fleet goes.
+    """
+    if settings.mode == "realtime" and settings.min_instances >= 2:
+        routing = {"Type": "CANARY", "CanarySize": {"Type": "INSTANCE_COUNT", "Value": 1},
+                   "WaitIntervalInSeconds": settings.bake_seconds}
+    else:
+        routing = {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0}
+    config: dict[str, Any] = {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": routing,
+            "TerminationWaitInSeconds": settings.bake_seconds,
+            # The API accepts 600..14400 seconds: room for a canary, the bake and the fleet swap.
+            "MaximumExecutionTimeoutInSeconds": min(14400, max(600, 4 * settings.bake_seconds + 1800)),
+        }
+    }
+    if settings.rollback_alarms:
+        config["AutoRollbackConfiguration"] = {"Alarms": [{"AlarmName": name} for name in settings.rollback_alarms]}
+    return config
+
+
+def scaling_resource_id(endpoint_name: str) -> str:
+    return f"endpoint/{endpoint_name}/variant/{VARIANT}"
+
+
+def scaling_policy_request(settings: EndpointSettings) -> dict[str, Any]:
+    return {
+        "PolicyName": SCALING_POLICY,
+        "ServiceNamespace": "sagemaker",
+        "ResourceId": scaling_resource_id(settings.endpoint_name),
+        "ScalableDimension": SCALING_DIMENSION,
+        "PolicyType": "TargetTrackingScaling",
+        "TargetTrackingScalingPolicyConfiguration": {
+            "TargetValue": float(settings.target_invocations_per_instance),
+            "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+            # Scale out fast for a burst of uploads, scale in slowly so one quiet minute does not flap.
+            "ScaleOutCooldown": 60,
+            "ScaleInCooldown": 600,
+        },
+    }
+
+
+def needs_deregistration(settings: EndpointSettings, current_variant: Mapping[str, Any] | None) -> bool:
+    """UpdateEndpoint refuses to change the instance type of an autoscaled variant (only the model may
+    change), so the scalable target goes first and the finish step registers it again."""
+    if current_variant is None or settings.mode != "realtime":
+        return False
+    current_type = current_variant.get("InstanceType")
+    return current_type is not None and current_type != settings.instance_type
+
+
+def unsupported_change(settings: EndpointSettings, current_variant: Mapping[str, Any] | None) -> str | None:
+    """Why UpdateEndpoint cannot make this change, or None. SageMaker does not update a real-time
+    endpoint into a serverless one; that takes a delete and a fresh create."""
+    if current_variant is not None and settings.mode == "serverless" and current_variant.get("InstanceType"):
+        return (f"endpoint {settings.endpoint_name} runs on {current_variant['InstanceType']} instances and "
+                "SageMaker cannot update a real-time endpoint to serverless: delete the endpoint (and its "
+                "scalable target), then run the deploy again to create it serverless")
+    return None

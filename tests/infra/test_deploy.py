@@ -1,0 +1,129 @@
+"""The deploy stage as synthesized: Lambdas, rollback alarm, the wait loop, least privilege, cdk-nag."""
+
+from __future__ import annotations
+
+import json
+
+import aws_cdk as cdk
+import pytest
+from aws_cdk import aws_iam as iam
+from aws_cdk.assertions import Annotations, Match, Template
+from cdk_nag import AwsSolutionsChecks
+
+from infra.config import default_context, settings_from_context
+from infra.deploy import Deploy
+from infra.pipeline import Pipeline, Stage
+from infra.storage import Storage
+
+
+def build(**overrides):
+    app = cdk.App(context=default_context() | overrides)
+    cdk.Aspects.of(app).add(AwsSolutionsChecks())
+    settings = settings_from_context(app.node.try_get_context)
+    stack = cdk.Stack(app, "DeployTest", env=cdk.Environment(account="123456789012", region="eu-west-1"))
+    storage = Storage(stack, "Storage", settings=settings)
+    role = iam.Role(stack, "SageMakerRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
+    deploy = Deploy(stack, "Deploy", settings=settings, data_bucket=storage.data, data_key=storage.key,
+                    sagemaker_role=role)
+    # The stage inside the lead's pipeline, as the stack composes it.
+    Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("deploy", deploy.stage)])
+    return app, stack, deploy
+
+
+@pytest.fixture(scope="module")
+def built():
+    _, stack, deploy = build()
+    return stack, deploy, Template.from_stack(stack)
+
+
+def all_states(template: Template) -> dict:
+    """Every state of the pipeline, those inside Parallel branches included, by name."""
+    machine = next(iter(template.find_resources("AWS::StepFunctions::StateMachine").values()))
+    parts = machine["Properties"]["DefinitionString"]["Fn::Join"][1]
+    found: dict = {}
+
+    def walk(states: dict) -> None:
+        for name, state in states.items():
+            found[name] = state
+            for branch in state.get("Branches", []):
+                walk(branch["States"])
+
+    walk(json.loads("".join(part if isinstance(part, str) else "ARN" for part in parts))["States"])
+    return found
+
+
+def test_endpoint_name_is_stable_and_the_lambdas_know_it(built):
+    _, deploy, template = built
+    assert deploy.endpoint_name == "invmon-dev-counter"
+    functions = template.find_resources("AWS::Lambda::Function")
+    handlers = {f["Properties"]["Handler"] for f in functions.values()}
+    assert {"lambdas.deploy.gate.handler", "lambdas.deploy.release.handler",
+            "lambdas.deploy.finish.handler"} <= handlers
+    gate = next(f for f in functions.values() if f["Properties"]["Handler"] == "lambdas.deploy.gate.handler")
+    raw = gate["Properties"]["Environment"]["Variables"]["DEPLOY_SETTINGS"]
+    text = raw if isinstance(raw, str) else "".join(p if isinstance(p, str) else "X" for p in raw["Fn::Join"][1])
+    assert '"endpoint_name": "invmon-dev-counter"' in text
+    assert '"mode": "serverless"' in text
+    assert "invmon-dev-counter-invocation-5xx" in text
+
+
+def test_rollback_alarm_watches_the_endpoint_5xx(built):
+    _, _, template = built
+    template.has_resource_properties("AWS::CloudWatch::Alarm", {
+        "AlarmName": "invmon-dev-counter-invocation-5xx",
+        "MetricName": "Invocation5XXErrors",
+        "Namespace": "AWS/SageMaker",
+        "Dimensions": Match.array_with([{"Name": "EndpointName", "Value": "invmon-dev-counter"}]),
+    })
+
+
+def test_state_machine_waits_for_in_service_on_the_new_config_and_fails_cleanly(built):
+    _, _, template = built
+    states = all_states(template)
+    assert states["Decide deploy"]["Type"] == "Task"
+    assert states["Deploy?"]["Choices"][0]["StringEquals"] == "deploy"
+    assert states["Describe endpoint"]["Resource"].endswith(":states:::aws-sdk:sagemaker:describeEndpoint")
+    ready = states["Endpoint ready?"]
+    first = ready["Choices"][0]["And"]
+    assert {"Variable": "$.deploy.endpoint.EndpointConfigName",
+            "StringEqualsPath": "$.deploy.release.endpointConfigName"} in first
+    assert ready["Default"] == "Wait for endpoint"
+    assert states["Endpoint failed"]["Type"] == "Fail"
+    assert states["Deploy rolled back"]["Type"] == "Fail"
+    assert states["Finish deploy"]["ResultPath"] == "$.deploy"
+    assert ["EndpointBusy"] in [retry["ErrorEquals"] for retry in states["Release model"]["Retry"]]
+
+
+def test_release_role_may_pass_only_the_sagemaker_role_and_touch_only_its_endpoint(built):
+    _, _, template = built
+    policies = template.find_resources("AWS::IAM::Policy")
+    text = json.dumps(policies)
+    assert "iam:PassRole" in text
+    assert '"iam:PassedToService": "sagemaker.amazonaws.com"' in text
+    for policy in policies.values():
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert not any(a in ("*", "sagemaker:*", "s3:*") for a in actions)
+            if "sagemaker:UpdateEndpoint" in actions:
+                assert "*" not in json.dumps(statement["Resource"]).replace("-*", "")
+
+
+def test_cdk_nag_reports_no_unsuppressed_errors_on_the_deploy_construct(built):
+    stack, _, _ = built
+    # The pipeline's own role (which grants invoke on each stage's Lambdas, versions included) is the
+    # pipeline's to suppress; everything this construct creates must be clean.
+    errors = [e for e in Annotations.from_stack(stack).find_error("*", Match.string_like_regexp("AwsSolutions-.*"))
+              if e.id.startswith("/DeployTest/Deploy/") or e.id.startswith("/DeployTest/SageMakerRole/")]
+    assert errors == [], [(e.id, e.entry.data.splitlines()[0]) for e in errors]
+
+
+def test_realtime_mode_reaches_the_lambdas_with_the_regions_gpu_image():
+    _, stack, _ = build(endpointMode="realtime", endpointInstanceType="ml.g4dn.xlarge")
+    template = Template.from_stack(stack).to_json()
+    gate = next(f for f in template["Resources"].values()
+                if f["Type"] == "AWS::Lambda::Function" and f["Properties"]["Handler"] == "lambdas.deploy.gate.handler")
+    setting = json.dumps(gate["Properties"]["Environment"]["Variables"]["DEPLOY_SETTINGS"])
+    assert '\\"mode\\": \\"realtime\\"' in setting
+    assert '\\"instance_type\\": \\"ml.g4dn.xlarge\\"' in setting
+    # The image is looked up per deploy region (infra.images' mapping), GPU for a g4dn.
+    assert "InferenceGpu" in setting or "-gpu-" in setting

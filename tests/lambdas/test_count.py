@@ -1,0 +1,533 @@
+"""The count Lambda in-process under moto: S3 -> SQS event -> endpoint stand-in -> DynamoDB + EventBridge.
+
+The endpoint stand-in decodes each body with Pillow, as the model's container would, and answers in the
+serving contract's shape; an undecodable body gets the container's 4xx, surfaced by SageMaker Runtime as a
+ModelError. One test puts botocore's Stubber on a real sagemaker-runtime client for the exact error shapes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from decimal import Decimal
+from urllib.parse import quote_plus
+
+import boto3
+import botocore.session
+import pytest
+from botocore.exceptions import ClientError
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from moto import mock_aws
+from PIL import Image
+
+from lambdas.count import handler as count
+from lambdas.count import records as rec
+
+BUCKET = "invmon-data-test"
+MAX_BYTES = 64 * 1024
+MODEL = "invmon-dev-counter-20261125-000000-abcdef"
+
+
+class FakeEndpoint:
+    """Answers like the serving container: Pillow decodes the body or the request is a 400."""
+
+    def __init__(self, predict) -> None:
+        self.predict = predict
+        self.calls: list[dict] = []
+
+    def invoke_endpoint(self, *, EndpointName, ContentType, Accept, Body):
+        self.calls.append({"EndpointName": EndpointName, "ContentType": ContentType, "Body": Body})
+        try:
+            with Image.open(io.BytesIO(Body)) as image:
+                image.load()
+        except Exception as error:  # the container answers any decode failure with a 400
+            message = f"cannot decode image: {error}"
+            raise ClientError(
+                {"Error": {"Code": "ModelError",
+                           "Message": f"Received client error (400) from primary with message \"{message}\""},
+                 "OriginalStatusCode": 400, "OriginalMessage": message}, "InvokeEndpoint") from None
+        answer = json.dumps(self.predict(Body)).encode()
+        return {"Body": StreamingBody(io.BytesIO(answer), len(answer)), "ContentType": "application/json"}
+
+
+def prediction(count_value: int, confidence: float = 0.9, classes: int = 7) -> dict:
+    probabilities = [(1 - confidence) / (classes - 1)] * classes
+    probabilities[min(count_value, classes - 1)] = confidence
+    return {"count": count_value, "confidence": confidence, "classes": list(range(classes)),
+            "probabilities": probabilities, "model": MODEL}
+
+
+@pytest.fixture(scope="module")
+def labels(sample_dir) -> dict[str, int]:
+    with (sample_dir / "labels.csv").open() as handle:
+        return {row["image_id"]: int(row["expected_quantity"]) for row in csv.DictReader(handle)}
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    monkeypatch.setenv("COUNTS_TABLE", "counts")
+    monkeypatch.setenv("IDEMPOTENCY_TABLE", "idempotency")
+    monkeypatch.setenv("ENDPOINT_NAME", "invmon-dev-counter")
+    monkeypatch.setenv("CONFIDENCE_THRESHOLD", "0.5")
+    monkeypatch.setenv("MAX_IMAGE_BYTES", str(MAX_BYTES))
+    monkeypatch.setenv("INCOMING_PREFIX", "incoming/")
+    monkeypatch.setenv("EVENT_SOURCE", "invmon.count")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "count")
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        dynamodb = boto3.client("dynamodb")
+        dynamodb.create_table(TableName="counts", BillingMode="PAY_PER_REQUEST",
+                              AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
+                                                    {"AttributeName": "sk", "AttributeType": "S"}],
+                              KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
+                                         {"AttributeName": "sk", "KeyType": "RANGE"}])
+        dynamodb.create_table(TableName="idempotency", BillingMode="PAY_PER_REQUEST",
+                              AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                              KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
+        # Route the count events to a queue, as a team would, to see what was published.
+        sqs = boto3.client("sqs")
+        inbox = sqs.create_queue(QueueName="team-inbox")["QueueUrl"]
+        inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        events = boto3.client("events")
+        events.put_rule(Name="count-alerts", EventPattern=json.dumps({"source": ["invmon.count"]}))
+        events.put_targets(Rule="count-alerts", Targets=[{"Id": "inbox", "Arn": inbox_arn}])
+        count.reset()
+        yield {"s3": s3, "sqs": sqs, "inbox": inbox, "table": boto3.resource("dynamodb").Table("counts")}
+        count.reset()
+
+
+@pytest.fixture
+def endpoint(aws, labels):
+    """A stand-in for a perfect model: it answers each ABID photo with its true quantity."""
+    truth = {}
+
+    def predict(body: bytes) -> dict:
+        return prediction(truth.get(body, 0))
+
+    fake = FakeEndpoint(predict)
+    fake.truth = truth
+    count.services().runtime = fake
+    return fake
+
+
+def upload(aws, key: str, body: bytes, metadata: dict[str, str] | None = None) -> dict:
+    """Put an object and return the S3 notification record that S3 would send for it."""
+    response = aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=body, Metadata=metadata or {})
+    return {
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2026-11-25T12:00:00.000Z", "eventName": "ObjectCreated:Put",
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "uploads",
+               "bucket": {"name": BUCKET, "arn": f"arn:aws:s3:::{BUCKET}"},
+               "object": {"key": quote_plus(key), "size": len(body), "eTag": response["ETag"].strip('"'),
+                          "versionId": response["VersionId"], "sequencer": uuid.uuid4().hex[:18].upper()}},
+    }
+
+
+def sqs_event(*bodies: dict) -> dict:
+    return {"Records": [
+        {"messageId": f"m{index}", "receiptHandle": f"r{index}", "body": json.dumps(body),
+         "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "1764072000000",
+                        "SenderId": "AIDAS3", "ApproximateFirstReceiveTimestamp": "1764072000000"},
+         "messageAttributes": {}, "md5OfBody": "x", "eventSource": "aws:sqs",
+         "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:uploads", "awsRegion": "us-east-1"}
+        for index, body in enumerate(bodies)
+    ]}
+
+
+def notification(*records: dict) -> dict:
+    return {"Records": list(records)}
+
+
+def record_of(aws, key: str, version_id: str) -> dict:
+    return aws["table"].get_item(Key={"pk": rec.photo_pk(key), "sk": rec.version_sk(version_id)}).get("Item")
+
+
+def published(aws) -> list[dict]:
+    messages = aws["sqs"].receive_message(QueueUrl=aws["inbox"], MaxNumberOfMessages=10).get("Messages", [])
+    return [json.loads(m["Body"]) for m in messages]
+
+
+def photo(sample_dir, image_id: str) -> bytes:
+    return (sample_dir / "bin-images" / f"{image_id}.jpg").read_bytes()
+
+
+def test_mixed_batch_gets_one_right_record_each_and_reports_no_failure(aws, endpoint, sample_dir, labels,
+                                                                       lambda_context):
+    real_id, spaced_id = "01046", "01062"
+    real, spaced = photo(sample_dir, real_id), photo(sample_dir, spaced_id)
+    endpoint.truth.update({real: labels[real_id], spaced: labels[spaced_id]})
+    spaced_key = f"incoming/bin 7/Fächer – {spaced_id} (copy).jpg"
+    events = {
+        "real": upload(aws, f"incoming/{real_id}.jpg", real, {"expected-count": str(labels[real_id])}),
+        "corrupt": upload(aws, "incoming/truncated.jpg", real[: len(real) // 3]),
+        "empty": upload(aws, "incoming/empty.jpg", b""),
+        "pdf": upload(aws, "incoming/packing-list.pdf", b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n"),
+        "oversized": upload(aws, "incoming/huge.jpg", b"\xff\xd8\xff\xe0" + bytes(MAX_BYTES + 1)),
+        "spaced": upload(aws, spaced_key, spaced, {"expected-count": str(labels[spaced_id] + 1)}),
+    }
+    duplicate = events["real"]
+    response = count.handler(
+        sqs_event(*[notification(e) for e in events.values()], notification(duplicate)), lambda_context
+    )
+
+    assert response == {"batchItemFailures": []}
+    version = {name: e["s3"]["object"]["versionId"] for name, e in events.items()}
+    real_record = record_of(aws, f"incoming/{real_id}.jpg", version["real"])
+    assert real_record["status"] == rec.MATCH
+    assert real_record["count"] == labels[real_id] == real_record["expectedCount"]
+    assert real_record["expectedFrom"] == "metadata"
+    assert real_record["model"] == MODEL
+    assert real_record["confidence"] == Decimal("0.9")
+    assert len(real_record["probabilities"]) == len(real_record["classes"]) == 7
+    assert real_record["versionId"] == version["real"]
+
+    corrupt = record_of(aws, "incoming/truncated.jpg", version["corrupt"])
+    assert (corrupt["status"], corrupt["rejectReason"]) == (rec.REJECTED, rec.CORRUPT)
+    assert "cannot decode image" in corrupt["reason"]
+    empty = record_of(aws, "incoming/empty.jpg", version["empty"])
+    assert (empty["status"], empty["rejectReason"]) == (rec.REJECTED, rec.EMPTY)
+    pdf = record_of(aws, "incoming/packing-list.pdf", version["pdf"])
+    assert (pdf["status"], pdf["rejectReason"]) == (rec.REJECTED, rec.UNSUPPORTED_TYPE)
+    assert "PDF" in pdf["reason"]
+    huge = record_of(aws, "incoming/huge.jpg", version["oversized"])
+    assert (huge["status"], huge["rejectReason"]) == (rec.REJECTED, rec.TOO_LARGE)
+    assert huge["size"] == MAX_BYTES + 5
+    spaced_record = record_of(aws, spaced_key, version["spaced"])
+    assert spaced_record["key"] == spaced_key
+    assert spaced_record["status"] == rec.MISMATCH
+    assert (spaced_record["count"], spaced_record["expectedCount"]) == (labels[spaced_id], labels[spaced_id] + 1)
+
+    # The endpoint saw the real photo once (the duplicate was not recounted), the spaced one, and the
+    # corrupt one (only the endpoint can tell it is corrupt); the rejects never reached it.
+    assert [call["Body"] for call in endpoint.calls].count(real) == 1
+    assert len(endpoint.calls) == 3
+    assert all(call["ContentType"] == "image/jpeg" for call in endpoint.calls)
+
+    alerts = published(aws)
+    assert [(a["detail-type"], a["detail"]["key"]) for a in alerts] == [("Photo count mismatch", spaced_key)]
+    assert alerts[0]["detail"]["expectedCount"] == labels[spaced_id] + 1
+
+
+def test_duplicate_delivery_in_a_later_batch_is_not_counted_again(aws, endpoint, sample_dir, labels,
+                                                                  lambda_context):
+    body = photo(sample_dir, "01117")
+    endpoint.truth[body] = labels["01117"]
+    event = upload(aws, "incoming/01117.jpg", body)
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    assert len(endpoint.calls) == 1
+    items = aws["table"].query(KeyConditionExpression="pk = :pk",
+                               ExpressionAttributeValues={":pk": "photo#incoming/01117.jpg"})["Items"]
+    assert len(items) == 1 and items[0]["status"] == rec.COUNTED  # no expected count anywhere
+
+
+def test_new_version_of_the_same_key_is_counted_as_its_own_record(aws, endpoint, sample_dir, lambda_context):
+    first = upload(aws, "incoming/bin.jpg", photo(sample_dir, "01129"))
+    second = upload(aws, "incoming/bin.jpg", photo(sample_dir, "01149"))
+    count.handler(sqs_event(notification(first), notification(second)), lambda_context)
+    assert len(endpoint.calls) == 2
+    items = aws["table"].query(KeyConditionExpression="pk = :pk",
+                               ExpressionAttributeValues={":pk": "photo#incoming/bin.jpg"})["Items"]
+    assert {i["versionId"] for i in items} == {first["s3"]["object"]["versionId"],
+                                               second["s3"]["object"]["versionId"]}
+
+
+def test_expected_count_comes_from_a_consignment_record_when_metadata_has_none(aws, endpoint, sample_dir,
+                                                                               labels, lambda_context):
+    body = photo(sample_dir, "01180")
+    endpoint.truth[body] = labels["01180"]
+    aws["table"].put_item(Item={"pk": "consignment#bin#01180", "sk": "consignment",
+                                "expectedCount": labels["01180"]})
+    event = upload(aws, "incoming/dock-3/01180.jpg", body)
+    count.handler(sqs_event(notification(event)), lambda_context)
+    item = record_of(aws, "incoming/dock-3/01180.jpg", event["s3"]["object"]["versionId"])
+    assert (item["status"], item["expectedFrom"]) == (rec.MATCH, "consignment#bin#01180")
+
+
+def test_low_confidence_count_is_not_compared_and_raises_an_event(aws, sample_dir, lambda_context):
+    fake = FakeEndpoint(lambda body: prediction(2, confidence=0.31))
+    count.services().runtime = fake
+    event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"), {"expected-count": "2"})
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    item = record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"])
+    assert item["status"] == rec.LOW_CONFIDENCE
+    assert "below the 0.5 threshold" in item["reason"]
+    assert [a["detail-type"] for a in published(aws)] == ["Photo count uncounted-low-confidence"]
+
+
+def test_s3_test_event_is_acknowledged_without_a_record(aws, endpoint, lambda_context):
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2026-11-25T12:00:00.000Z",
+                  "Bucket": BUCKET, "RequestId": "X", "HostId": "Y"}
+    assert count.handler(sqs_event(test_event), lambda_context) == {"batchItemFailures": []}
+    assert aws["table"].scan()["Items"] == []
+    assert endpoint.calls == []
+
+
+def test_endpoint_throttling_fails_only_that_message_and_a_retry_counts_it(aws, sample_dir, lambda_context):
+    """Stubber on a real sagemaker-runtime client: throttling and a 5xx ModelError are retried through SQS
+    (reported failures); a 4xx ModelError is a rejection; then the retried photo counts normally."""
+    client = botocore.session.get_session().create_client("sagemaker-runtime", region_name="us-east-1")
+    stubber = Stubber(client)
+    count.services().runtime = client
+    good, flaky, failing, bad = (upload(aws, f"incoming/{name}.jpg", photo(sample_dir, image_id))
+                                 for name, image_id in (("good", "01046"), ("flaky", "01062"),
+                                                        ("failing", "01117"), ("bad", "01129")))
+
+    def ok(value: int) -> dict:
+        body = json.dumps(prediction(value)).encode()
+        return {"Body": StreamingBody(io.BytesIO(body), len(body)), "ContentType": "application/json"}
+
+    stubber.add_response("invoke_endpoint", ok(3))
+    stubber.add_client_error("invoke_endpoint", service_error_code="ThrottlingException", http_status_code=400)
+    stubber.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424,
+                             modeled_fields={"OriginalStatusCode": 503, "OriginalMessage": "worker died"})
+    stubber.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424,
+                             modeled_fields={"OriginalStatusCode": 415, "OriginalMessage": "image has no pixels"})
+    with stubber:
+        response = count.handler(sqs_event(*(notification(e) for e in (good, flaky, failing, bad))),
+                                 lambda_context)
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m1"}, {"itemIdentifier": "m2"}]}
+    assert record_of(aws, "incoming/good.jpg", good["s3"]["object"]["versionId"])["count"] == 3
+    assert record_of(aws, "incoming/flaky.jpg", flaky["s3"]["object"]["versionId"]) is None
+    bad_item = record_of(aws, "incoming/bad.jpg", bad["s3"]["object"]["versionId"])
+    assert (bad_item["rejectReason"], bad_item["reason"]) == (rec.CORRUPT,
+                                                              "the model could not read the image: image has no pixels")
+
+    # SQS delivers the failed message again: the idempotency record of the failed attempt is gone.
+    stubber.add_response("invoke_endpoint", ok(2))
+    with stubber:
+        assert count.handler(sqs_event(notification(flaky)), lambda_context) == {"batchItemFailures": []}
+    assert record_of(aws, "incoming/flaky.jpg", flaky["s3"]["object"]["versionId"])["count"] == 2
+
+
+def test_response_outside_the_contract_fails_the_message_rather_than_storing_nonsense(aws, sample_dir,
+                                                                                      lambda_context):
+    good_body, odd_body = photo(sample_dir, "01062"), photo(sample_dir, "01046")
+    count.services().runtime = FakeEndpoint(
+        lambda body: {"label": "three"} if body == odd_body else prediction(1))
+    odd = upload(aws, "incoming/01046.jpg", odd_body)
+    good = upload(aws, "incoming/01062.jpg", good_body)
+    assert count.handler(sqs_event(notification(odd), notification(good)), lambda_context) == {
+        "batchItemFailures": [{"itemIdentifier": "m0"}]}
+    assert [i["key"] for i in aws["table"].scan()["Items"]] == ["incoming/01062.jpg"]
+
+
+def test_a_batch_where_everything_fails_raises_so_sqs_retries_it_whole(aws, sample_dir, lambda_context):
+    from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+
+    count.services().runtime = FakeEndpoint(lambda body: {"label": "three"})
+    event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"))
+    with pytest.raises(BatchProcessingError):
+        count.handler(sqs_event(notification(event)), lambda_context)
+
+
+def test_object_deleted_before_counting_is_recorded_as_missing(aws, endpoint, sample_dir, lambda_context):
+    event = upload(aws, "incoming/gone.jpg", photo(sample_dir, "01046"))
+    aws["s3"].delete_object(Bucket=BUCKET, Key="incoming/gone.jpg", VersionId=event["s3"]["object"]["versionId"])
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    item = record_of(aws, "incoming/gone.jpg", event["s3"]["object"]["versionId"])
+    assert (item["status"], item["rejectReason"]) == (rec.REJECTED, rec.MISSING)
+
+
+def test_message_that_is_not_an_s3_notification_fails_to_the_dlq(aws, endpoint, lambda_context):
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": BUCKET}
+    event = sqs_event({}, test_event)
+    event["Records"][0]["body"] = "not json at all"
+    assert count.handler(event, lambda_context) == {"batchItemFailures": [{"itemIdentifier": "m0"}]}
+
+
+# --- the pure parts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "head", "code"),
+    [
+        (0, b"", rec.EMPTY),
+        (10, b"%PDF-1.7\n", rec.UNSUPPORTED_TYPE),
+        (10, b"GIF89a....", rec.UNSUPPORTED_TYPE),
+        (10, b"RIFF\x00\x00\x00\x00WEBPVP8 ", rec.UNSUPPORTED_TYPE),
+        (10, b"hello world", rec.NOT_AN_IMAGE),
+        (2_000_000, b"\xff\xd8\xff\xe0", rec.TOO_LARGE),
+    ],
+)
+def test_uploads_are_screened_by_size_and_magic_bytes(size, head, code):
+    assert rec.check_upload(size, head, 1_000_000).code == code
+
+
+def test_jpeg_and_png_pass_the_screen_with_their_content_type():
+    assert rec.check_upload(10, b"\xff\xd8\xff\xdb", 100) is None
+    assert rec.content_type(b"\xff\xd8\xff\xdb") == "image/jpeg"
+    assert rec.check_upload(10, b"\x89PNG\r\n\x1a\n\x00", 100) is None
+    assert rec.content_type(b"\x89PNG\r\n\x1a\n\x00") == "image/png"
+
+
+def test_overflow_class_agrees_with_any_expected_count_at_or_above_it():
+    answer = rec.read_prediction(prediction(6) | {"overflow_class": 6})
+    assert rec.decide_status(answer, None, 9, 0.5) == rec.MATCH
+    assert rec.decide_status(answer, None, 5, 0.5) == rec.MISMATCH
+    assert rec.decide_status(rec.read_prediction(prediction(5)), None, 9, 0.5) == rec.MISMATCH
+
+
+def test_unreadable_expected_count_metadata_is_noted_not_used():
+    assert rec.expected_from_metadata({"expected-count": "three"}) == (
+        None, "x-amz-meta-expected-count is not a non-negative integer: 'three'")
+    assert rec.expected_from_metadata({"Expected-Count": " 4 "}) == (4, None)
+
+
+# --- bulk counting -------------------------------------------------------------------------------------
+
+
+def test_bulk_plan_screens_the_prefix_and_load_stores_the_transform_answers(aws, sample_dir, labels):
+    from lambdas.count import bulk
+
+    sagemaker = boto3.client("sagemaker")
+    sagemaker.create_model(ModelName=MODEL, ExecutionRoleArn="arn:aws:iam::123456789012:role/sm",
+                           PrimaryContainer={"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz"})
+    sagemaker.create_endpoint_config(EndpointConfigName=MODEL, ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": MODEL, "InstanceType": "ml.c5.large",
+        "InitialInstanceCount": 1}])
+    sagemaker.create_endpoint(EndpointName="invmon-dev-counter", EndpointConfigName=MODEL)
+    ids = ["01046", "01062", "01117"]
+    for image_id in ids:
+        aws["s3"].put_object(Bucket=BUCKET, Key=f"incoming/2026-11/{image_id}.jpg", Body=photo(sample_dir, image_id),
+                             Metadata={"expected-count": str(labels[image_id])})
+    aws["s3"].put_object(Bucket=BUCKET, Key="incoming/2026-11/manifest.pdf", Body=b"%PDF-1.4 ...")
+    aws["s3"].put_object(Bucket=BUCKET, Key="incoming/2026-11/blank.jpg", Body=b"")
+    table = aws["table"]
+
+    job = bulk.plan(aws["s3"], sagemaker, table, bucket=BUCKET, prefix="incoming/2026-11/",
+                    job_name="invmon-dev-counter-bulk-1", endpoint_name="invmon-dev-counter",
+                    instance_type="ml.c6i.large", kms_key_id=None, bulk_prefix="reports/bulk/", threshold=0.5,
+                    max_bytes=MAX_BYTES)
+    assert (job["ModelName"], job["Accepted"], job["Rejected"]) == (MODEL, 3, 2)
+    manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=f"{job['Base']}manifest.json")["Body"].read())
+    assert manifest == [{"prefix": f"s3://{BUCKET}/"}, *[f"incoming/2026-11/{i}.jpg" for i in ids]]
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"
+    statuses = {i["key"]: i["status"] for i in table.scan()["Items"]}
+    assert statuses == {"incoming/2026-11/manifest.pdf": rec.REJECTED, "incoming/2026-11/blank.jpg": rec.REJECTED}
+
+    # What Batch Transform writes: one .out per input, named after the input's key; the last one is missing,
+    # as when a job stops early.
+    for image_id, answer in zip(ids[:2], (labels[ids[0]], labels[ids[1]] + 2), strict=True):
+        aws["s3"].put_object(Bucket=BUCKET, Key=f"{job['Base']}out/incoming/2026-11/{image_id}.jpg.out",
+                             Body=json.dumps(prediction(answer)).encode())
+    first = bulk.load(aws["s3"], table, job=job, index=0, threshold=0.5, page=2)
+    assert first == {"done": False, "next": {"index": 2}, "loaded": 2}
+    second = bulk.load(aws["s3"], table, job=job, index=2, threshold=0.5, page=2)
+    assert second == {"done": True, "next": {"index": 3}, "loaded": 0}
+    items = {i["key"]: i for i in table.scan()["Items"]}
+    assert items["incoming/2026-11/01046.jpg"]["status"] == rec.MATCH
+    assert items["incoming/2026-11/01062.jpg"]["status"] == rec.MISMATCH
+    assert items["incoming/2026-11/01062.jpg"]["source"] == "bulk:invmon-dev-counter-bulk-1"
+    assert "incoming/2026-11/01117.jpg" not in items
+    page = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=f"{job['Base']}load-0000002.json")["Body"].read())
+    assert page["unanswered"] == ["incoming/2026-11/01117.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("response", "verdict"),
+    [
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 400,
+          "OriginalMessage": "cannot identify image file"}, (400, "cannot identify image file")),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 413,
+          "OriginalMessage": "image is 40000x40000 pixels"}, (413, "image is 40000x40000 pixels")),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 500}, None),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 429}, None),
+        ({"Error": {"Code": "ValidationError", "Message": "Endpoint x not found"}}, None),
+        ({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, None),
+        # The offline endpoint (python -m ml.serve) answering directly: botocore reports the bare status.
+        ({"Error": {"Code": "400", "Message": ""}}, (400, "HTTP 400 from the model container")),
+        ({"Error": {"Code": "503", "Message": ""}}, None),
+        ({"Error": {"Code": "404", "Message": ""}}, None),
+    ],
+)
+def test_only_the_containers_own_4xx_is_a_verdict_on_the_photo(response, verdict):
+    assert count.model_verdict(ClientError(response, "InvokeEndpoint")) == verdict
+
+
+# --- against the real serving code ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """ml/inference.py in ``ml.serve`` (the container's /invocations) with an untrained head, behind a small
+    stand-in for SageMaker Runtime's front end: it routes ``/endpoints/<name>/invocations`` to the container
+    and wraps a container error as SageMaker does (HTTP 424, ``ModelError``, the container's status and
+    message inside). The answers are the real serving code's, whatever their counts."""
+    torch = pytest.importorskip("torch")
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ml import serve
+    from ml.model import ModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path_factory.mktemp("served")
+    save_model(build_model(7, pretrained=False), ModelConfig(image_size=64, model_id="contract-check"), model_dir)
+    container = serve.make_server(model_dir, port=0)
+    container_url = f"http://127.0.0.1:{container.server_address[1]}/invocations"
+
+    class FrontEnd(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            assert self.path.startswith("/endpoints/invmon-dev-counter/invocations"), self.path
+            request = urllib.request.Request(container_url, data=body, method="POST", headers={
+                "Content-Type": self.headers["Content-Type"], "Accept": self.headers.get("Accept", "")})
+            headers = {"Content-Type": "application/json"}
+            try:
+                with urllib.request.urlopen(request) as answer:
+                    status, payload = answer.status, answer.read()
+            except urllib.error.HTTPError as error:
+                message = json.loads(error.read())["error"]
+                status, headers["x-amzn-ErrorType"] = 424, "ModelError:http://internal.amazon.com/coral/com.amazonaws.sagemaker/"
+                payload = json.dumps({"ErrorCode": "CLIENT_ERROR_FROM_MODEL", "OriginalStatusCode": error.code,
+                                      "OriginalMessage": message,
+                                      "Message": f"Received client error ({error.code}) from primary with message "
+                                                 f"\"{message}\"."}).encode()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), FrontEnd)
+    for server in (container, front):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{front.server_address[1]}"
+    for server in (front, container):
+        server.shutdown()
+        server.server_close()
+
+
+def test_count_lambda_reads_the_real_serving_contract(aws, served_model, sample_dir, lambda_context):
+    session = botocore.session.get_session()
+    count.services().runtime = session.create_client("sagemaker-runtime", region_name="us-east-1",
+                                                     endpoint_url=served_model)
+    body = photo(sample_dir, "01046")
+    real = upload(aws, "incoming/real.jpg", body, {"expected-count": "3"})
+    broken = upload(aws, "incoming/broken.jpg", body[: len(body) // 3])
+    assert count.handler(sqs_event(notification(real), notification(broken)), lambda_context) == {
+        "batchItemFailures": []}
+    item = record_of(aws, "incoming/real.jpg", real["s3"]["object"]["versionId"])
+    assert item["model"] == "contract-check"
+    assert item["classes"] == list(range(7)) and item["overflowClass"] == 6
+    assert abs(sum(item["probabilities"]) - 1) < Decimal("0.0001")
+    assert item["status"] in {rec.MATCH, rec.MISMATCH, rec.LOW_CONFIDENCE}
+    assert item["status"] != rec.LOW_CONFIDENCE or item["confidence"] < Decimal("0.5")
+    bad = record_of(aws, "incoming/broken.jpg", broken["s3"]["object"]["versionId"])
+    assert (bad["status"], bad["rejectReason"]) == (rec.REJECTED, rec.CORRUPT)
+    assert bad["reason"].startswith("the model could not read the image: ")
+    assert "HTTP" not in bad["reason"]  # the container's own message came through the ModelError

@@ -1,0 +1,256 @@
+"""Deploy gate, release and finish: the decisions, the create path under moto, the blue/green update path
+with botocore's Stubber (moto has no UpdateEndpoint), autoscaling and the in-service record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import boto3
+import botocore.session
+import pytest
+from botocore.stub import ANY, Stubber
+from moto import mock_aws
+
+from lambdas.deploy import finish, gate, plan, release
+
+BUCKET = "invmon-data-test"
+ROLE = "arn:aws:iam::123456789012:role/invmon-sagemaker"
+ARTIFACT = f"s3://{BUCKET}/models/job-1/output/model.tar.gz"
+SERVERLESS = plan.EndpointSettings(
+    endpoint_name="invmon-dev-counter", mode="serverless", serverless_memory_mb=3072,
+    serverless_max_concurrency=5, instance_type="ml.c6i.large", min_instances=1, max_instances=4,
+    target_invocations_per_instance=100, min_improvement=0.0,
+    image_uri="763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.3-cpu-py311", role_arn=ROLE,
+    rollback_alarms=["invmon-dev-counter-invocation-5xx"], bake_seconds=300,
+)
+REALTIME = replace(SERVERLESS, mode="realtime", min_instances=2, max_instances=4)
+
+
+def training(accuracy: float | None, rmse: float = 1.0) -> dict:
+    metrics = {"valid_rmse": rmse} | ({} if accuracy is None else {"valid_accuracy": accuracy})
+    return {"jobName": "job-1", "modelArtifact": ARTIFACT, "metrics": metrics, "tuningJobName": None}
+
+
+def in_service(accuracy: float, rmse: float = 1.0, settings: plan.EndpointSettings = SERVERLESS) -> dict:
+    return {"metrics": {"valid_accuracy": accuracy, "valid_rmse": rmse}, "servingShape": settings.serving_shape()}
+
+
+# --- the gate's decisions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("new", "current", "margin", "force", "decision", "why"),
+    [
+        (training(0.40), None, 0.0, False, "deploy", "no model is in service"),
+        (training(0.42), in_service(0.40), 0.01, False, "deploy", "better by at least the margin"),
+        (training(0.405), in_service(0.40), 0.01, False, "skip", "by less than the margin"),
+        (training(0.38), in_service(0.40), 0.0, False, "skip", "not better"),
+        (training(0.40), in_service(0.40), 0.0, False, "skip", "not better"),
+        (training(0.40, rmse=0.9), in_service(0.40, rmse=1.0), 0.0, False, "deploy", "tie broken by valid_rmse"),
+        (training(0.30), in_service(0.40), 0.0, True, "deploy", "forced by the execution input"),
+        (training(None), in_service(0.40), 0.0, False, "skip", "reports no numeric valid_accuracy"),
+        (training(0.35), {"metrics": {}}, 0.0, False, "deploy", "has no recorded valid_accuracy"),
+        (training(0.38), in_service(0.40, settings=REALTIME), 0.0, False, "deploy", "endpoint settings changed"),
+    ],
+)
+def test_gate_decides_on_accuracy_margin_force_and_settings(new, current, margin, force, decision, why):
+    result = plan.decide(new["metrics"], current, margin=margin, force=force,
+                         serving_shape=SERVERLESS.serving_shape())
+    assert result.decision == decision
+    assert any(why in reason for reason in result.reasons), result.reasons
+
+
+# --- handlers under moto -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    monkeypatch.setenv("DATA_BUCKET", BUCKET)
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "deploy")
+    for module in (gate, release, finish):
+        module.clients.cache_clear()
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        yield {"s3": s3, "sagemaker": boto3.client("sagemaker"),
+               "autoscaling": boto3.client("application-autoscaling")}
+    for module in (gate, release, finish):
+        module.clients.cache_clear()
+
+
+def use(monkeypatch, settings: plan.EndpointSettings) -> None:
+    monkeypatch.setenv("DEPLOY_SETTINGS", settings.to_json())
+
+
+def report(aws, execution: str) -> dict:
+    return json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=f"reports/deploy/{execution}.json")["Body"].read())
+
+
+def test_first_deploy_creates_model_config_and_serverless_endpoint(aws, monkeypatch, lambda_context):
+    use(monkeypatch, SERVERLESS)
+    decided = gate.handler({"training": training(0.4), "input": {}, "execution": "run-1"}, lambda_context)
+    assert decided["decision"] == "deploy"
+    assert decided["reasons"] == ["no model is in service"]
+    assert decided["endpointName"] == "invmon-dev-counter"
+    assert decided["modelName"].startswith("invmon-dev-counter-") and len(decided["modelName"]) <= 63
+    assert report(aws, "run-1")["decision"] == "deploy"
+
+    released = release.handler({"deploy": decided, "training": training(0.4)}, lambda_context)
+    assert released["action"] == "create"
+    sagemaker = aws["sagemaker"]
+    model = sagemaker.describe_model(ModelName=decided["modelName"])
+    assert model["PrimaryContainer"]["ModelDataUrl"] == ARTIFACT
+    assert model["PrimaryContainer"]["Environment"]["SAGEMAKER_PROGRAM"] == "inference.py"
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=released["endpointConfigName"])
+    assert config["ProductionVariants"][0]["ServerlessConfig"] == {"MemorySizeInMB": 3072, "MaxConcurrency": 5}
+    endpoint = sagemaker.describe_endpoint(EndpointName="invmon-dev-counter")
+    assert endpoint["EndpointConfigName"] == released["endpointConfigName"]
+
+
+def test_gate_skips_a_worse_model_and_records_why(aws, monkeypatch, lambda_context):
+    use(monkeypatch, SERVERLESS)
+    first = gate.handler({"training": training(0.45), "input": {}, "execution": "run-1"}, lambda_context)
+    released = release.handler({"deploy": first, "training": training(0.45)}, lambda_context)
+    done = finish.handler({"deploy": first, "release": released, "training": training(0.45), "execution": "run-1"},
+                          lambda_context)
+    assert done == {"decision": "deploy", "reasons": first["reasons"], "modelName": first["modelName"],
+                    "endpointName": "invmon-dev-counter"}
+
+    worse = gate.handler({"training": training(0.41), "input": {}, "execution": "run-2"}, lambda_context)
+    assert worse["decision"] == "skip"
+    assert worse["modelName"] == first["modelName"]  # the model that stays in service
+    recorded = report(aws, "run-2")
+    assert recorded["reasons"] == worse["reasons"]
+    assert recorded["inService"]["metrics"]["valid_accuracy"] == 0.45
+    assert recorded["candidate"]["metrics"]["valid_accuracy"] == 0.41
+
+    forced = gate.handler({"training": training(0.41), "input": {"deploy": {"force": True}}, "execution": "run-3"},
+                          lambda_context)
+    assert forced["decision"] == "deploy"
+    assert forced["reasons"][0] == "forced by the execution input (deploy.force)"
+
+
+def test_serverless_update_is_blue_green_with_rollback_alarm(monkeypatch):
+    sagemaker = botocore.session.get_session().create_client("sagemaker", region_name="us-east-1")
+    autoscaling = botocore.session.get_session().create_client("application-autoscaling", region_name="us-east-1")
+    stub = Stubber(sagemaker)
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "invmon-dev-counter", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x",
+        "EndpointConfigName": "invmon-dev-counter-old", "EndpointStatus": "InService",
+        "CreationTime": "2026-11-01", "LastModifiedTime": "2026-11-01"}, {"EndpointName": "invmon-dev-counter"})
+    stub.add_response("describe_endpoint_config", {
+        "EndpointConfigName": "invmon-dev-counter-old", "EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/old",
+        "CreationTime": "2026-11-01",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "old",
+                                "ServerlessConfig": {"MemorySizeInMB": 3072, "MaxConcurrency": 5}}]},
+        {"EndpointConfigName": "invmon-dev-counter-old"})
+    stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/new"},
+                      plan.model_request(SERVERLESS, "new", ARTIFACT, "us-east-1"))
+    stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/new"},
+                      plan.endpoint_config_request(SERVERLESS, "new", "new"))
+    stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x"}, {
+        "EndpointName": "invmon-dev-counter", "EndpointConfigName": "new",
+        "DeploymentConfig": {
+            "BlueGreenUpdatePolicy": {
+                "TrafficRoutingConfiguration": {"Type": "ALL_AT_ONCE", "WaitIntervalInSeconds": 0},
+                "TerminationWaitInSeconds": 300, "MaximumExecutionTimeoutInSeconds": 3000},
+            "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "invmon-dev-counter-invocation-5xx"}]},
+        }})
+    with stub, Stubber(autoscaling):  # no autoscaling call at all for serverless -> serverless
+        result = release.release(sagemaker, autoscaling, SERVERLESS, model_name="new", model_data_url=ARTIFACT,
+                                 region="us-east-1")
+        stub.assert_no_pending_responses()
+    assert result == {"action": "update", "modelName": "new", "endpointConfigName": "new",
+                      "endpointName": "invmon-dev-counter"}
+
+
+def test_realtime_update_with_new_instance_type_deregisters_autoscaling_then_canaries(monkeypatch):
+    settings = replace(REALTIME, instance_type="ml.c6i.xlarge")
+    sagemaker = botocore.session.get_session().create_client("sagemaker", region_name="us-east-1")
+    autoscaling = botocore.session.get_session().create_client("application-autoscaling", region_name="us-east-1")
+    stub, scaling = Stubber(sagemaker), Stubber(autoscaling)
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "invmon-dev-counter", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x",
+        "EndpointConfigName": "old", "EndpointStatus": "InService",
+        "CreationTime": "2026-11-01", "LastModifiedTime": "2026-11-01"})
+    stub.add_response("describe_endpoint_config", {
+        "EndpointConfigName": "old", "EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/old",
+        "CreationTime": "2026-11-01",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "old", "InstanceType": "ml.c6i.large",
+                                "InitialInstanceCount": 2}]})
+    stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:1:model/new"})
+    stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/new"},
+                      {"EndpointConfigName": "new", "Tags": ANY, "ProductionVariants": [{
+                          "VariantName": "AllTraffic", "ModelName": "new", "InstanceType": "ml.c6i.xlarge",
+                          "InitialInstanceCount": 2, "InitialVariantWeight": 1.0}]})
+    scaling.add_response("deregister_scalable_target", {}, {
+        "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/invmon-dev-counter/variant/AllTraffic",
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"})
+    stub.add_response("update_endpoint", {"EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x"}, {
+        "EndpointName": "invmon-dev-counter", "EndpointConfigName": "new", "DeploymentConfig": ANY})
+    with stub, scaling:
+        release.release(sagemaker, autoscaling, settings, model_name="new", model_data_url=ARTIFACT,
+                        region="us-east-1")
+        stub.assert_no_pending_responses()
+        scaling.assert_no_pending_responses()
+    routing = plan.deployment_config(settings)["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
+    assert routing == {"Type": "CANARY", "CanarySize": {"Type": "INSTANCE_COUNT", "Value": 1},
+                       "WaitIntervalInSeconds": 300}
+
+
+def test_realtime_to_serverless_is_refused_before_anything_is_created():
+    sagemaker = botocore.session.get_session().create_client("sagemaker", region_name="us-east-1")
+    stub = Stubber(sagemaker)
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "invmon-dev-counter", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x",
+        "EndpointConfigName": "old", "EndpointStatus": "InService",
+        "CreationTime": "2026-11-01", "LastModifiedTime": "2026-11-01"})
+    stub.add_response("describe_endpoint_config", {
+        "EndpointConfigName": "old", "EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/old",
+        "CreationTime": "2026-11-01",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "ModelName": "old", "InstanceType": "ml.c6i.large",
+                                "InitialInstanceCount": 1}]})
+    with stub, pytest.raises(release.UnsupportedChange, match="delete the endpoint"):
+        release.release(sagemaker, None, SERVERLESS, model_name="new", model_data_url=ARTIFACT, region="us-east-1")
+    stub.assert_no_pending_responses()
+
+
+def test_single_instance_realtime_shifts_all_at_once():
+    routing = plan.deployment_config(replace(REALTIME, min_instances=1))["BlueGreenUpdatePolicy"]
+    assert routing["TrafficRoutingConfiguration"]["Type"] == "ALL_AT_ONCE"
+
+
+@pytest.mark.parametrize(("status", "error"), [("Updating", release.EndpointBusy),
+                                                ("Failed", release.EndpointFailed)])
+def test_release_refuses_an_endpoint_that_cannot_take_an_update(status, error):
+    sagemaker = botocore.session.get_session().create_client("sagemaker", region_name="us-east-1")
+    stub = Stubber(sagemaker)
+    stub.add_response("describe_endpoint", {
+        "EndpointName": "invmon-dev-counter", "EndpointArn": "arn:aws:sagemaker:us-east-1:1:endpoint/x",
+        "EndpointConfigName": "old", "EndpointStatus": status, "FailureReason": "image not found",
+        "CreationTime": "2026-11-01", "LastModifiedTime": "2026-11-01"})
+    with stub, pytest.raises(error):  # nothing is created: no further call is stubbed
+        release.release(sagemaker, None, SERVERLESS, model_name="new", model_data_url=ARTIFACT, region="us-east-1")
+
+
+def test_finish_registers_realtime_autoscaling_and_records_the_model_in_service(aws, monkeypatch, lambda_context):
+    use(monkeypatch, REALTIME)
+    event = {"deploy": {"decision": "deploy", "reasons": ["no model is in service"], "modelName": "m1",
+                        "endpointName": "invmon-dev-counter"},
+             "release": {"action": "create", "modelName": "m1", "endpointConfigName": "m1"},
+             "training": training(0.5), "execution": "run-9"}
+    result = finish.handler(event, lambda_context)
+    assert result["modelName"] == "m1"
+    autoscaling = aws["autoscaling"]
+    targets = autoscaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert [(t["ResourceId"], t["MinCapacity"], t["MaxCapacity"]) for t in targets] == [
+        ("endpoint/invmon-dev-counter/variant/AllTraffic", 2, 4)]
+    policy = autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"][0]
+    config = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert config["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+    assert config["TargetValue"] == 100.0
+    record = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=plan.in_service_key("invmon-dev-counter"))
+                        ["Body"].read())
+    assert record["metrics"]["valid_accuracy"] == 0.5
+    assert record["servingShape"]["mode"] == "realtime"
