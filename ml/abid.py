@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -89,6 +90,60 @@ def ids_from_challenge(pairs: Iterable[tuple[int, int] | list[int]]) -> dict[str
 
 def in_count_range(records: Iterable[AbidRecord], min_count: int, max_count: int) -> list[AbidRecord]:
     return [record for record in records if min_count <= record.quantity <= max_count]
+
+
+# Ids are used to build S3 keys and local paths, so anything that could climb out of a prefix is refused.
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_image_id(value: str) -> bool:
+    return bool(_IMAGE_ID.fullmatch(value))
+
+
+def parse_id_list(text: str) -> list[str]:
+    """Image ids from a user-supplied list, in its order, first occurrence kept.
+
+    Accepts what people already have: one id or key per line (``01046``, ``bin-images/01046.jpg``,
+    ``metadata/01046.json``, a CSV whose first column is that, with or without an ``image_id`` header),
+    a JSON array of ids or keys, a SageMaker ManifestFile (``[{"prefix": ...}, "bin-images/01046.jpg", ...]``)
+    or records JSON lines (``{"image_id": "01046", ...}``). Raises ``ValueError`` naming the first bad entry.
+    """
+    stripped = text.strip()
+    entries: list[str] = []
+    if stripped.startswith("["):
+        try:
+            document = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the list looks like JSON but does not parse: {error}") from None
+        for entry in document:
+            if isinstance(entry, dict) and "prefix" in entry:
+                continue
+            entries.append(str(entry["image_id"]) if isinstance(entry, dict) else str(entry))
+    else:
+        for number, line in enumerate(stripped.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                try:
+                    entries.append(str(json.loads(line)["image_id"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"line {number} is not a record with an image_id: {line[:80]!r}") from None
+                continue
+            first = line.split(",", 1)[0].strip().strip('"')
+            if number == 1 and first.lower() in {"image_id", "imageid", "id", "key"}:
+                continue
+            entries.append(first)
+    ids: list[str] = []
+    seen: set[str] = set()
+    for entry in entries:
+        image_id = image_id_from_key(entry)
+        if not is_image_id(image_id):
+            raise ValueError(f"{entry[:80]!r} is not an ABID image id or key")
+        if image_id not in seen:
+            seen.add(image_id)
+            ids.append(image_id)
+    return ids
 
 
 # --- split ----------------------------------------------------------------------------------------------
