@@ -21,7 +21,8 @@ from constructs import Construct
 
 from infra.config import Settings
 
-COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected")
+# The count Lambda's statuses (lambdas/count/records.py STATUSES); infra must not import Lambda code.
+COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected", "counted")
 FIVE_MINUTES = Duration.minutes(5)
 
 
@@ -32,6 +33,15 @@ def _endpoint_metric(endpoint_name: str, name: str, statistic: str) -> cloudwatc
         dimensions_map={"EndpointName": endpoint_name, "VariantName": "AllTraffic"},
         statistic=statistic,
         period=FIVE_MINUTES,
+    )
+
+
+def _search(namespace: str, metric_name: str, statistic: str, label: str) -> cloudwatch.MathExpression:
+    """Every series of a metric whatever its dimensions (the training report adds the job's mode)."""
+    return cloudwatch.MathExpression(
+        expression=f"SEARCH('{{{namespace},mode,service}} MetricName=\"{metric_name}\"', '{statistic}', 86400)",
+        label=label,
+        period=Duration.days(1),
     )
 
 
@@ -48,7 +58,10 @@ class Observability(Construct):
         count_function: lambda_.IFunction,
         functions: Sequence[lambda_.IFunction],
         key: kms.IKey,
+        domain_alarms: Sequence[cloudwatch.Alarm] = (),
     ) -> None:
+        """``domain_alarms`` are alarms the domains own (the endpoint's rollback alarm): they
+        get the same notification and a place on the dashboard instead of a second alarm on the same metric."""
         super().__init__(scope, construct_id)
         self.topic = sns.Topic(
             self,
@@ -81,17 +94,6 @@ class Observability(Construct):
             ),
             cloudwatch.Alarm(
                 self,
-                "EndpointErrors",
-                alarm_description="The counting endpoint answered 5xx: uploads are being retried and may reach the DLQ",
-                metric=endpoint_5xx,
-                threshold=5,
-                evaluation_periods=2,
-                datapoints_to_alarm=2,
-                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            ),
-            cloudwatch.Alarm(
-                self,
                 "CountDeadLetters",
                 alarm_description="Photos could not be counted after retries and wait in the dead-letter queue",
                 metric=dlq_depth,
@@ -100,6 +102,7 @@ class Observability(Construct):
                 comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             ),
+            *domain_alarms,
         ]
         for alarm in self.alarms:
             alarm.add_alarm_action(notify)
@@ -136,16 +139,10 @@ class Observability(Construct):
                         left=[state_machine.metric_time(period=Duration.hours(1), statistic="Maximum")],
                         width=8,
                     ),
-                    cloudwatch.SingleValueWidget(
-                        title="Training jobs (this account, per hour)",
-                        metrics=[
-                            cloudwatch.MathExpression(
-                                expression=f"SEARCH('{{/aws/sagemaker/TrainingJobs,Host}} "
-                                f"MetricName=\"CPUUtilization\" {settings.project}', 'SampleCount', 3600)",
-                                label="training hosts reporting",
-                                period=Duration.hours(1),
-                            )
-                        ],
+                    cloudwatch.GraphWidget(
+                        title="Training jobs: validation accuracy and billable seconds",
+                        left=[_search(settings.project, "valid_accuracy", "Maximum", "validation accuracy")],
+                        right=[_search(settings.project, "TrainingBillableSeconds", "Sum", "billable seconds")],
                         width=8,
                     ),
                 ],

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from aws_cdk import CfnOutput, Stack, Tags
+from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
+from infra.costs import Costs
+from infra.count import Count
+from infra.deploy import Deploy
+from infra.ingest import Ingest
+from infra.observability import Observability
+from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
+from infra.training import STATE_MACHINE_IAM5_REASON, Training, stage_timeout_seconds
+
+# Ingest and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
+# bake time); the training stage's own worst case comes from the settings.
+OTHER_STAGES_HOURS = 12
 
 
 class InvmonStack(Stack):
@@ -17,9 +29,76 @@ class InvmonStack(Stack):
         Tags.of(self).add("stage", settings.stage)
 
         self.storage = Storage(self, "Storage", settings=settings)
-        Tags.of(self.storage).add("component", "storage")
+        data = {"settings": settings, "data_bucket": self.storage.data, "data_key": self.storage.key}
+        self.ingest = Ingest(self, "Ingest", **data)
+        self.training = Training(self, "Training", **data)
+        self.deploy = Deploy(self, "Deploy", **data, sagemaker_role=self.training.role)
+        self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name,
+                           sagemaker_role=self.training.role)
+        self.costs = Costs(self, "Costs", **data)
 
-        CfnOutput(self, "DataBucketName", value=self.storage.data.bucket_name,
-                  description="Bucket holding the dataset, models, reports and incoming photos")
-        CfnOutput(self, "IncomingPrefix", value=settings.incoming_prefix,
-                  description="Upload photos under this prefix of the data bucket to have them counted")
+        training_hours = -(-stage_timeout_seconds(settings) // 3600)
+        self.pipeline = Pipeline(
+            self,
+            "Pipeline",
+            settings=settings,
+            stages=[
+                Stage("ingest", self.ingest.stage),
+                Stage("training", self.training.stage),
+                Stage("deploy", self.deploy.stage),
+            ],
+            timeout_hours=training_hours + OTHER_STAGES_HOURS,
+        )
+        NagSuppressions.add_resource_suppressions(
+            self.pipeline.state_machine,
+            [
+                {
+                    "id": "AwsSolutions-IAM5",
+                    "reason": STATE_MACHINE_IAM5_REASON
+                    + " The Distributed Map reads the selection and writes its results under this run's "
+                    "manifests/ and reports/ prefixes, and starts child executions of this state machine only.",
+                }
+            ],
+            apply_to_children=True,
+        )
+
+        functions = [
+            self.ingest.select.function, self.ingest.worker.function, self.ingest.split.function,
+            self.training.prepare.function, self.training.report.function,
+            self.deploy.gate.function, self.deploy.release.function, self.deploy.finish.function,
+            self.count.function, self.costs.report.function,
+        ]
+        self.observability = Observability(
+            self,
+            "Observability",
+            settings=settings,
+            state_machine=self.pipeline.state_machine,
+            endpoint_name=self.deploy.endpoint_name,
+            count_dlq=self.count.dlq,
+            count_function=self.count.function,
+            functions=functions,
+            key=self.storage.key,
+            domain_alarms=[self.deploy.rollback_alarm],
+        )
+
+        for component, construct in (
+            ("storage", self.storage), ("ingest", self.ingest), ("training", self.training),
+            ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
+            ("pipeline", self.pipeline), ("observability", self.observability),
+        ):
+            Tags.of(construct).add("component", component)
+
+        outputs = {
+            "DataBucketName": (self.storage.data.bucket_name, "Bucket holding the dataset, models and reports"),
+            "IncomingPrefix": (settings.incoming_prefix, "Upload photos under this prefix of the data bucket"),
+            "StateMachineArn": (self.pipeline.state_machine.state_machine_arn,
+                                "Start it with {} to ingest, train and deploy"),
+            "CountsTableName": (self.count.table.table_name, "One record per counted photo version"),
+            "EndpointName": (self.deploy.endpoint_name, "The counting endpoint (exists after the first deploy)"),
+            "DashboardUrl": (self.observability.dashboard_url, "CloudWatch dashboard"),
+            "CostReportFunctionName": (self.costs.report.function.function_name,
+                                       "Invoke for a cost report now (invmon costs --refresh)"),
+            "AlarmTopicArn": (self.observability.topic.topic_arn, "Subscribe to be told about failures"),
+        }
+        for name, (value, description) in outputs.items():
+            CfnOutput(self, name, value=value, description=description)

@@ -190,7 +190,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         now=datetime.now(UTC),
     )
     locations = write_report(report, bucket=os.environ["DATA_BUCKET"], s3=boto3.client("s3", region_name=region))
-    metrics.add_metric(name="ProjectCost", unit=MetricUnit.Count, value=report.total)
+    metrics.add_metric(name="ProjectCostUSD", unit=MetricUnit.NoUnit, value=report.total)
     metrics.add_metric(name="SpotSavedPercent", unit=MetricUnit.Percent, value=report.spot_saved_percent)
     logger.info("cost report written", extra={"total": report.total, "currency": report.currency, **locations})
     return {"total": report.total, "currency": report.currency, "spotSavedPercent": report.spot_saved_percent,
