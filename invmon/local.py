@@ -12,6 +12,7 @@ process or port is left behind.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,9 @@ OFFLINE_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
     "POWERTOOLS_TRACE_DISABLED": "true",
     "POWERTOOLS_METRICS_NAMESPACE": "invmon-offline",
+    # The handlers' structured logs and metric documents would drown the progress output; errors still show.
+    "POWERTOOLS_LOG_LEVEL": "ERROR",
+    "POWERTOOLS_METRICS_DISABLED": "true",
 }
 
 
@@ -131,6 +135,9 @@ class MotoServer:
 
     def __enter__(self) -> MotoServer:
         from moto.server import ThreadedMotoServer
+
+        # One request line per S3 call would bury the progress output.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
         self._server.start()

@@ -74,7 +74,7 @@ def run_trainer(
     tail: list[str] = []
     with (
         open(log_file, "w") as log,
-        tqdm(total=epochs, desc=description, unit="epoch", dynamic_ncols=True, leave=True) as bar,
+        tqdm(total=epochs, desc=description, unit="epoch", dynamic_ncols=True, disable=None) as bar,
         ChildProcess(args, env=env, stdout=subprocess.PIPE) as child,
     ):
         assert child.process.stdout is not None
@@ -89,6 +89,8 @@ def run_trainer(
                 values = dict(METRIC.findall(line))
                 bar.n = min(epochs, int(float(values.get("epoch", bar.n))))
                 bar.set_postfix({k: v for k, v in values.items() if k in SHOWN_METRICS})
+                if bar.disable:  # no terminal: one plain line per epoch instead of a bar
+                    print(f"      {line.strip()}", flush=True)
         status = child.process.wait()
     if status != 0:
         raise RuntimeError(f"ml.train exited with status {status}; last lines of {log_file}:\n" + "\n".join(tail))

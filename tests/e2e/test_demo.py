@@ -1,0 +1,121 @@
+"""`invmon demo` end to end on a trimmed real sample, with every non-loopback connection refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ml import abid
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Loaded by every Python process of the run (the demo, the trainer, the endpoint) through PYTHONPATH:
+# a connection anywhere but the loopback interface fails as it would on a machine without a network.
+NO_NETWORK = '''
+import socket
+
+_connect = socket.socket.connect
+
+
+def _loopback_only(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+        raise OSError(101, f"network is unreachable (test): {address}")
+    return _connect(self, address)
+
+
+socket.socket.connect = _loopback_only
+'''
+
+
+@pytest.fixture(scope="module")
+def trimmed_sample(tmp_path_factory, sample_dir: Path) -> Path:
+    """Eight photos of each count 0-5 and a few more-than-five: enough to split, train briefly and count."""
+    records, _ = abid.scan_folder(sample_dir)
+    chosen = []
+    for quantity in range(7):
+        chosen += [r for r in records if min(r.quantity, 6) == quantity][:8]
+    folder = tmp_path_factory.mktemp("abid-trimmed")
+    abid.materialize_channel(chosen, sample_dir, folder)
+    (folder / abid.RECORDS_FILE).unlink()
+    return folder
+
+
+def _environment(tmp_path: Path) -> dict[str, str]:
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(guard), str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    # Real credentials on a developer's machine must not matter: the demo sets its own fake ones.
+    env.pop("AWS_PROFILE", None)
+    return env
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def _demo(workdir: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "invmon.cli", "demo", "--data", str(data), "--epochs", "1", "--hold-out", "6",
+            "--workdir", str(workdir)]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_offline_and_leaves_nothing_running(tmp_path: Path, trimmed_sample: Path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(_demo(workdir, trimmed_sample), cwd=ROOT, env=_environment(tmp_path),
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = result.stdout
+    table = out[out.index("photo "):]
+    rows = [line for line in table.splitlines()[2:] if line.strip() and not line.startswith("Model")]
+    # Six held-back photos plus the corrupt upload, one row each.
+    assert len([r for r in rows if r.startswith(("bin ", "broken"))]) == 7
+    broken = next(r for r in rows if r.startswith("broken-upload.jpg"))
+    assert "rejected" in broken
+    for row in rows:
+        if row.startswith("bin "):
+            assert re.search(r"\b(match|mismatch|uncounted-low-confidence)\b", row), row
+    assert re.search(r"Model on the held-out test split \(\d+ photos\): accuracy 0\.\d{3}", out)
+    assert (workdir / "evaluation").is_dir()
+    assert list((workdir / "evaluation").glob("*.png")), "evaluation plots were not written"
+    assert _processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_stops_every_child(tmp_path: Path, trimmed_sample: Path):
+    workdir = tmp_path / "interrupted"
+    process = subprocess.Popen(_demo(workdir, trimmed_sample), cwd=ROOT, env=_environment(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 600
+    for line in process.stdout:
+        if "Train:" in line:
+            break
+        assert time.monotonic() < deadline, "the demo never reached training"
+    time.sleep(3)  # let the trainer start
+    assert _processes_mentioning(str(workdir)), "the trainer should be running now"
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    time.sleep(1)
+    assert _processes_mentioning(str(workdir)) == []
