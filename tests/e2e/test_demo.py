@@ -95,7 +95,7 @@ def test_demo_runs_end_to_end_offline_and_leaves_nothing_running(tmp_path: Path,
     for row in rows:
         if row.startswith("bin "):
             assert re.search(r"\b(match|mismatch|uncounted-low-confidence)\b", row), row
-    assert re.search(r"Model on the held-out test split \(\d+ photos\): accuracy 0\.\d{3}", out)
+    assert re.search(r"Model on the held-out test split, 1-5 objects \(\d+ photos\): accuracy [01]\.\d{3}, RMSE", out)
     assert (workdir / "evaluation").is_dir()
     assert list((workdir / "evaluation").glob("*.png")), "evaluation plots were not written"
     assert _processes_mentioning(str(workdir)) == []
