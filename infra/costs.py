@@ -9,11 +9,11 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_scheduler as scheduler
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
+from infra.nag import suppress, wildcard_suppression
 from infra.storage import REPORT_PREFIX
 
 
@@ -41,6 +41,7 @@ class Costs(Construct):
             memory_size=256,
         )
         role = self.report.role
+        own_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{settings.project}*")
         data_bucket.grant_put(role, f"{REPORT_PREFIX}costs/*")
         data_key.grant_encrypt(role)
         role.add_to_principal_policy(
@@ -57,31 +58,26 @@ class Costs(Construct):
             iam.PolicyStatement(
                 sid="DescribeOwnTrainingJobs",
                 actions=["sagemaker:DescribeTrainingJob"],
-                resources=[
-                    stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{settings.project}*")
-                ],
+                resources=[own_jobs],
             )
         )
-        NagSuppressions.add_resource_suppressions(
+        suppress(
             role,
-            [
-                {
-                    "id": "AwsSolutions-IAM5",
-                    "reason": "ce:GetCostAndUsage and sagemaker:ListTrainingJobs support no resource-level "
-                    "permissions ('*' is the only resource AWS accepts); DescribeTrainingJob is limited to this "
-                    "project's job-name prefix; the report write is limited to reports/costs/*.",
-                    "appliesTo": [
-                        "Resource::*",
-                        f"Resource::arn:<AWS::Partition>:sagemaker:<AWS::Region>:<AWS::AccountId>:training-job/"
-                        f"{settings.project}*",
-                        {"regex": "/^Resource::<.*Data.*Arn>/reports/costs/\\*$/"},
-                        "Action::kms:GenerateDataKey*",
-                        "Action::kms:ReEncrypt*",
-                        "Action::s3:Abort*",
-                    ],
-                }
-            ],
-            apply_to_children=True,
+            wildcard_suppression(
+                self.report, "ce:GetCostAndUsage and sagemaker:ListTrainingJobs support no resource-level "
+                "permissions: '*' is the only resource AWS accepts for them (the same '*' also covers X-Ray, "
+                "suppressed by PythonFunction).", resources=["*"],
+            ),
+            wildcard_suppression(
+                self.report, "DescribeTrainingJob is limited to this project's job-name prefix (jobs are named "
+                "per execution) and the report is written only under reports/costs/ (one file per run).",
+                resources=[own_jobs, data_bucket.arn_for_objects(f"{REPORT_PREFIX}costs/*")],
+            ),
+            wildcard_suppression(
+                self.report, "CDK's put grant on the KMS-encrypted bucket expands to s3:Abort* and the data key's "
+                "GenerateDataKey*/ReEncrypt*, held to reports/costs/ and the one data key.",
+                actions=["s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"],
+            ),
         )
         # The L1 schedule with an own role: the L2 target's grant would also allow invoking every version (":*").
         invoker = iam.Role(

@@ -20,11 +20,11 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
+from infra.nag import suppress, wildcard_suppression
 from infra.storage import MODEL_PREFIX
 from lambdas.deploy import plan
 
@@ -264,11 +264,12 @@ class Deploy(Construct):
             actions=["sagemaker:DescribeEndpoint", "sagemaker:UpdateEndpointWeightsAndCapacities"],
             resources=[self.endpoint_arn],
         ))
+        alarms = stack.format_arn(service="cloudwatch", resource="alarm",
+                                  resource_name=f"TargetTracking-endpoint/{self.endpoint_name}/*",
+                                  arn_format=ArnFormat.COLON_RESOURCE_NAME)
         self.finish.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["cloudwatch:PutMetricAlarm", "cloudwatch:DescribeAlarms", "cloudwatch:DeleteAlarms"],
-            resources=[stack.format_arn(service="cloudwatch", resource="alarm",
-                                        resource_name=f"TargetTracking-endpoint/{self.endpoint_name}/*",
-                                        arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+            resources=[alarms],
         ))
         self.finish.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:CreateServiceLinkedRole"],
@@ -278,30 +279,57 @@ class Deploy(Construct):
                 "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint")],
             conditions={"StringLike": {"iam:AWSServiceName": "sagemaker.application-autoscaling.amazonaws.com"}},
         ))
-        for fn, why in (
-            (self.release, "Application Auto Scaling's DeregisterScalableTarget accepts no resource narrower "
-                           "than '*'; the endpoint-config read covers configs this stack made under other names."),
-            (self.finish, "Application Auto Scaling's Register/PutScalingPolicy/Describe* accept no resource "
-                          "narrower than '*'; the alarm grant covers the TargetTracking-* alarms of this "
-                          "endpoint only."),
-            (self.gate, "Reports are written per execution under reports/deploy/ and the KMS grant "
-                        "(GenerateDataKey*, ReEncrypt*) covers the one data key."),
-        ):
-            NagSuppressions.add_resource_suppressions(
-                fn.role, [{"id": "AwsSolutions-IAM5", "reason": why}], apply_to_children=True
-            )
-        NagSuppressions.add_resource_suppressions(
+        bucket_grants = ("CDK's bucket grants expand to these action families (GetObject*, GetBucket*, List*, "
+                         "Abort*, and the data key's GenerateDataKey*/ReEncrypt*), held to the in-service record "
+                         "and the deploy reports of this endpoint and the one data key.")
+        suppress(
+            self.gate.role,
+            wildcard_suppression(
+                self.gate, "The gate writes one decision report per execution, so its put grant is the "
+                "reports/deploy/ prefix.", resources=[data_bucket.arn_for_objects(f"{plan.REPORT_PREFIX}*")],
+            ),
+            wildcard_suppression(self.gate, bucket_grants, actions=[
+                "s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
+        )
+        suppress(
+            self.release.role,
+            wildcard_suppression(
+                self.release, "Models and endpoint configs are named <endpoint>-<execution>, so they are granted "
+                "by that prefix; DescribeEndpointConfig on any config reads the one in service, which may "
+                "predate this naming.", resources=[
+                    self._sagemaker_arn("endpoint-config", f"{self.endpoint_name}-*"),
+                    self._sagemaker_arn("model", f"{self.endpoint_name}-*"),
+                    self._sagemaker_arn("endpoint-config", "*"),
+                ],
+            ),
+            wildcard_suppression(
+                self.release, "Application Auto Scaling's DeregisterScalableTarget accepts no resource narrower "
+                "than '*' (the same '*' also covers X-Ray, suppressed by PythonFunction).", resources=["*"],
+            ),
+        )
+        suppress(
             self.finish.role,
-            [{"id": "AwsSolutions-IAM5", "reason": "KMS grant actions (GenerateDataKey*, ReEncrypt*) on the data "
-                                                   "key only."}],
-            apply_to_children=True,
+            wildcard_suppression(
+                self.finish, "Application Auto Scaling's RegisterScalableTarget, PutScalingPolicy and Describe* "
+                "accept no resource narrower than '*' (the same '*' also covers X-Ray, suppressed by "
+                "PythonFunction).", resources=["*"],
+            ),
+            wildcard_suppression(
+                self.finish, "Target tracking names its alarms TargetTracking-endpoint/<endpoint>/..., so the "
+                "alarm grant is this endpoint's prefix.", resources=[alarms],
+            ),
+            wildcard_suppression(self.finish, bucket_grants,
+                                 actions=["s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
         )
 
         # What the endpoint's containers need through the SageMaker execution role, in a policy of this
         # construct's own so that its suppression below covers these statements and nothing of the role's.
+        models = data_bucket.arn_for_objects(f"{MODEL_PREFIX}*")
+        endpoint_logs = stack.format_arn(service="logs", resource="log-group",
+                                         resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
+                                         arn_format=ArnFormat.COLON_RESOURCE_NAME)
         self.endpoint_access = iam.Policy(self, "EndpointAccess", roles=[sagemaker_role], statements=[
-            iam.PolicyStatement(actions=["s3:GetObject"],
-                                resources=[data_bucket.arn_for_objects(f"{MODEL_PREFIX}*")]),
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[models]),
             iam.PolicyStatement(actions=["kms:Decrypt"], resources=[data_key.key_arn]),
             iam.PolicyStatement(
                 actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
@@ -311,20 +339,32 @@ class Deploy(Construct):
             iam.PolicyStatement(
                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
                          "logs:DescribeLogStreams"],
-                resources=[stack.format_arn(service="logs", resource="log-group",
-                                            resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
-                                            arn_format=ArnFormat.COLON_RESOURCE_NAME)],
+                resources=[endpoint_logs],
             ),
         ])
-        NagSuppressions.add_resource_suppressions(self.endpoint_access, [{
-            "id": "AwsSolutions-IAM5",
-            "reason": "The endpoint reads model artifacts under models/ (one prefix), writes its own log group's "
-            "streams (':*'), and ECR GetAuthorizationToken / CloudWatch PutMetricData accept no resource "
-            "narrower than '*'.",
-        }])
+        suppress(
+            self.endpoint_access,
+            wildcard_suppression(
+                self.endpoint_access, "The endpoint loads model.tar.gz from the models/ prefix (one artifact per "
+                "training job) and writes the streams (':*') of its own log group only.",
+                resources=[models, endpoint_logs],
+            ),
+            wildcard_suppression(
+                self.endpoint_access, "ecr:GetAuthorizationToken and cloudwatch:PutMetricData accept no "
+                "resource narrower than '*'.", resources=["*"],
+            ),
+        )
 
         self.stage = DeployStage(self, "Stage", gate=self.gate, release=self.release, finish=self.finish,
                                  endpoint=self.endpoint_name, endpoint_arn=self.endpoint_arn)
+
+    def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
+        """cdk-nag suppressions for the wildcards this stage grants the state machine that hosts it."""
+        suppress(state_machine, wildcard_suppression(
+            state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the gate, release and finish "
+            "tasks may call a version or alias of those three functions, and nothing else.",
+            resources=[f"{fn.function.function_arn}:*" for fn in (self.gate, self.release, self.finish)],
+        ))
 
     def _sagemaker_arn(self, resource: str, name: str) -> str:
         return Stack.of(self).format_arn(service="sagemaker", resource=resource, resource_name=name)

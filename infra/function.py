@@ -9,10 +9,10 @@ from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
+from infra.nag import XRAY_REASON, suppress, wildcard_suppression
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = lambda_.Runtime.PYTHON_3_14
@@ -99,17 +99,9 @@ class PythonFunction(Construct):
                 **(environment or {}),
             },
         )
-        NagSuppressions.add_resource_suppressions(
-            self.role,
-            [
-                {
-                    "id": "AwsSolutions-IAM5",
-                    "reason": "X-Ray's PutTraceSegments/PutTelemetryRecords accept no resource narrower than '*', "
-                    "and the log-group grant ends in ':*' to cover the group's own streams.",
-                }
-            ],
-            apply_to_children=True,
-        )
+        # Only X-Ray's '*' is this construct's: every other wildcard on the role is granted, and suppressed
+        # with its own reason, by the construct that uses the function.
+        suppress(self.role, wildcard_suppression(self, XRAY_REASON, resources=["*"]))
 
 
 # CloudWatch accepts only these retention periods (days); RetentionDays names them, in this order.

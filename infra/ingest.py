@@ -21,17 +21,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Aws, Duration, FeatureFlags
+from aws_cdk import Arn, ArnFormat, Aws, Duration, FeatureFlags, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
-from cdk_nag import NagPackSuppression, NagSuppressions, RegexAppliesTo
 from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
+from infra.nag import suppress, wildcard_suppression
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, REPORT_PREFIX
 from lambdas.ingest.worker import ITEM_FROM_PLAN
 
@@ -278,19 +278,28 @@ class Ingest(Construct):
         self.split.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["s3:PutObject"], resources=objects(MANIFEST_PREFIX, INGEST_REPORT_PREFIX)
         ))
+        # Objects in the data bucket are encrypted with its key by the bucket default; copies and uploads need
+        # to generate data keys, reads need to decrypt.
         for function in (self.select, self.worker, self.split):
-            # Objects in the data bucket are encrypted with its key by the bucket default; copies and
-            # uploads need to generate data keys, reads need to decrypt.
             data_key.grant_encrypt_decrypt(function.role)
-            NagSuppressions.add_resource_suppressions(
+        kms_reason = ("kms:GenerateDataKey*/ReEncrypt* come from CDK's encrypt/decrypt grant and are allowed on "
+                      "the one data key only (uploads and server-side copies into the KMS-encrypted bucket).")
+        source_objects = [_source_arn(source, "/bin-images/*"), _source_arn(source, "/metadata/*")]
+        for function, resources, why in (
+            (self.select, objects(MANIFEST_PREFIX),
+             "The selection step reads user lists and writes the run's selection CSV, all under manifests/ "
+             "(one object per run, so the grant is the prefix)."),
+            (self.worker, [*objects(RAW_PREFIX), *source_objects],
+             f"The copy worker writes ABID images and metadata under raw/ (keys come from the dataset) and reads "
+             f"only the bin-images/ and metadata/ prefixes of the public {source} bucket."),
+            (self.split, objects(MANIFEST_PREFIX, INGEST_REPORT_PREFIX),
+             "The split step reads the selection and the Distributed Map results and writes records, channels "
+             "and the report, all per run under manifests/ and reports/ingest/."),
+        ):
+            suppress(
                 function.role,
-                [{
-                    "id": "AwsSolutions-IAM5",
-                    "reason": "Object access is granted on one prefix of the data bucket (raw/, manifests/ or "
-                    f"reports/ingest/) or on the image and metadata prefixes of the public {source} bucket; "
-                    "KMS actions ReEncrypt*/GenerateDataKey* are on the data key alone.",
-                }],
-                apply_to_children=True,
+                wildcard_suppression(function, why, resources=resources),
+                wildcard_suppression(function, kms_reason, actions=["kms:GenerateDataKey*", "kms:ReEncrypt*"]),
             )
 
         self.stage = IngestStage(
@@ -305,33 +314,36 @@ class Ingest(Construct):
         )
 
     def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
-        """Optional: cdk-nag suppressions, each limited to the findings this stage causes on the hosting
-        state machine (its role and the DistributedMapPolicy that CDK adds). Grants need no call."""
-        functions = "|".join(node.node.id for node in (self.select, self.worker, self.split))
-        NagSuppressions.add_resource_suppressions(
+        """cdk-nag suppressions, each limited to the wildcards this stage grants the hosting state machine
+        (its role and the DistributedMapPolicy that CDK adds). Grants need no call."""
+        stack = Stack.of(state_machine)
+        functions = (self.select.function, self.worker.function, self.split.function)
+        # How CDK's state graph writes the child-execution ARNs of an unlabelled Distributed Map.
+        name = Arn.split(state_machine.state_machine_arn, ArnFormat.COLON_RESOURCE_NAME).resource_name
+        executions = [
+            stack.format_arn(service="states", resource="execution", resource_name=f"{name}{suffix}",
+                             arn_format=ArnFormat.COLON_RESOURCE_NAME)
+            for suffix in (":*", "/*:*")
+        ]
+        suppress(
             state_machine,
-            [
-                NagPackSuppression(
-                    id="AwsSolutions-IAM5",
-                    reason="The ingest stage's Distributed Map reads the run's selection under manifests/ and "
-                    "writes child results under reports/ingest/map-results/ (one object per run, so the key "
-                    "is a prefix); the ':*' of each ingest function ARN lets the LambdaInvoke tasks call "
-                    "its versions.",
-                    applies_to=[
-                        RegexAppliesTo(
-                            regex=r"/^Resource::<.*Data[A-Z0-9]*\.Arn>\/(manifests|reports\/ingest\/map-results)\/\*$/"
-                        ),
-                        RegexAppliesTo(regex=rf"/^Resource::<.*Ingest({functions})Function[A-Z0-9]*\.Arn>:\*$/"),
-                    ],
-                ),
-                NagPackSuppression(
-                    id="AwsSolutions-IAM5",
-                    reason="A Distributed Map starts, describes, stops and redrives its own child executions, "
-                    "whose names Step Functions generates: CDK scopes the grant to this state machine's executions.",
-                    applies_to=[RegexAppliesTo(
-                        regex=r"/^Resource::arn:<AWS::Partition>:states:<AWS::Region>:<AWS::AccountId>:execution:.*$/"
-                    )],
-                ),
-            ],
-            apply_to_children=True,
+            wildcard_suppression(
+                state_machine,
+                "The ingest stage's Distributed Map reads the run's selection under manifests/ and writes child "
+                "results under reports/ingest/map-results/ (objects named per run, so the grant is the prefix).",
+                resources=[self.data_bucket.arn_for_objects(f"{MANIFEST_PREFIX}*"),
+                           self.data_bucket.arn_for_objects(f"{MAP_RESULTS_PREFIX}/*")],
+            ),
+            wildcard_suppression(
+                state_machine,
+                "LambdaInvoke grants the function ARN plus ':*' so that the select, copy and split tasks may "
+                "call a version or alias of those three functions, and nothing else.",
+                resources=[f"{function.function_arn}:*" for function in functions],
+            ),
+            wildcard_suppression(
+                state_machine,
+                "A Distributed Map starts, describes, stops and redrives its own child executions, whose names "
+                "Step Functions generates: CDK limits the grant to executions of this state machine.",
+                resources=executions,
+            ),
         )

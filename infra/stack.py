@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from aws_cdk import CfnOutput, Stack, Tags
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
@@ -11,10 +10,11 @@ from infra.costs import Costs
 from infra.count import Count
 from infra.deploy import Deploy
 from infra.ingest import Ingest
+from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
 from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
-from infra.training import STATE_MACHINE_IAM5_REASON, Training, stage_timeout_seconds
+from infra.training import Training, stage_timeout_seconds
 
 # Ingest and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
 # bake time); the training stage's own worst case comes from the settings.
@@ -49,18 +49,12 @@ class InvmonStack(Stack):
             ],
             timeout_hours=training_hours + OTHER_STAGES_HOURS,
         )
-        NagSuppressions.add_resource_suppressions(
-            self.pipeline.state_machine,
-            [
-                {
-                    "id": "AwsSolutions-IAM5",
-                    "reason": STATE_MACHINE_IAM5_REASON
-                    + " The Distributed Map reads the selection and writes its results under this run's "
-                    "manifests/ and reports/ prefixes, and starts child executions of this state machine only.",
-                }
-            ],
-            apply_to_children=True,
-        )
+        # Each stage suppresses the wildcards it grants the pipeline's role; '*' (tracing, log delivery) is
+        # the pipeline's own.
+        for domain in (self.ingest, self.training, self.deploy):
+            domain.add_nag_evidence(self.pipeline.state_machine)
+        suppress(self.pipeline.state_machine,
+                 wildcard_suppression(self.pipeline.state_machine, STATE_MACHINE_REASON, resources=["*"]))
 
         functions = [
             self.ingest.select.function, self.ingest.worker.function, self.ingest.split.function,

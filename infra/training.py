@@ -23,12 +23,12 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PROJECT_ROOT, PythonFunction
 from infra.images import debugger_image_for_stack_region, image_for_stack_region
+from infra.nag import suppress, wildcard_suppression
 from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX
 from lambdas.training.prepare import DEPLOYMENT_ENV
 from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
@@ -42,12 +42,20 @@ RULE_POLL_ATTEMPTS = 15
 # not (that surfaces as States.TaskFailed and goes to the stop-and-fail path).
 SAGEMAKER_RETRYABLE = ["SageMaker.AmazonSageMakerException", "SageMaker.ThrottlingException", "ThrottlingException"]
 _SOURCE_EXCLUDED_PARTS = {"__pycache__", ".pytest_cache"}
-# For the state machine that runs this stage (its role is the pipeline's): the wildcards the stage adds.
-STATE_MACHINE_IAM5_REASON = (
-    "SageMaker job ARNs are limited to this deployment's job-name prefix (names are made per execution); "
-    "Lambda ARNs end in ':*' to invoke the functions' versions; X-Ray and log delivery accept no resource "
-    "narrower than '*'."
-)
+
+
+# What CDK's Bucket.grant_read / grant_put on the KMS-encrypted data bucket allow, as cdk-nag names them.
+BUCKET_READ_ACTIONS = ("s3:GetObject*", "s3:GetBucket*", "s3:List*")
+BUCKET_PUT_ACTIONS = ("s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*")
+
+
+def job_arn(prefix: str) -> str:
+    """Training jobs of this deployment: ``<project>-<stage>-`` then a per-execution suffix."""
+    return f"arn:{Aws.PARTITION}:sagemaker:{Aws.REGION}:{Aws.ACCOUNT_ID}:training-job/{prefix}-*"
+
+
+def tuning_job_arn(prefix: str) -> str:
+    return f"arn:{Aws.PARTITION}:sagemaker:{Aws.REGION}:{Aws.ACCOUNT_ID}:hyper-parameter-tuning-job/{prefix}-*"
 
 
 def stage_timeout_seconds(settings: Settings) -> int:
@@ -131,8 +139,7 @@ class TrainingStage(sfn.StateMachineFragment):
 
         partition, region, account = Aws.PARTITION, Aws.REGION, Aws.ACCOUNT_ID
         prefix = name_prefix(settings.project, settings.stage)
-        job_arn = f"arn:{partition}:sagemaker:{region}:{account}:training-job/{prefix}-*"
-        tuning_arn = f"arn:{partition}:sagemaker:{region}:{account}:hyper-parameter-tuning-job/{prefix}-*"
+        training_arn, tuning_arn = job_arn(prefix), tuning_job_arn(prefix)
         pass_role = iam.PolicyStatement(
             actions=["iam:PassRole"], resources=[training.role.role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
@@ -171,7 +178,7 @@ class TrainingStage(sfn.StateMachineFragment):
                 iam.PolicyStatement(
                     actions=["sagemaker:CreateTrainingJob", "sagemaker:DescribeTrainingJob",
                              "sagemaker:StopTrainingJob", "sagemaker:AddTags", "sagemaker:ListTags"],
-                    resources=[job_arn],
+                    resources=[training_arn],
                 ),
                 pass_role,
                 events_rule("StepFunctionsGetEventsForSageMakerTrainingJobsRule"),
@@ -188,7 +195,7 @@ class TrainingStage(sfn.StateMachineFragment):
                              "sagemaker:AddTags", "sagemaker:ListTags"],
                     resources=[tuning_arn],
                 ),
-                iam.PolicyStatement(actions=["sagemaker:DescribeTrainingJob"], resources=[job_arn]),
+                iam.PolicyStatement(actions=["sagemaker:DescribeTrainingJob"], resources=[training_arn]),
                 pass_role,
                 events_rule("StepFunctionsGetEventsForSageMakerTuningJobsRule"),
             ],
@@ -210,7 +217,7 @@ class TrainingStage(sfn.StateMachineFragment):
             stop.add_catch(failed, errors=["States.ALL"], result_path="$.stopError")
             return stop.next(failed)
 
-        train.add_catch(stopper("StopTrainingJob", "stopTrainingJob", "TrainingJobName", job_arn),
+        train.add_catch(stopper("StopTrainingJob", "stopTrainingJob", "TrainingJobName", training_arn),
                         errors=["States.ALL"], result_path="$.trainingError")
         tune.add_catch(stopper("StopTuningJob", "stopHyperParameterTuningJob", "HyperParameterTuningJobName",
                                tuning_arn), errors=["States.ALL"], result_path="$.trainingError")
@@ -273,11 +280,17 @@ class Training(Construct):
         super().__init__(scope, construct_id)
         self.settings = settings
         stack = Stack.of(self)
-        partition, region, account = Aws.PARTITION, Aws.REGION, Aws.ACCOUNT_ID
+        region = Aws.REGION
 
         self.source = s3_assets.Asset(self, "Source", path=str(build_source_tarball()))
         self.role = self._execution_role(settings, data_bucket, data_key)
-        self.source.grant_read(self.role)
+        # The container downloads sagemaker_submit_directory with GetObject (HeadObject included): the one
+        # tarball, not the whole CDK asset bucket that Asset.grant_read would open (every asset of the account).
+        self.role.add_to_policy(iam.PolicyStatement(
+            sid="ReadTrainerSource",
+            actions=["s3:GetObject"],
+            resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key)],
+        ))
 
         versions = {"framework_version": settings.framework_version, "python_version": settings.python_version}
         deployment = {
@@ -338,18 +351,49 @@ class Training(Construct):
         )
         prefix = name_prefix(settings.project, settings.stage)
         self.report.role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["sagemaker:DescribeTrainingJob"],
-            resources=[f"arn:{partition}:sagemaker:{region}:{account}:training-job/{prefix}-*"],
+            actions=["sagemaker:DescribeTrainingJob"], resources=[job_arn(prefix)],
         ))
         self.report.role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["sagemaker:DescribeHyperParameterTuningJob"],
-            resources=[f"arn:{partition}:sagemaker:{region}:{account}:hyper-parameter-tuning-job/{prefix}-*"],
+            actions=["sagemaker:DescribeHyperParameterTuningJob"], resources=[tuning_job_arn(prefix)],
         ))
         data_bucket.grant_put(self.report.role, f"{TRAINING_REPORT_PREFIX}*")
         # output.tar.gz (the trainer's metrics file) sits beside model.tar.gz.
         data_bucket.grant_read(self.report.role, f"{MODEL_PREFIX}*")
+        suppress(
+            self.report.role,
+            wildcard_suppression(
+                self.report, "The report step describes only this deployment's jobs (names carry the per-execution "
+                "suffix after the project-stage prefix), reads output.tar.gz under models/ and writes "
+                "reports/training/<job>.json; both object prefixes are keyed by job name.",
+                resources=[job_arn(prefix), tuning_job_arn(prefix), data_bucket.arn_for_objects(f"{MODEL_PREFIX}*"),
+                           data_bucket.arn_for_objects(f"{TRAINING_REPORT_PREFIX}*")],
+            ),
+            wildcard_suppression(
+                self.report, "CDK's bucket grant_read/grant_put expand to these action families (GetObject*, "
+                "GetBucket*, List*, Abort*, and the data key's GenerateDataKey*/ReEncrypt*), limited to the "
+                "models/ and reports/training/ prefixes and the one data key.",
+                actions=[*BUCKET_READ_ACTIONS, *BUCKET_PUT_ACTIONS],
+            ),
+        )
 
         self.stage = TrainingStage(self, "Stage", training=self)
+
+    def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
+        """cdk-nag suppressions for the wildcards this stage grants the state machine that hosts it."""
+        prefix = name_prefix(self.settings.project, self.settings.stage)
+        suppress(
+            state_machine,
+            wildcard_suppression(
+                state_machine, "The training stage creates, describes and stops SageMaker training and tuning "
+                "jobs whose names are made per execution: the grant is this deployment's job-name prefix.",
+                resources=[job_arn(prefix), tuning_job_arn(prefix)],
+            ),
+            wildcard_suppression(
+                state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the prepare and report "
+                "tasks may call a version or alias of those two functions, and nothing else.",
+                resources=[f"{function.function.function_arn}:*" for function in (self.prepare, self.report)],
+            ),
+        )
 
     def _execution_role(self, settings: Settings, bucket: s3.IBucket, key: kms.IKey) -> iam.Role:
         partition, region, account = Aws.PARTITION, Aws.REGION, Aws.ACCOUNT_ID
@@ -377,6 +421,13 @@ class Training(Construct):
             conditions={"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in readable]}},
         ))
         key.grant_encrypt_decrypt(role)
+        log_groups = [
+            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:*",
+            # Debugger and profiler rules run as processing jobs.
+            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/ProcessingJobs:*",
+        ]
+        repositories = [f"arn:{partition}:ecr:{region}:*:repository/{repository}"
+                        for repository in ("pytorch-training", "pytorch-inference", "sagemaker-debugger-rules")]
         # Encrypting the training volumes with the data key makes SageMaker create grants for the instances.
         role.add_to_policy(iam.PolicyStatement(
             sid="GrantVolumeEncryption",
@@ -387,11 +438,7 @@ class Training(Construct):
         role.add_to_policy(iam.PolicyStatement(
             sid="JobLogs",
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            resources=[
-                f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:*",
-                # Debugger and profiler rules run as processing jobs.
-                f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/ProcessingJobs:*",
-            ],
+            resources=log_groups,
         ))
         role.add_to_policy(iam.PolicyStatement(
             sid="JobMetrics",
@@ -402,8 +449,7 @@ class Training(Construct):
         role.add_to_policy(iam.PolicyStatement(
             sid="PullFrameworkAndRuleImages",
             actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-            resources=[f"arn:{partition}:ecr:{region}:*:repository/{repository}"
-                       for repository in ("pytorch-training", "pytorch-inference", "sagemaker-debugger-rules")],
+            resources=repositories,
         ))
         role.add_to_policy(iam.PolicyStatement(
             sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"],
@@ -424,14 +470,34 @@ class Training(Construct):
                          "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"],
                 resources=["*"],
             ))
-        NagSuppressions.add_resource_suppressions(role, [{
-            "id": "AwsSolutions-IAM5",
-            "reason": "Object wildcards are limited to this role's prefixes (raw/, manifests/, models/, "
-                      "checkpoints/, reports/training/) and the CDK asset holding the trainer's source; log "
-                      "groups end in ':*' for their streams; ECR repositories take any account because the "
-                      "framework and Debugger images live in AWS-owned accounts that differ by region; "
-                      "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (limited by namespace), the Cost "
-                      "Explorer Get* actions and the VPC network-interface actions accept no resource narrower "
-                      "than '*'; kms:ReEncrypt*/GenerateDataKey* come from the key grant.",
-        }], apply_to_children=True)
+        suppress(
+            role,
+            wildcard_suppression(
+                role, "Channels, checkpoints, model artifacts and Debugger output are many objects per job, so "
+                "object access is granted per prefix of the data bucket (raw/, manifests/, models/, checkpoints/, "
+                "reports/training/), never on the whole bucket.",
+                resources=[bucket.arn_for_objects(f"{prefix}*") for prefix in readable],
+            ),
+            wildcard_suppression(
+                role, "Training jobs and Debugger/profiler processing jobs write to one log stream per job "
+                "inside the two SageMaker log groups; ':*' is the streams of those groups.",
+                resources=log_groups,
+            ),
+            wildcard_suppression(
+                role, "The PyTorch framework and Debugger rule images live in AWS-owned ECR accounts that differ "
+                "by region, so the account is '*'; the repository names are fixed.",
+                resources=repositories,
+            ),
+            wildcard_suppression(
+                role, "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (held to the SageMaker namespaces by a "
+                "condition), the Cost Explorer Get* actions and the VPC network-interface actions accept no "
+                "resource narrower than '*'.",
+                resources=["*"],
+            ),
+            wildcard_suppression(
+                role, "kms:GenerateDataKey*/ReEncrypt* come from CDK's encrypt/decrypt grant on the one data key "
+                "that encrypts the bucket and the training volumes.",
+                actions=["kms:GenerateDataKey*", "kms:ReEncrypt*"],
+            ),
+        )
         return role
