@@ -262,7 +262,8 @@ class BulkCount(Construct):
         self.load = PythonFunction(self, "Load", settings=settings, handler="lambdas.count.bulk.load_handler",
                                    service="count-bulk-load", environment=environment, timeout_seconds=300,
                                    description="Loads Batch Transform results into the counts table")
-        data_bucket.grant_read(self.plan.role)  # any prefix may be counted in bulk
+        # Bulk counting covers uploads: any prefix under the incoming prefix, nothing else of the bucket.
+        data_bucket.grant_read(self.plan.role, f"{settings.incoming_prefix}*")
         data_bucket.grant_put(self.plan.role, f"{BULK_PREFIX}*")
         # The loader reads only the job's inputs and .out files, under reports/bulk/<job>/.
         data_bucket.grant_read(self.load.role, f"{BULK_PREFIX}*")
@@ -278,7 +279,9 @@ class BulkCount(Construct):
         # The transform job reads the photos and writes .out files with the SageMaker role.
         self.transform_access = iam.Policy(self, "TransformAccess", roles=[sagemaker_role], statements=[
             iam.PolicyStatement(actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]),
-            iam.PolicyStatement(actions=["s3:GetObject"], resources=[data_bucket.arn_for_objects("*")]),
+            iam.PolicyStatement(actions=["s3:GetObject"],
+                                resources=[data_bucket.arn_for_objects(f"{settings.incoming_prefix}*"),
+                                           data_bucket.arn_for_objects(f"{BULK_PREFIX}*")]),
             iam.PolicyStatement(actions=["s3:PutObject", "s3:AbortMultipartUpload"],
                                 resources=[data_bucket.arn_for_objects(f"{BULK_PREFIX}*")]),
             iam.PolicyStatement(actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey*", "kms:CreateGrant"],
@@ -354,17 +357,18 @@ class BulkCount(Construct):
             resources=[stack.format_arn(service="events", resource="rule",
                                         resource_name="StepFunctionsGetEventsForSageMakerTransformJobsRule")],
         ))
-        everything, bulk = data_bucket.arn_for_objects("*"), data_bucket.arn_for_objects(f"{BULK_PREFIX}*")
+        incoming = data_bucket.arn_for_objects(f"{settings.incoming_prefix}*")
+        bulk = data_bucket.arn_for_objects(f"{BULK_PREFIX}*")
         indexes = f"{table.table_arn}/index/*"
         table_and_bulk = ("The loader and planner write the job's manifest, inputs and reports per job under "
                           "reports/bulk/, and the table grant covers the counts table's own indexes.")
         suppress(
             self.plan.role,
             wildcard_suppression(
-                self.plan, "Bulk counting may be pointed at any prefix of the data bucket, so the planner reads "
-                "(lists, heads, sniffs) objects anywhere in it; DescribeEndpointConfig on any config reads the "
-                "one serving the endpoint, whose name the plan learns from DescribeEndpoint.",
-                resources=[everything, stack.format_arn(service="sagemaker", resource="endpoint-config",
+                self.plan, "Bulk counting may be pointed at any prefix under the incoming prefix, so the planner "
+                "reads (lists, heads, sniffs) objects anywhere below it; DescribeEndpointConfig on any config reads "
+                "the one serving the endpoint, whose name the plan learns from DescribeEndpoint.",
+                resources=[incoming, stack.format_arn(service="sagemaker", resource="endpoint-config",
                                                         resource_name="*")],
             ),
             wildcard_suppression(self.plan, table_and_bulk, resources=[bulk, indexes]),
@@ -378,9 +382,9 @@ class BulkCount(Construct):
         suppress(
             self.transform_access,
             wildcard_suppression(
-                self.transform_access, "The transform job reads the photos of whichever prefix was chosen (any "
-                "key of the data bucket) and writes .out files under reports/bulk/ only.",
-                resources=[everything, bulk],
+                self.transform_access, "The transform job reads the photos of the chosen prefix (always under "
+                "the incoming prefix) and its manifest, and writes .out files, under reports/bulk/ only.",
+                resources=[incoming, bulk],
             ),
             wildcard_suppression(
                 self.transform_access, "SageMaker encrypts transform output with the one data key and needs "

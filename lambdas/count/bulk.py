@@ -158,8 +158,13 @@ def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
     options = event.get("input") or {}
     endpoint_name = os.environ["ENDPOINT_NAME"]
     job_name = f"{endpoint_name}-bulk-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    incoming = os.environ["INCOMING_PREFIX"]
+    prefix = options.get("prefix") or incoming
+    if not isinstance(prefix, str) or not prefix.startswith(incoming):
+        # The job's role may read uploads only; say so before anything starts.
+        raise ValueError(f"bulk counting covers uploads: the prefix must start with {incoming!r}, got {prefix!r}")
     job = plan(s3, sagemaker, table, bucket=os.environ["DATA_BUCKET"],
-               prefix=options.get("prefix") or os.environ["INCOMING_PREFIX"], job_name=job_name,
+               prefix=prefix, job_name=job_name,
                endpoint_name=endpoint_name, instance_type=os.environ["TRANSFORM_INSTANCE_TYPE"],
                kms_key_id=os.environ.get("KMS_KEY_ID"), bulk_prefix=os.environ["BULK_PREFIX"],
                threshold=float(os.environ["CONFIDENCE_THRESHOLD"]), max_bytes=int(os.environ["MAX_IMAGE_BYTES"]))

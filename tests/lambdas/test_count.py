@@ -531,3 +531,13 @@ def test_count_lambda_reads_the_real_serving_contract(aws, served_model, sample_
     assert (bad["status"], bad["rejectReason"]) == (rec.REJECTED, rec.CORRUPT)
     assert bad["reason"].startswith("the model could not read the image: ")
     assert "HTTP" not in bad["reason"]  # the container's own message came through the ModelError
+
+
+def test_bulk_counting_refuses_a_prefix_outside_the_incoming_prefix(monkeypatch, lambda_context):
+    from lambdas.count import bulk
+
+    monkeypatch.setenv("INCOMING_PREFIX", "incoming/")
+    monkeypatch.setenv("ENDPOINT_NAME", "invmon-dev-counter")
+    monkeypatch.setattr(bulk, "clients", lambda: (None, None, None))
+    with pytest.raises(ValueError, match="the prefix must start with 'incoming/', got 'raw/'"):
+        bulk.plan_handler({"input": {"prefix": "raw/"}}, lambda_context)
