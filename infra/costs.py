@@ -15,6 +15,7 @@ from infra.config import Settings
 from infra.function import PythonFunction
 from infra.nag import suppress, wildcard_suppression
 from infra.storage import REPORT_PREFIX
+from lambdas.training.request import name_prefix
 
 
 class Costs(Construct):
@@ -28,6 +29,8 @@ class Costs(Construct):
         data_key: kms.IKey,
     ) -> None:
         super().__init__(scope, construct_id)
+        # The training stage names every job (and tuning trial) with this prefix.
+        job_prefix = name_prefix(settings.project, settings.stage)
         stack = Stack.of(self)
         self.report = PythonFunction(
             self,
@@ -36,12 +39,13 @@ class Costs(Construct):
             handler="lambdas.costs.report.handler",
             service="costs",
             description="Cost Explorer report by service for the project tag, with training spot savings",
-            environment={"PROJECT": settings.project, "DATA_BUCKET": data_bucket.bucket_name},
+            environment={"PROJECT": settings.project, "DATA_BUCKET": data_bucket.bucket_name,
+                         "TRAINING_JOB_PREFIX": job_prefix},
             timeout_seconds=120,
             memory_size=256,
         )
         role = self.report.role
-        own_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{settings.project}*")
+        own_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")
         data_bucket.grant_put(role, f"{REPORT_PREFIX}costs/*")
         data_key.grant_encrypt(role)
         role.add_to_principal_policy(
@@ -69,7 +73,7 @@ class Costs(Construct):
                 "suppressed by PythonFunction).", resources=["*"],
             ),
             wildcard_suppression(
-                self.report, "DescribeTrainingJob is limited to this project's job-name prefix (jobs are named "
+                self.report, "DescribeTrainingJob is limited to this deployment's job-name prefix (jobs are named "
                 "per execution) and the report is written only under reports/costs/ (one file per run).",
                 resources=[own_jobs, data_bucket.arn_for_objects(f"{REPORT_PREFIX}costs/*")],
             ),

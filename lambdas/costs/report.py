@@ -127,11 +127,15 @@ def _cost_pages(client, query: dict[str, Any]) -> list[dict[str, Any]]:
             return pages
 
 
-def _training_jobs(client, project: str, since: datetime) -> list[SpotJob]:
+def _training_jobs(client, job_prefix: str, since: datetime) -> list[SpotJob]:
+    """This deployment's completed spot jobs. ListTrainingJobs can only filter by substring, and the role may
+    describe only names that start with the prefix, so others are dropped before they are described."""
     jobs: list[SpotJob] = []
     paginator = client.get_paginator("list_training_jobs")
-    for page in paginator.paginate(CreationTimeAfter=since, NameContains=project, StatusEquals="Completed"):
+    for page in paginator.paginate(CreationTimeAfter=since, NameContains=job_prefix, StatusEquals="Completed"):
         for summary in page["TrainingJobSummaries"]:
+            if not summary["TrainingJobName"].startswith(f"{job_prefix}-"):
+                continue
             job = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
             if not job.get("EnableManagedSpotTraining"):
                 continue
@@ -145,11 +149,13 @@ def _training_jobs(client, project: str, since: datetime) -> list[SpotJob]:
     return jobs
 
 
-def build_report(request: CostRequest, *, project: str, ce, sagemaker, now: datetime) -> CostReport:
+def build_report(
+    request: CostRequest, *, project: str, job_prefix: str, ce, sagemaker, now: datetime
+) -> CostReport:
     end = request.end or now.date()
     start = end - timedelta(days=request.days)
     total, by_service, daily, currency = summarize_costs(_cost_pages(ce, cost_query(project, start, end)))
-    jobs = _training_jobs(sagemaker, project, datetime.combine(start, datetime.min.time(), tzinfo=UTC))
+    jobs = _training_jobs(sagemaker, job_prefix, datetime.combine(start, datetime.min.time(), tzinfo=UTC))
     return CostReport(
         project=project,
         start=start.isoformat(),
@@ -184,6 +190,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     report = build_report(
         request,
         project=os.environ["PROJECT"],
+        job_prefix=os.environ["TRAINING_JOB_PREFIX"],
         # Cost Explorer has one endpoint, in us-east-1, whatever the stack's region.
         ce=boto3.client("ce", region_name="us-east-1"),
         sagemaker=boto3.client("sagemaker", region_name=region),

@@ -59,14 +59,15 @@ def _stub_training_jobs(client) -> Stubber:
             "TrainingJobSummaries": [
                 {"TrainingJobName": name, "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:1:training-job/{name}",
                  "CreationTime": created, "TrainingJobStatus": "Completed"}
-                for name in ("invmon-train-a", "invmon-train-b", "invmon-train-ondemand")
+                for name in ("invmon-dev-train-a", "invmon-dev-train-b", "invmon-dev-train-ondemand",
+                             "other-invmon-job")
             ]
         },
     )
     for name, spot, trained, billed in (
-        ("invmon-train-a", True, 3000, 900),
-        ("invmon-train-b", True, 1000, 500),
-        ("invmon-train-ondemand", False, 500, 500),
+        ("invmon-dev-train-a", True, 3000, 900),
+        ("invmon-dev-train-b", True, 1000, 500),
+        ("invmon-dev-train-ondemand", False, 500, 500),
     ):
         stubber.add_response(
             "describe_training_job",
@@ -111,6 +112,7 @@ def test_report_sums_costs_by_service_and_day_and_spot_savings(aws):
         report = costs.build_report(
             costs.CostRequest(days=7, end=date(2026, 11, 25)),
             project="invmon",
+            job_prefix="invmon-dev",
             ce=boto3.client("ce", region_name="us-east-1"),
             sagemaker=sagemaker,
             now=datetime(2026, 11, 25, 6, 0, tzinfo=UTC),
@@ -123,7 +125,8 @@ def test_report_sums_costs_by_service_and_day_and_spot_savings(aws):
     }
     assert report.daily == [{"date": "2026-11-17", "cost": 12.75}, {"date": "2026-11-18", "cost": 3.01}]
     # Two spot jobs: 4000 s trained, 1400 s billed; the on-demand job is not a spot saving.
-    assert [job["job_name"] for job in report.training_jobs] == ["invmon-train-a", "invmon-train-b"]
+    # "other-invmon-job" only contains the name: it is not described (the role could not) nor counted.
+    assert [job["job_name"] for job in report.training_jobs] == ["invmon-dev-train-a", "invmon-dev-train-b"]
     assert report.training_jobs[0]["saved_percent"] == 70.0
     assert report.spot_saved_percent == 65.0
 
@@ -131,6 +134,7 @@ def test_report_sums_costs_by_service_and_day_and_spot_savings(aws):
 def test_handler_writes_json_csv_and_latest_to_the_bucket(aws, monkeypatch, lambda_context):
     _inject_cost_results(COST_RESULT)
     monkeypatch.setenv("PROJECT", "invmon")
+    monkeypatch.setenv("TRAINING_JOB_PREFIX", "invmon-dev")
     monkeypatch.setenv("DATA_BUCKET", BUCKET)
     sagemaker = boto3.client("sagemaker", region_name="us-east-1")
     stubber = Stubber(sagemaker)
@@ -158,6 +162,7 @@ def test_handler_writes_json_csv_and_latest_to_the_bucket(aws, monkeypatch, lamb
 
 def test_scheduler_payload_with_unknown_fields_means_defaults(aws, monkeypatch, lambda_context):
     monkeypatch.setenv("PROJECT", "invmon")
+    monkeypatch.setenv("TRAINING_JOB_PREFIX", "invmon-dev")
     monkeypatch.setenv("DATA_BUCKET", BUCKET)
     result = costs.handler({"source": "aws.scheduler"}, lambda_context)
     assert result["total"] == 0.0
