@@ -1,0 +1,136 @@
+"""Score a trained model on an ABID folder: ``python -m ml.evaluate --model-dir DIR --data DIR``.
+
+Prints a JSON report: the headline figures on the count range the product cares about (default 1-5:
+accuracy, RMSE, MAE, within-one accuracy, with the argmax over every class and restricted to the range),
+the same over every photo the model's classes cover, per-class precision/recall, the confusion matrix,
+and accuracy when answering only the most confident photos (coverage levels). Writes the report and PNG
+plots (confusion matrix; training curves where the model dir holds a history) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ml import data as mldata
+from ml import plots
+from ml.model import load_model
+from ml.train import count_metrics, predict_logits, targets_for
+
+COVERAGE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.5, 0.3)
+
+
+def per_class(pred: torch.Tensor, truth: torch.Tensor, classes: list[int]) -> dict[str, dict]:
+    result = {}
+    for c in classes:
+        tp = int(((pred == c) & (truth == c)).sum())
+        predicted = int((pred == c).sum())
+        actual = int((truth == c).sum())
+        result[str(c)] = {
+            "precision": tp / predicted if predicted else None,
+            "recall": tp / actual if actual else None,
+            "support": actual,
+        }
+    return result
+
+
+def confusion(pred: torch.Tensor, truth: torch.Tensor, classes: list[int]) -> list[list[int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = [[0] * len(classes) for _ in classes]
+    for p, t in zip(pred.tolist(), truth.tolist(), strict=True):
+        matrix[index[t]][index[p]] += 1
+    return matrix
+
+
+def coverage(confidence: torch.Tensor, correct: torch.Tensor, levels=COVERAGE_LEVELS) -> list[dict]:
+    """Accuracy on the ``level`` most confident fraction: what a confidence threshold buys."""
+    order = confidence.argsort(descending=True)
+    rows = []
+    for level in levels:
+        n = max(1, round(len(order) * level)) if len(order) else 0
+        chosen = order[:n]
+        rows.append({
+            "coverage": level,
+            "n": n,
+            "accuracy": float(correct[chosen].float().mean()) if n else None,
+            "min_confidence": float(confidence[chosen].min()) if n else None,
+        })
+    return rows
+
+
+def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (1, 5), tta: int = 1,
+             out: Path | None = None, batch_size: int = 64) -> dict:
+    model, config = load_model(model_dir)
+    started = time.time()
+    cached = mldata.load_images(data_dir, config.image_size)
+    logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
+    probabilities = logits.softmax(1)
+    quantities = cached.quantities
+    max_count = config.num_classes - 1 - int(config.overflow)
+    classes = config.classes
+    overflow_class = classes[-1] if config.overflow else None
+
+    covered = quantities <= max_count if not config.overflow else torch.ones_like(quantities, dtype=torch.bool)
+    truth_full = targets_for(quantities[covered], max_count, config.overflow)
+    confidence_full, pred_full = probabilities[covered].max(1)
+
+    lo, hi = eval_range
+    inside = (quantities >= lo) & (quantities <= hi)
+    truth_in = quantities[inside]
+    confidence_in, pred_in = probabilities[inside].max(1)
+    restricted = probabilities[inside][:, lo : hi + 1]
+    restricted_pred = restricted.argmax(1) + lo
+
+    report = {
+        "model_dir": str(model_dir),
+        "data": str(data_dir),
+        "model": config.model_id or config.model_name,
+        "tta": tta,
+        "images": len(cached.records),
+        "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected],
+        "headline_range": [lo, hi],
+        "headline": count_metrics(pred_in, truth_in),
+        "headline_restricted": count_metrics(restricted_pred, truth_in),
+        "full_range": count_metrics(pred_full, truth_full),
+        "classes": classes,
+        "overflow_class": overflow_class,
+        "per_class": per_class(pred_full, truth_full, classes),
+        "confusion_matrix": confusion(pred_full, truth_full, classes),
+        "coverage": coverage(confidence_in, pred_in == truth_in),
+        "coverage_full_range": coverage(confidence_full, pred_full == truth_full),
+        "seconds": round(time.time() - started, 1),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+        plots.confusion_png(report["confusion_matrix"], classes, out / "confusion.png",
+                            overflow_class=overflow_class, title=f"{data_dir.name}: confusion matrix")
+        history_file = Path(model_dir) / "history.json"
+        if history_file.exists():
+            plots.curves_png(json.loads(history_file.read_text()), out / "curves.png")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ml.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--data", required=True, help="ABID folder or s3:// prefix")
+    parser.add_argument("--out", type=Path, default=None, help="folder for evaluation.json and PNG plots")
+    parser.add_argument("--min-count", type=int, default=1, help="headline range")
+    parser.add_argument("--max-count", type=int, default=5)
+    parser.add_argument("--tta", type=int, default=1, help="symmetries averaged per photo (1-8)")
+    args = parser.parse_args(argv)
+    report = evaluate(args.model_dir, mldata.resolve_data(args.data), eval_range=(args.min_count, args.max_count),
+                      tta=max(1, min(8, args.tta)), out=args.out)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

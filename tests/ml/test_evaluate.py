@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml.evaluate import confusion, coverage
+from tests.ml.conftest import ROOT, train_env
+
+
+def test_evaluate_cli_prints_the_report_and_writes_plots(tiny_model_dir: Path, sample_dir: Path,
+                                                          tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ml.evaluate", "--model-dir", str(tiny_model_dir), "--data", str(sample_dir),
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 240 and report["headline_range"] == [1, 5]
+    for section in ("headline", "headline_restricted", "full_range"):
+        assert set(report[section]) >= {"accuracy", "rmse", "mae", "within1", "n"}
+    assert report["full_range"]["n"] == 240
+    matrix = report["confusion_matrix"]
+    assert len(matrix) == 7 and sum(map(sum, matrix)) == 240
+    assert set(report["per_class"]) == {str(c) for c in range(7)}
+    assert report["coverage"][0]["coverage"] == 1.0
+    assert report["coverage"][0]["accuracy"] == report["headline"]["accuracy"]
+    for name in ("confusion.png", "curves.png", "evaluation.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_confusion_matrix_rows_are_truth_and_columns_predictions() -> None:
+    matrix = confusion(torch.tensor([1, 2, 2]), torch.tensor([1, 1, 2]), [0, 1, 2])
+    assert matrix == [[0, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_coverage_keeps_the_most_confident_answers() -> None:
+    confidence = torch.tensor([0.9, 0.2, 0.8, 0.1])
+    correct = torch.tensor([True, False, True, False])
+    rows = {row["coverage"]: row for row in coverage(confidence, correct, levels=(1.0, 0.5))}
+    assert rows[1.0]["accuracy"] == 0.5 and rows[0.5]["accuracy"] == 1.0
+    assert rows[0.5]["min_confidence"] == pytest.approx(0.8)

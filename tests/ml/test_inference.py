@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ml import inference
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> inference.LoadedModel:
+    return inference.model_fn(str(tiny_model_dir))
+
+
+def _answer(model: inference.LoadedModel, body: bytes | str, content_type: str, accept: str = "application/json"):
+    data = inference.input_fn(body, content_type)
+    return json.loads(inference.output_fn(inference.predict_fn(data, model), accept))
+
+
+def _check_one(answer: dict) -> None:
+    assert set(answer) >= {"count", "confidence", "classes", "probabilities", "model"}
+    assert answer["classes"] == list(range(7)) and answer["overflow_class"] == 6
+    assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-3)
+    assert answer["count"] == answer["classes"][answer["probabilities"].index(max(answer["probabilities"]))]
+    assert answer["confidence"] == pytest.approx(max(answer["probabilities"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "application/x-image", "image/jpeg; charset=binary"])
+def test_a_real_photo_gets_a_count_with_probabilities(model, sample_photo: bytes, content_type: str) -> None:
+    _check_one(_answer(model, sample_photo, content_type))
+
+
+def test_png_of_any_size_is_accepted_and_answers_like_the_jpeg_pixels(model, sample_photo: bytes) -> None:
+    image = Image.open(io.BytesIO(sample_photo)).convert("RGB").resize((500, 333))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    _check_one(_answer(model, buffer.getvalue(), "image/png"))
+
+
+def test_exif_rotated_photo_is_answered_like_the_upright_one(model, sample_photo: bytes) -> None:
+    upright = Image.open(io.BytesIO(sample_photo)).convert("RGB")
+    upright_png = io.BytesIO()
+    upright.save(upright_png, format="PNG")
+    # Stored rotated, with orientation 8 ("rotate 90° counter-clockwise... to display"), as phones do.
+    stored = upright.transpose(Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    rotated = io.BytesIO()
+    stored.save(rotated, format="PNG", exif=exif.tobytes())
+    a = _answer(model, upright_png.getvalue(), "image/png")["probabilities"]
+    b = _answer(model, rotated.getvalue(), "image/png")["probabilities"]
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_json_batch_returns_one_prediction_per_image(model, sample_photo: bytes) -> None:
+    encoded = base64.b64encode(sample_photo).decode()
+    answer = _answer(model, json.dumps({"instances": [{"b64": encoded}, encoded]}), "application/json")
+    assert len(answer["predictions"]) == 2
+    for one in answer["predictions"]:
+        _check_one(one)
+    assert answer["predictions"][0] == answer["predictions"][1]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "words"),
+    [
+        (b"", "image/jpeg", 400, "empty"),
+        (b"GIF89a this is not really an image", "image/jpeg", 400, "not a decodable image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "application/x-image", 400, "not a decodable image"),
+        (b"{}", "application/json", 400, "instances"),
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (json.dumps({"instances": [{"b64": "***"}]}).encode(), "application/json", 400, "base64"),
+        (json.dumps({"instances": [{"b64": base64.b64encode(b"junk").decode()}]}).encode(), "application/json",
+         400, "instance 0"),
+        (b"hello", "text/plain", 415, "unsupported content type"),
+        (b"\xff" * (inference.MAX_BODY_BYTES + 1), "image/jpeg", 413, "limit"),
+    ],
+)
+def test_bad_bodies_are_rejected_with_a_4xx_and_a_message(model, body, content_type, status, words) -> None:
+    with pytest.raises(inference.BadRequest) as caught:
+        inference.input_fn(body, content_type)
+    assert caught.value.status_code == status and words in caught.value.message
+
+
+def test_a_huge_pixel_count_is_refused_not_decoded(model) -> None:
+    # A tiny PNG that claims 50,000 x 50,000 pixels: a decompression bomb.
+    buffer = io.BytesIO()
+    Image.new("1", (50_000, 50_000)).save(buffer, format="PNG")
+    with pytest.raises(inference.BadRequest) as caught:
+        inference.input_fn(buffer.getvalue(), "image/png")
+    assert caught.value.status_code == 400 and "too large" in caught.value.message
+
+
+def test_too_many_images_in_a_batch_are_refused(model, sample_photo: bytes) -> None:
+    encoded = base64.b64encode(sample_photo).decode()
+    body = json.dumps({"instances": [encoded] * (inference.MAX_BATCH + 1)})
+    with pytest.raises(inference.BadRequest) as caught:
+        inference.input_fn(body, "application/json")
+    assert caught.value.status_code == 413
+
+
+def test_an_accept_type_other_than_json_is_refused(model, sample_photo: bytes) -> None:
+    prediction = inference.predict_fn(inference.input_fn(sample_photo, "image/jpeg"), model)
+    with pytest.raises(inference.BadRequest) as caught:
+        inference.output_fn(prediction, "text/csv")
+    assert caught.value.status_code == 406
+
+
+class _Context:
+    """The part of the model server's request context that sagemaker-inference's Transformer uses."""
+
+    def __init__(self, model_dir: Path, content_type: str, accept: str = "application/json") -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        headers = {"Content-Type": content_type, "Accept": accept}
+        self.request_processor = [type("RequestProcessor", (), {"get_request_properties": lambda self: headers})()]
+        self.status: tuple[int, str] | None = None
+        self.content_type: str | None = None
+
+    def set_response_status(self, code: int, phrase: str = "") -> None:
+        self.status = (code, phrase)
+
+    def set_response_content_type(self, index: int, content_type: str) -> None:
+        self.content_type = content_type
+
+
+def test_sagemaker_inference_toolkit_loads_code_inference_and_maps_errors_to_4xx(
+    tiny_model_dir: Path, sample_photo: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SageMaker's own serving machinery imports ``inference`` from the artifact's code/ and calls it."""
+    transformer_module = pytest.importorskip("sagemaker_inference.transformer")
+    monkeypatch.syspath_prepend(str(tiny_model_dir / "code"))
+    monkeypatch.delitem(__import__("sys").modules, "inference", raising=False)
+
+    transformer = transformer_module.Transformer()
+    context = _Context(tiny_model_dir, "image/jpeg")
+    answer = transformer.transform([{"body": bytearray(sample_photo)}], context)
+    assert context.status is None, answer
+    _check_one(json.loads(answer[0]))
+
+    batch = json.dumps({"instances": [base64.b64encode(sample_photo).decode()]}).encode()
+    context = _Context(tiny_model_dir, "application/json")
+    answer = transformer.transform([{"body": bytearray(batch)}], context)
+    assert len(json.loads(answer[0])["predictions"]) == 1
+
+    context = _Context(tiny_model_dir, "image/jpeg")
+    answer = transformer.transform([{"body": bytearray(b"not a photo")}], context)
+    assert context.status is not None and context.status[0] == 400
+    assert "not a decodable image" in answer[0]

@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml import abid
+from ml.model import build_model, load_model
+from tests.ml.conftest import ROOT, TINY_ARGS, run_train, train_env
+
+# What a SageMaker metric definition would use (Regex: "valid_accuracy=([0-9.]+);").
+METRIC = re.compile(r"\bvalid_accuracy=([0-9.]+);.*\bvalid_rmse=([0-9.]+);")
+
+
+def test_tiny_training_run_produces_a_loadable_model_and_a_serving_artifact(tiny_run: dict) -> None:
+    model_dir = tiny_run["model_dir"]
+    model, config = load_model(model_dir)
+    assert config.num_classes == 7 and config.overflow and config.image_size == 64
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 7)
+    code = model_dir / "code"
+    assert (code / "inference.py").is_file() and (code / "requirements.txt").is_file()
+    assert {p.name for p in (code / "ml").glob("*.py")} >= {"__init__.py", "inference.py", "model.py", "data.py"}
+    assert json.loads((model_dir / "history.json").read_text())[0]["epoch"] == 1
+
+
+def test_metrics_are_printed_for_metric_definitions_and_written_as_json(tiny_run: dict) -> None:
+    matches = [METRIC.search(line) for line in tiny_run["log"].splitlines()]
+    matches = [m for m in matches if m]
+    assert matches, tiny_run["log"]
+    accuracy = float(matches[-1].group(1))
+    metrics = json.loads((tiny_run["output_dir"] / "metrics.json").read_text())
+    assert 0.0 <= metrics["valid_accuracy"] <= 1.0 and metrics["valid_rmse"] >= 0.0
+    assert metrics["valid_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert metrics["train_images"] == 32
+    # Every figure the training stage's metric definitions scrape is on the epoch line.
+    epoch_line = next(line for line in tiny_run["log"].splitlines() if line.startswith("epoch=1;"))
+    for name in ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_rmse", "valid_mae"):
+        assert re.search(rf"\b{name}=[0-9.]+;", epoch_line), name
+
+
+def test_serving_code_in_the_artifact_imports_without_the_repository(tiny_model_dir: Path, sample_photo: bytes,
+                                                                      tmp_path: Path) -> None:
+    # The serving container only has model.tar.gz: run its code/inference.py from a copy, away from the repo.
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    (tmp_path / "photo.jpg").write_bytes(sample_photo)
+    script = (
+        "import json, sys; sys.path.insert(0, sys.argv[1] + '/code'); import inference as i; "
+        "m = i.model_fn(sys.argv[1]); body = open(sys.argv[2], 'rb').read(); "
+        "print(i.output_fn(i.predict_fn(i.input_fn(body, 'image/jpeg'), m), 'application/json'))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(copy), str(tmp_path / "photo.jpg")], cwd=tmp_path,
+                            env=train_env({"PYTHONPATH": ""}), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["count"] in answer["classes"]
+
+
+def test_sagemaker_training_toolkit_runs_the_entry_point_as_a_script(sample_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("sagemaker_training")
+    train_command = Path(sys.executable).parent / "train"
+    if not train_command.exists():
+        pytest.skip("sagemaker-training's `train` command is not installed")
+    base = tmp_path / "opt_ml"
+    shutil.copytree(ROOT / "ml", base / "code" / "ml", ignore=shutil.ignore_patterns("__pycache__"))
+    records, _ = abid.scan_folder(sample_dir)
+    abid.materialize_channel(records[:40], sample_dir, base / "input" / "data" / "train")
+    config = base / "input" / "config"
+    config.mkdir(parents=True)
+    hyperparameters = {
+        "sagemaker_program": "ml/train.py",
+        "sagemaker_submit_directory": str(base / "code"),
+        "checkpoint-dir": str(tmp_path / "checkpoints"),
+    }
+    for flag, value in zip(TINY_ARGS[::2], TINY_ARGS[1::2], strict=True):
+        hyperparameters[flag.removeprefix("--")] = value
+    (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    # "localhost": the toolkit waits until every host name resolves, and algo-1 never does here.
+    (config / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "localhost", "hosts": ["localhost"], "network_interface_name": "lo"}))
+    (config / "inputdataconfig.json").write_text(json.dumps({"train": {"TrainingInputMode": "File"}}))
+    env = train_env({"SAGEMAKER_BASE_DIR": str(base), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    result = subprocess.run([str(train_command)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, config_ = load_model(base / "model")
+    assert config_.num_classes == 7
+    assert (base / "model" / "code" / "inference.py").is_file()
+    assert json.loads((base / "output" / "data" / "metrics.json").read_text())["train_images"] == 32
+
+
+def test_script_mode_entry_point_works_like_the_module(sample_dir: Path, tmp_path: Path) -> None:
+    result = run_train([*TINY_ARGS, "--limit", "8", "--train", str(sample_dir), "--model-dir", str(tmp_path / "m"),
+                        "--output-data-dir", str(tmp_path / "o"), "--checkpoint-dir", str(tmp_path / "c")],
+                       module=False)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m" / "model.pth").is_file()
+
+
+RESUME_ARGS = ["--epochs", "3", "--limit", "32", "--batch-size", "8", "--image-size", "64", "--freeze-blocks", "8",
+               "--log-interval", "1", "--threads", "1"]
+
+
+def _final_state(checkpoint_dir: Path) -> dict:
+    return torch.load(checkpoint_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_a_restart_resumes_without_lost_work(sample_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    common = [*RESUME_ARGS, "--train", str(sample_dir)]
+    reference = tmp_path / "reference"
+    result = run_train([*common, "--model-dir", str(reference / "m"), "--output-data-dir", str(reference / "o"),
+                        "--checkpoint-dir", str(reference / "c")])
+    assert result.returncode == 0, result.stderr
+
+    run = tmp_path / "interrupted"
+    args = [*common, "--model-dir", str(run / "m"), "--output-data-dir", str(run / "o"), "--checkpoint-dir",
+            str(run / "c")]
+    process = subprocess.Popen([sys.executable, "-m", "ml.train", *args], cwd=ROOT, env=train_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1 step 1/4"):  # second epoch, first step done
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143, "".join(lines)
+    stopped = re.search(r"stopped at epoch (\d+) step (\d+)", "".join(lines))
+    assert stopped and stopped.group(1) == "1" and 1 <= int(stopped.group(2)) < 4, "".join(lines)
+    saved = _final_state(run / "c")
+    assert (saved["epoch"], saved["step"]) == (1, int(stopped.group(2)))
+    assert not (run / "o" / "metrics.json").exists()
+
+    resumed = run_train(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'c' / 'checkpoint.pt'}: epoch 1 step {stopped.group(2)}" in resumed.stdout
+    # No lost and no repeated work: the resumed run ends with exactly the weights of the uninterrupted one.
+    expected, got = _final_state(reference / "c"), _final_state(run / "c")
+    assert got["global_step"] == expected["global_step"] == 12
+    for name, tensor in expected["model"].items():
+        assert torch.allclose(tensor.float(), got["model"][name].float(), atol=1e-5), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_ARGS = ["--epochs", "1", "--limit", "32", "--image-size", "64", "--freeze-blocks", "8", "--threads", "1",
+            "--augment", "false", "--dropout", "0", "--drop-connect", "0", "--log-interval", "1"]
+
+
+def test_two_process_ddp_run_completes_and_agrees_with_one_process(sample_dir: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    result = run_train([*DDP_ARGS, "--batch-size", "8", "--train", str(sample_dir), "--model-dir", str(single / "m"),
+                        "--output-data-dir", str(single / "o"), "--checkpoint-dir", str(single / "c")])
+    assert result.returncode == 0, result.stderr
+
+    hosts = '["algo-1", "algo-2"]'
+    port = str(_free_port())
+    processes = []
+    for host in ("algo-1", "algo-2"):
+        out = tmp_path / host
+        env = train_env({"SM_HOSTS": hosts, "SM_CURRENT_HOST": host, "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": port, "SM_NUM_GPUS": "0"})
+        # Half the batch per process: the same 8 photos per step as the single process, split over ranks.
+        args = [*DDP_ARGS, "--batch-size", "4", "--train", str(sample_dir), "--model-dir", str(out / "m"),
+                "--output-data-dir", str(out / "o"), "--checkpoint-dir", str(out / "c")]
+        processes.append(subprocess.Popen([sys.executable, "-m", "ml.train", *args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + 240
+    logs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(logs)
+    assert "with 2 process(es)" in logs[0]
+    assert "rank 0/2: 16 images in 4 batches" in logs[0]
+    assert "rank 1/2: 16 images in 4 batches" in logs[1]
+
+    one = _final_state(single / "c")["model"]
+    two = _final_state(tmp_path / "algo-1" / "c")["model"]
+    rank1_ckpt = tmp_path / "algo-2" / "c" / "checkpoint-rank1.pt"
+    assert rank1_ckpt.is_file()
+    torch.manual_seed(1)  # the run's --seed: the same initial head as both runs had
+    initial = build_model(7, freeze_blocks=8, dropout=0, drop_connect=0).state_dict()
+    trained = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, one[k])]
+    assert trained, "the single-process run changed nothing"
+    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in trained])
+    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in trained])
+    cosine = torch.nn.functional.cosine_similarity(delta_one, delta_two, dim=0).item()
+    # Same photos per step, gradients averaged across ranks: the updates agree up to BatchNorm seeing
+    # 4 photos per rank instead of 8.
+    assert cosine > 0.9, cosine
