@@ -1,0 +1,172 @@
+"""SageMaker PyTorch serving functions: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
+
+Request bodies: one image (``image/jpeg``, ``image/png``, ``application/x-image``; any size, EXIF
+orientation honoured) or a JSON batch ``{"instances": [{"b64": "<base64 image>"}, ...]}`` (a list of base64
+strings is accepted too). One image answers::
+
+    {"count": 3, "confidence": 0.61, "classes": [0, 1, ..., 6], "probabilities": [...],
+     "model": "<model id>", "overflow_class": 6}
+
+(``overflow_class`` only when the last class means "that many or more"); a batch answers
+``{"predictions": [<one per image>]}``. A bad body raises :class:`BadRequest`, whose ``status_code`` (4xx)
+SageMaker's handler and ``ml.serve`` put on the response with the message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ml.data import ImageError, decode_image, dihedral, normalize
+from ml.model import ModelConfig, load_model
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
+JSON_TYPE = "application/json"
+MAX_BODY_BYTES = int(os.environ.get("INVMON_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
+MAX_BATCH = int(os.environ.get("INVMON_MAX_BATCH", "32"))
+# Symmetries averaged at prediction time (1 = none, up to 8); the model config may set its own default.
+TTA_ENV = "INVMON_TTA"
+
+
+try:
+    # In the serving container, sagemaker-inference turns this exception type into the response status.
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _ToolkitError
+except ImportError:  # local use without the toolkit
+    _ToolkitError = Exception
+
+
+class BadRequest(ValueError, _ToolkitError):
+    """A request the model cannot answer; ``status_code`` is the HTTP status to return."""
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        ValueError.__init__(self, message)
+        self.status_code = status_code
+        self.message = message
+        self.phrase = message
+
+
+@dataclass
+class LoadedModel:
+    network: torch.nn.Module
+    config: ModelConfig
+    device: torch.device
+    tta: int = 1
+
+
+@dataclass
+class Images:
+    tensor: torch.Tensor  # uint8 (N, 3, S, S)
+    batch: bool
+
+
+# The container calls input_fn(body, content_type) without the model; the loaded model's input size is
+# kept here (one model per serving process).
+_image_size = ModelConfig().image_size
+
+
+def model_fn(model_dir: str) -> LoadedModel:
+    global _image_size
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network, config = load_model(Path(model_dir), device)
+    _image_size = config.image_size
+    tta = int(os.environ.get(TTA_ENV, str(getattr(config, "tta", 1) or 1)))
+    return LoadedModel(network, config, device, max(1, min(8, tta)))
+
+
+def _base_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _decode(body: bytes, size: int, what: str = "body") -> torch.Tensor:
+    if not body:
+        raise BadRequest(f"{what} is empty")
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(f"{what} is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status_code=413)
+    try:
+        return decode_image(body, size)
+    except ImageError as error:
+        raise BadRequest(f"{what}: {error}") from None
+
+
+def _as_bytes(body: bytes | bytearray | str | object) -> bytes:
+    if isinstance(body, str):
+        return body.encode()
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    if hasattr(body, "read"):
+        return body.read()
+    raise BadRequest(f"unsupported body of type {type(body).__name__}")
+
+
+def input_fn(request_body: bytes | str, request_content_type: str | None) -> Images:
+    # Exactly two parameters: sagemaker-inference passes its request context as a third one when a
+    # handler has room for it.
+    size = _image_size
+    content_type = _base_type(request_content_type)
+    body = _as_bytes(request_body)
+    if content_type in IMAGE_TYPES:
+        return Images(_decode(body, size).unsqueeze(0), batch=False)
+    if content_type == JSON_TYPE:
+        if len(body) > MAX_BODY_BYTES * 2:
+            raise BadRequest(f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES * 2}", status_code=413)
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BadRequest(f"body is not valid JSON: {error}") from None
+        items = document.get("instances") if isinstance(document, dict) else document
+        if not isinstance(items, list) or not items:
+            raise BadRequest('a JSON batch is {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
+        if len(items) > MAX_BATCH:
+            raise BadRequest(f"batch holds {len(items)} images; the limit is {MAX_BATCH}", status_code=413)
+        tensors = []
+        for index, item in enumerate(items):
+            encoded = item.get("b64") if isinstance(item, dict) else item
+            if not isinstance(encoded, str):
+                raise BadRequest(f"instance {index} has no base64 image (expected a string or {{'b64': ...}})")
+            try:
+                raw = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise BadRequest(f"instance {index} is not valid base64: {error}") from None
+            tensors.append(_decode(raw, size, f"instance {index}"))
+        return Images(torch.stack(tensors), batch=True)
+    raise BadRequest(
+        f"unsupported content type {request_content_type!r}; send one of {', '.join((*IMAGE_TYPES, JSON_TYPE))}",
+        status_code=415,
+    )
+
+
+@torch.no_grad()
+def predict_fn(input_data: Images, model: LoadedModel) -> dict:
+    config = model.config
+    batch = normalize(input_data.tensor, config.mean, config.std).to(model.device)
+    probabilities = sum(model.network(dihedral(batch, k)).float().softmax(1) for k in range(model.tta)) / model.tta
+    return {"probabilities": probabilities.cpu(), "batch": input_data.batch, "config": config}
+
+
+def _one(probabilities: torch.Tensor, config: ModelConfig) -> dict:
+    confidence, index = probabilities.max(0)
+    answer = {
+        "count": int(config.classes[int(index)]),
+        "confidence": round(float(confidence), 6),
+        "classes": config.classes,
+        "probabilities": [round(float(p), 6) for p in probabilities],
+        "model": config.model_id or config.model_name,
+    }
+    if config.overflow:
+        answer["overflow_class"] = config.classes[-1]
+    return answer
+
+
+def output_fn(prediction: dict, accept: str | None = JSON_TYPE) -> tuple[str, str] | str:
+    accepted = _base_type(accept)
+    if accepted not in ("", "*/*", JSON_TYPE):
+        raise BadRequest(f"cannot answer in {accept!r}; the model answers application/json", status_code=406)
+    answers = [_one(p, prediction["config"]) for p in prediction["probabilities"]]
+    document = {"predictions": answers} if prediction["batch"] else answers[0]
+    return json.dumps(document)

