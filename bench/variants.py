@@ -16,6 +16,7 @@ means changing ``model_fn`` alone. Variant names are ``+``-joined steps applied 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,57 +25,9 @@ from torch import nn
 
 from ml import data as mldata
 from ml import inference
-from ml.model import SameConv2d
+from ml.model import ChannelsLast, with_fixed_padding
 
 STEPS = ("static", "cl", "int8", "jit", "compile")
-
-
-class ChannelsLast(nn.Module):
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x.contiguous(memory_format=torch.channels_last))
-
-
-def _conv_like(conv: SameConv2d, padding: tuple[int, int]) -> nn.Conv2d:
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                      conv.groups, bias=conv.bias is not None)
-    plain.weight = conv.weight
-    if conv.bias is not None:
-        plain.bias = conv.bias
-    return plain
-
-
-def static_padding(network: nn.Module, size: int) -> nn.Module:
-    """Replace every SameConv2d by the fixed padding it computes for a ``size`` x ``size`` input."""
-    shapes: dict[str, tuple[int, int]] = {}
-    hooks = []
-    for name, module in network.named_modules():
-        if isinstance(module, SameConv2d):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: shapes.__setitem__(name, tuple(args[0].shape[-2:]))))
-    with torch.no_grad():
-        network(torch.zeros(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    for name, (ih, iw) in shapes.items():
-        conv = network.get_submodule(name)
-        kh, kw = conv.weight.shape[-2:]
-        sh, sw = conv.stride
-        pad_h = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pad_w = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        if pad_h % 2 == 0 and pad_w % 2 == 0:
-            replacement: nn.Module = _conv_like(conv, (pad_h // 2, pad_w // 2))
-        else:
-            replacement = nn.Sequential(
-                nn.ZeroPad2d((pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)),
-                _conv_like(conv, (0, 0)),
-            )
-        parent_name, _, child = name.rpartition(".")
-        setattr(network.get_submodule(parent_name) if parent_name else network, child, replacement)
-    return network.eval()
 
 
 def calibration_batch(model: inference.LoadedModel, folder: Path, count: int) -> torch.Tensor:
@@ -105,13 +58,22 @@ def load(model_dir: str | Path, variant: str = "eager", calibration_dir: str | P
         raise ValueError(f"unknown variant steps {unknown}; known: {STEPS}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    model = inference.model_fn(str(model_dir))
+    # Variants are built on the eager model; model_fn alone now serves the fast path (static+cl+jit) on CPU.
+    saved = os.environ.get(inference.EAGER_ENV)
+    os.environ[inference.EAGER_ENV] = "1"
+    try:
+        model = inference.model_fn(str(model_dir))
+    finally:
+        if saved is None:
+            os.environ.pop(inference.EAGER_ENV, None)
+        else:
+            os.environ[inference.EAGER_ENV] = saved
     timings["model_fn_s"] = time.perf_counter() - started
     size = model.config.image_size
     network = model.network.cpu().eval()
     example = torch.zeros(1, 3, size, size)
     if "static" in steps or "int8" in steps:
-        network = static_padding(network, size)
+        network = with_fixed_padding(network, size)
     if "int8" in steps:
         started = time.perf_counter()
         if calibration_dir is None:

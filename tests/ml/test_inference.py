@@ -150,3 +150,18 @@ def test_sagemaker_inference_toolkit_loads_code_inference_and_maps_errors_to_4xx
     answer = transformer.transform([{"body": bytearray(b"not a photo")}], context)
     assert context.status is not None and context.status[0] == 400
     assert "not a decodable image" in answer[0]
+
+
+def test_cpu_fast_path_answers_like_the_eager_model(tiny_model_dir: Path, sample_photo: bytes, monkeypatch) -> None:
+    import torch
+
+    fast = inference.model_fn(str(tiny_model_dir))
+    monkeypatch.setenv(inference.EAGER_ENV, "1")
+    eager = inference.model_fn(str(tiny_model_dir))
+    assert isinstance(fast.network, torch.jit.ScriptModule)
+    assert not isinstance(eager.network, torch.jit.ScriptModule)
+    batch = {"instances": [{"b64": base64.b64encode(sample_photo).decode()}] * 3}
+    images = inference.input_fn(json.dumps(batch), "application/json")
+    fast_p = inference.predict_fn(images, fast)["probabilities"]
+    eager_p = inference.predict_fn(images, eager)["probabilities"]
+    assert torch.allclose(fast_p, eager_p, atol=1e-4)

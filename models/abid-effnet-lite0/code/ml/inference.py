@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ml.data import ImageError, decode_image, dihedral, normalize
-from ml.model import ModelConfig, load_model
+from ml.model import ModelConfig, for_cpu_serving, load_model
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_TYPE = "application/json"
@@ -70,10 +70,16 @@ class Images:
 _image_size = ModelConfig().image_size
 
 
+# Set to 1 to serve the plain eager model on CPU (for debugging; the traced one gives the same answers).
+EAGER_ENV = "INVMON_EAGER"
+
+
 def model_fn(model_dir: str) -> LoadedModel:
     global _image_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network, config = load_model(Path(model_dir), device)
+    if device.type == "cpu" and os.environ.get(EAGER_ENV, "") not in ("1", "true"):
+        network = for_cpu_serving(network, config.image_size)
     _image_size = config.image_size
     tta = int(os.environ.get(TTA_ENV, str(getattr(config, "tta", 1) or 1)))
     return LoadedModel(network, config, device, max(1, min(8, tta)))
