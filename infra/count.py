@@ -8,7 +8,7 @@ SageMaker Batch Transform and loads the results into the same table through the 
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
@@ -217,6 +217,7 @@ class Count(Construct):
                         if c.node.id.startswith("BucketNotificationsHandler")), None)
         if handler is None:
             return
+        Tags.of(handler).add("component", "count")
         # Its own policy is held to the data bucket (no IAM5 finding), so only the managed policy is suppressed.
         basic_execution = f"arn:{stack.partition}:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
         NagSuppressions.add_resource_suppressions(

@@ -3,7 +3,7 @@ access-log bucket. Private, KMS-encrypted, TLS only, versioned."""
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import CfnResource, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from cdk_nag import NagSuppressions
@@ -44,6 +44,8 @@ class Storage(Construct):
             object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
             lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(365))],
             removal_policy=removal,
+            # A dev stack must go away whole on `cdk destroy`; CloudFormation cannot delete a bucket with objects.
+            auto_delete_objects=not settings.is_production,
         )
         NagSuppressions.add_resource_suppressions(
             self.access_logs,
@@ -72,4 +74,21 @@ class Storage(Construct):
                 s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(7)),
             ],
             removal_policy=removal,
+            auto_delete_objects=not settings.is_production,
         )
+        if not settings.is_production:
+            _tag_auto_delete_provider(Stack.of(self), settings)
+
+
+def _tag_auto_delete_provider(stack: Stack, settings: Settings) -> None:
+    """The dev stage's auto-delete uses CDK's singleton provider (a Lambda that empties the buckets on delete).
+    Raw CloudFormation resources do not receive ``Tags.of``: its role and function get the cost-allocation
+    tags here."""
+    provider = stack.node.try_find_child("Custom::S3AutoDeleteObjectsCustomResourceProvider")
+    if provider is None:
+        return
+    tags = [{"Key": "component", "Value": "storage"}, {"Key": "project", "Value": settings.project},
+            {"Key": "stage", "Value": settings.stage}]
+    for child in provider.node.find_all():
+        if isinstance(child, CfnResource) and child.cfn_resource_type in ("AWS::IAM::Role", "AWS::Lambda::Function"):
+            child.add_property_override("Tags", tags)

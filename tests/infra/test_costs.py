@@ -62,7 +62,9 @@ def test_schedule_role_invokes_only_the_report_function(costs_stack):
         if s["Action"] == "lambda:InvokeFunction"
     ]
     assert len(invokes) == 1
-    (function_id,) = Template.from_stack(costs_stack).find_resources("AWS::Lambda::Function")
+    (function_id,) = Template.from_stack(costs_stack).find_resources(
+        "AWS::Lambda::Function", {"Properties": {"Handler": "lambdas.costs.report.handler"}}
+    )
     assert invokes[0]["Resource"] == {"Fn::GetAtt": [function_id, "Arn"]}
 
 

@@ -159,8 +159,10 @@ def test_report_writes_training_and_waits_for_pending_rules(built: Built) -> Non
 def test_no_managed_full_access_policy_anywhere(built: Built) -> None:
     rendered = json.dumps(built.template.to_json())
     assert "FullAccess" not in rendered
-    for role in built.template.find_resources("AWS::IAM::Role").values():
-        assert not role["Properties"].get("ManagedPolicyArns")
+    for logical_id, role in built.template.find_resources("AWS::IAM::Role").items():
+        if logical_id.startswith("CustomS3AutoDeleteObjects"):
+            continue  # CDK's own dev-stage provider: its basic-execution policy is for its logs
+        assert not role["Properties"].get("ManagedPolicyArns"), logical_id
 
 
 def test_sagemaker_role_reads_channels_and_writes_only_its_prefixes(built: Built) -> None:
@@ -214,7 +216,7 @@ def test_cdk_nag_reports_no_unsuppressed_errors(built: Built) -> None:
 def test_prepare_lambda_gets_a_deployment_its_own_model_accepts(built: Built) -> None:
     functions = built.template.find_resources("AWS::Lambda::Function")
     (variables,) = [f["Properties"]["Environment"]["Variables"] for f in functions.values()
-                    if DEPLOYMENT_ENV in f["Properties"]["Environment"]["Variables"]]
+                    if DEPLOYMENT_ENV in f["Properties"].get("Environment", {}).get("Variables", {})]
     parts = variables[DEPLOYMENT_ENV]["Fn::Join"][1]
     # References (role ARN, bucket, images by region) become placeholders; the rest is literal JSON.
     document = json.loads("".join(p if isinstance(p, str) else "ref" for p in parts))
