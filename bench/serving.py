@@ -18,7 +18,8 @@ import torch
 
 from bench import common
 
-# The variants of our model measured by default, cheapest first; "eager" is ml/inference.py as shipped.
+# The variants of our model measured by default, cheapest first. "eager" is the plain model; ml/inference.py's
+# model_fn serves "static+cl+jit" on CPU (ml.model.for_cpu_serving), chosen from these figures.
 # (static alone, int8 without channels-last and static+cl+compile were measured too and lost to these; pass them
 # with --variants to see them again.)
 VARIANTS = ("eager", "static+cl", "static+cl+jit", "int8+cl+jit")
