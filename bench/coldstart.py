@@ -160,7 +160,7 @@ def count_per_record(model_dir: str, photos_dir: str, photos: int = 40, batch_si
     port = free_port()
     endpoint_url = f"http://{LOOPBACK}:{port}"
     with MotoServer(), ChildProcess(
-        [sys.executable, "-m", "bench.endpoint", "--model-dir", model_dir, "--port", str(port)],
+        [sys.executable, "-m", "ml.serve", "--model-dir", model_dir, "--port", str(port)],
         env=os.environ | {"CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL,
     ) as endpoint:
         wait_for_http(f"{endpoint_url}/ping", timeout=180, process=endpoint.process)
@@ -224,7 +224,7 @@ def count_per_record(model_dir: str, photos_dir: str, photos: int = 40, batch_si
         "batch_item_failures": failures,
         "records_stored": len(stored),
         "statuses": statuses,
-        "stand_ins": "moto ThreadedMotoServer (S3, DynamoDB, EventBridge) + bench.endpoint (ml.serve, model on CPU)",
+        "stand_ins": "moto ThreadedMotoServer (S3, DynamoDB, EventBridge) + ml.serve (model on CPU)",
     }
 
 
