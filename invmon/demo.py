@@ -78,7 +78,7 @@ class FakeContext:
 
 def hold_out(records: list[abid.AbidRecord], n: int) -> tuple[list[abid.AbidRecord], list[abid.AbidRecord]]:
     """Keep ``n`` photos, spread over the counts, out of the dataset: they are the demo's uploads."""
-    ranked = sorted(records, key=lambda r: abid._rank(r.image_id, "invmon-demo-uploads"))
+    ranked = sorted(records, key=lambda r: abid.hash_rank(r.image_id, "invmon-demo-uploads"))
     by_count: dict[int, list[abid.AbidRecord]] = {}
     for record in ranked:
         by_count.setdefault(min(record.quantity, 6), []).append(record)

@@ -149,7 +149,8 @@ def parse_id_list(text: str) -> list[str]:
 # --- split ----------------------------------------------------------------------------------------------
 
 
-def _rank(image_id: str, seed: str) -> str:
+def hash_rank(image_id: str, seed: str) -> str:
+    """A stable, order-free rank for an image: the same for the same (seed, id) on every machine and run."""
     return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
 
 
@@ -170,7 +171,7 @@ def stratified_split(
         by_class[record.quantity].append(record)
     split: dict[str, list[AbidRecord]] = {name: [] for name in SPLITS}
     for quantity in sorted(by_class):
-        ranked = sorted(by_class[quantity], key=lambda r: _rank(r.image_id, seed))
+        ranked = sorted(by_class[quantity], key=lambda r: hash_rank(r.image_id, seed))
         n_test = round(len(ranked) * test_fraction)
         n_validation = round(len(ranked) * validation_fraction)
         split["test"] += ranked[:n_test]
