@@ -14,7 +14,6 @@ from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda_event_sources as sources
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_notifications as s3n
 from aws_cdk import aws_sqs as sqs
@@ -24,7 +23,7 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
-from infra.function import PythonFunction, retention
+from infra.function import PythonFunction, log_group
 from infra.nag import IAM4, STATE_MACHINE_REASON, flatten, suppress, wildcard_suppression
 from infra.storage import REPORT_PREFIX
 
@@ -207,7 +206,7 @@ class Count(Construct):
         if sagemaker_role is not None:
             self.bulk = BulkCount(self, "Bulk", settings=settings, data_bucket=data_bucket, data_key=data_key,
                                   table=self.table, endpoint_arn=endpoint_arn, endpoint_name=endpoint_name,
-                                  sagemaker_role=sagemaker_role, removal=removal)
+                                  sagemaker_role=sagemaker_role)
 
     @staticmethod
     def _bucket_notification_suppressions(stack: Stack) -> None:
@@ -243,7 +242,7 @@ class BulkCount(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, data_bucket: s3.IBucket,
                  data_key: kms.IKey, table: dynamodb.ITable, endpoint_arn: str, endpoint_name: str,
-                 sagemaker_role: iam.IRole, removal: RemovalPolicy) -> None:
+                 sagemaker_role: iam.IRole) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         environment = {
@@ -328,8 +327,7 @@ class BulkCount(Construct):
         transform.next(start_cursor)
         transform_failed.next(start_cursor)
         start_cursor.next(load).next(after_load)
-        self.log_group = logs.LogGroup(self, "Logs", retention=retention(settings.log_retention_days),
-                                       removal_policy=removal)
+        self.log_group = log_group(self, settings)
         self.state_machine = sfn.StateMachine(
             self,
             "StateMachine",

@@ -57,12 +57,7 @@ class PythonFunction(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            retention=retention(settings.log_retention_days),
-            removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
-        )
+        self.log_group = log_group(self, settings)
         self.role = iam.Role(
             self,
             "Role",
@@ -114,3 +109,13 @@ _RETENTIONS = dict(zip(_RETENTION_DAYS, [m for m in logs.RetentionDays if m is n
 def retention(days: int) -> logs.RetentionDays:
     """The shortest retention CloudWatch offers that keeps logs at least ``days`` long."""
     return _RETENTIONS[next((choice for choice in _RETENTION_DAYS if choice >= days), _RETENTION_DAYS[-1])]
+
+
+def log_group(scope: Construct, settings: Settings, construct_id: str = "Logs") -> logs.LogGroup:
+    """A log group with the configured retention, kept in production and removed with a dev stack."""
+    return logs.LogGroup(
+        scope,
+        construct_id,
+        retention=retention(settings.log_retention_days),
+        removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
+    )

@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy
-from aws_cdk import aws_logs as logs
+from aws_cdk import Duration
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import Settings
-from infra.function import retention
+from infra.function import log_group
 
 
 @dataclass(frozen=True)
@@ -77,12 +76,7 @@ class Pipeline(Construct):
             chain = chain.next(wrapper)
         chain = chain.next(sfn.Succeed(self, "Pipeline succeeded"))
 
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            retention=retention(settings.log_retention_days),
-            removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
-        )
+        self.log_group = log_group(self, settings)
         self.state_machine = sfn.StateMachine(
             self,
             "StateMachine",
