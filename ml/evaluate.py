@@ -63,9 +63,11 @@ def coverage(confidence: torch.Tensor, correct: torch.Tensor, levels=COVERAGE_LE
     return rows
 
 
-def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (1, 5), tta: int = 1,
+def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (1, 5), tta: int | None = None,
              out: Path | None = None, batch_size: int = 64) -> dict:
+    """Scores a model on a folder; ``tta`` None means what the model serves with (its config)."""
     model, config = load_model(model_dir)
+    tta = max(1, min(8, config.tta if tta is None else tta))
     started = time.time()
     cached = mldata.load_images(data_dir, config.image_size)
     logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
@@ -77,12 +79,13 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
 
     covered = quantities <= max_count if not config.overflow else torch.ones_like(quantities, dtype=torch.bool)
     truth_full = targets_for(quantities[covered], max_count, config.overflow)
-    confidence_full, pred_full = probabilities[covered].max(1)
+    # Scored as served: the answer rule of the model's config (which classes may be the count).
+    confidence_full, pred_full = config.answer(probabilities[covered])
 
     lo, hi = eval_range
     inside = (quantities >= lo) & (quantities <= hi)
     truth_in = quantities[inside]
-    confidence_in, pred_in = probabilities[inside].max(1)
+    confidence_in, pred_in = config.answer(probabilities[inside])
     restricted = probabilities[inside][:, lo : hi + 1]
     restricted_pred = restricted.argmax(1) + lo
 
@@ -123,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for evaluation.json and PNG plots")
     parser.add_argument("--min-count", type=int, default=1, help="headline range")
     parser.add_argument("--max-count", type=int, default=5)
-    parser.add_argument("--tta", type=int, default=1, help="symmetries averaged per photo (1-8)")
+    parser.add_argument("--tta", type=int, default=None,
+                        help="symmetries averaged per photo (1-8); default: what the model serves with")
     args = parser.parse_args(argv)
     report = evaluate(args.model_dir, mldata.resolve_data(args.data), eval_range=(args.min_count, args.max_count),
-                      tta=max(1, min(8, args.tta)), out=args.out)
+                      tta=args.tta, out=args.out)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

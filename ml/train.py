@@ -15,8 +15,9 @@ The SageMaker training contract, runnable anywhere with the same variables set:
 Recipe (see models/abid-effnet-lite0/README.md for the measurements behind it): ImageNet EfficientNet-Lite0,
 stem and first blocks frozen, the rest fine-tuned with AdamW and a one-cycle cosine schedule; classes
 0..max_count plus an overflow class trained on every photo (the 0 and >5 photos are extra signal);
-cross-entropy plus a small penalty on the squared error of the expected count (the classes are ordered);
-random dihedral symmetries and brightness/contrast jitter.
+cross-entropy plus a small penalty on the squared error of the expected count (the classes are ordered),
+plus a training-only head for the number of distinct products (metadata); random dihedral symmetries and
+brightness/contrast jitter; an exponential moving average of the weights is what gets validated and saved.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml import data as mldata
 from ml.model import ModelConfig, build_model, save_model
@@ -92,8 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--drop-connect", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.05)
+    p.add_argument("--aux-weight", type=float, default=0.2,
+                   help="weight of the training-only head that predicts the number of distinct products; 0: off")
+    p.add_argument("--ema-decay", type=float, default=0.998,
+                   help="per-step decay of the weight average that is validated and saved; 0: off")
     p.add_argument("--ev-loss-weight", type=float, default=0.1,
                    help="weight of the squared error of the expected count (ordinal signal)")
+    p.add_argument("--tta", type=int, default=1, choices=range(1, 9),
+                   help="symmetries the saved model averages per photo when it serves (validation here uses 1)")
+    p.add_argument("--answer-overflow", type=str2bool, default=False,
+                   help="let the served count be the overflow class; off: the most likely exact count")
     p.add_argument("--jitter", type=float, default=0.2)
     p.add_argument("--augment", type=str2bool, default=True, help="random symmetries and jitter")
     p.add_argument("--max-count", type=int, default=5, help="largest exact count class")
@@ -187,6 +197,29 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, args: argparse.Namespace
         expected = (logits.float().softmax(dim=1) * values).sum(dim=1)
         loss = loss + args.ev_loss_weight * F.mse_loss(expected, target.float())
     return loss
+
+
+class WithProductHead(nn.Module):
+    """The counting network plus a training-only head for the number of distinct products in the bin.
+
+    The metadata's ``n_asins`` is a lower bound of the count that is easier to see (different packaging);
+    predicting it from the same features is extra supervision for the photos we have. Only the counting
+    network is saved: serving never sees this head.
+    """
+
+    def __init__(self, network: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.network = network
+        self.products = nn.Linear(network._fc.in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.network.features(x)
+        return self.network.classify(features), self.products(features)
+
+
+def product_targets(records: list, max_count: int) -> torch.Tensor:
+    """Distinct products per photo, the many-product tail folded into one class like the count's overflow."""
+    return torch.tensor([min(r.n_asins, max_count + 1) for r in records], dtype=torch.long)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -290,17 +323,24 @@ def count_metrics(pred: torch.Tensor, truth: torch.Tensor, prefix: str = "") -> 
 
 def validation_metrics(logits: torch.Tensor, quantities: torch.Tensor, config: ModelConfig,
                        eval_range: tuple[int, int]) -> dict[str, float]:
-    """Headline figures on the eval range (argmax over the whole class range, and restricted to it),
+    """Headline figures on the eval range (the served answer, and the argmax restricted to the range),
     plus the figures over every photo the class range covers."""
-    truth_all = targets_for(quantities, config.num_classes - 1 - int(config.overflow), config.overflow)
-    pred_all = logits.argmax(1)
+    max_count = config.num_classes - 1 - int(config.overflow)
+    if not config.overflow:
+        # Photos beyond the last class have no right answer in this model; the eval range figures still
+        # cover them if the range asks for them (they count as wrong).
+        covered = quantities <= max_count
+        logits_all, truth_all = logits[covered], quantities[covered]
+    else:
+        logits_all, truth_all = logits, targets_for(quantities, max_count, True)
+    pred_all = config.answer(logits)[1]
     lo, hi = eval_range
     inside = (quantities >= lo) & (quantities <= hi)
     restricted = logits[inside][:, lo : hi + 1].argmax(1) + lo
-    metrics = {"valid_loss": F.cross_entropy(logits, truth_all).item()}
+    metrics = {"valid_loss": F.cross_entropy(logits_all, truth_all).item()}
     metrics |= count_metrics(pred_all[inside], quantities[inside], "valid_")
     metrics |= count_metrics(restricted, quantities[inside], "valid_restricted_")
-    metrics |= count_metrics(pred_all, truth_all, "valid_full_")
+    metrics |= count_metrics(config.answer(logits_all)[1], truth_all, "valid_full_")
     return metrics
 
 
@@ -334,7 +374,10 @@ def write_serving_code(model_dir: Path) -> None:
 
 
 def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, state, device, scaler, rank, world):
-    """Train from batch ``start_step`` of this epoch's shard; returns (mean loss, next step, stopped)."""
+    """Train from batch ``start_step`` of this epoch's shard; returns (mean loss, next step, stopped).
+
+    ``targets`` is (count classes, distinct-product classes); ``state["ema"]`` is the weight average or None.
+    """
     model.train()
     config = state["config"]
     loss_sum, seen = 0.0, 0
@@ -349,12 +392,15 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
         if args.augment:
             images = mldata.augment(images, state["augment_rng"], args.jitter)
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        target = targets[index].to(device)
+        target = targets[0][index].to(device)
         lr = lr_at(state["global_step"], total_steps, state["warmup_steps"], args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=scaler is not None):
-            loss = loss_fn(model(images), target, args)
+            logits, product_logits = model(images)
+            loss = loss_fn(logits, target, args)
+            if args.aux_weight:
+                loss = loss + args.aux_weight * F.cross_entropy(product_logits, targets[1][index].to(device))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -363,6 +409,8 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
         else:
             loss.backward()
             optimizer.step()
+        if state["ema"] is not None:
+            state["ema"].update_parameters(state["network"])
         state["global_step"] += 1
         loss_sum += loss.item() * len(index)
         seen += len(index)
@@ -388,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         overflow=args.overflow,
         image_size=args.image_size,
         model_id=args.model_id,
+        tta=args.tta,
+        answer_overflow=args.answer_overflow,
     )
     train_dir = mldata.resolve_data(args.train)
     records, rejected = mldata.abid.scan_folder(train_dir)
@@ -405,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"rejected {item.image_id}: {item.reason}", flush=True)
     if not train.records:
         raise SystemExit("no usable training images")
-    targets = targets_for(train.quantities, args.max_count, args.overflow)
+    targets = (targets_for(train.quantities, args.max_count, args.overflow),
+               product_targets(train.records, args.max_count))
     valid = None
     if args.validation:
         valid = mldata.load_images(mldata.resolve_data(args.validation), args.image_size)
@@ -418,14 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config.num_classes, pretrained=pretrained, dropout=args.dropout,
                         drop_connect=args.drop_connect, freeze_blocks=args.freeze_blocks)
     model = model.to(device).to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer = WithProductHead(model, args.max_count + 2).to(device)
+    # The average, not the last step, is what gets validated and saved: on a few thousand noisy photos it
+    # is steadier than any single step's weights.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
+        if args.ema_decay else None
+    trainable = [p for p in trainer.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp_model = nn.parallel.DistributedDataParallel(trainer) if world > 1 else trainer
+    scored = ema.module if ema is not None else model
 
     steps_per_epoch = len(shard(epoch_order(len(train.records), args.seed, 0), rank, world, args.batch_size))
     print(f"rank {rank}/{world}: {min(len(train.records) // world, steps_per_epoch * args.batch_size)} images "
@@ -438,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_steps": steps_per_epoch * args.epochs,
         "warmup_steps": max(1, int(steps_per_epoch * args.warmup_epochs)),
         "augment_rng": torch.Generator().manual_seed(args.seed * 7919 + rank),
+        "network": model,
+        "ema": ema,
     }
     history: list[dict] = []
     best: dict = {}
@@ -446,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt_file.exists() and checkpoint_path(args, 0).exists():
         checkpoint = torch.load(checkpoint_path(args, 0), map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["model"])
+        if checkpoint.get("products"):
+            trainer.products.load_state_dict(checkpoint["products"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
@@ -478,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": time.time() - epoch_started}
         if valid is not None and rank == 0:
-            logits = predict_logits(model, valid.images, config, device)
+            logits = predict_logits(scored, valid.images, config, device)
             record |= validation_metrics(logits, valid.quantities, config, (args.eval_min_count, args.eval_max_count))
         history.append(record)
         state["epoch"], state["step"] = epoch + 1, 0
@@ -492,12 +555,12 @@ def main(argv: list[str] | None = None) -> int:
             if valid is None or not best or record["valid_loss"] < best["valid_loss"]:
                 best = dict(record)
                 config.metrics = {k: v for k, v in best.items() if isinstance(v, float | int)}
-                save_model(model, config, model_dir, half=args.save_fp16)
-        _checkpoint(args, rank, model, optimizer, scaler, state, history, best)
+                save_model(scored, config, model_dir, half=args.save_fp16)
+        _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         epoch_started = time.time()
 
     if stopped:
-        _checkpoint(args, rank, model, optimizer, scaler, state, history, best)
+        _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         log(f"stopped at epoch {state['epoch']} step {state['step']}; checkpoint saved, resume to continue",
             flush=True)
         if is_distributed():
@@ -506,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         if not (model_dir / "model.pth").exists():
-            save_model(model, config, model_dir, half=args.save_fp16)
+            save_model(scored, config, model_dir, half=args.save_fp16)
         write_serving_code(model_dir)
         (model_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         final = {k: v for k, v in best.items() if isinstance(v, float | int)} | {
@@ -526,10 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _checkpoint(args, rank, model, optimizer, scaler, state, history, best) -> None:
+def _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best) -> None:
     if rank == 0:
         save_checkpoint(checkpoint_path(args, 0), {
-            "model": model.state_dict(),
+            "model": trainer.network.state_dict(),
+            "products": trainer.products.state_dict(),
+            "ema": state["ema"].state_dict() if state["ema"] is not None else None,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "scheduler": {"global_step": state["global_step"], "total_steps": state["total_steps"],

@@ -197,16 +197,19 @@ def decide_status(
 ) -> str:
     if rejection is not None or prediction is None:
         return REJECTED
+    overflow = prediction.get("overflow_class")
+    if expected is not None and overflow is not None and expected >= overflow:
+        # The overflow class means "this many or more" and the model counts exactly only below it (a model may
+        # answer the best exact count instead): a bin that should hold that many agrees when the overflow
+        # class is the most likely one.
+        likelihood = dict(zip(prediction["classes"], prediction["probabilities"], strict=True))
+        if likelihood[overflow] >= max(likelihood.values()):
+            return MATCH if likelihood[overflow] >= threshold else LOW_CONFIDENCE
     if prediction["confidence"] < threshold:
         return LOW_CONFIDENCE
     if expected is None:
         return COUNTED
-    count = prediction["count"]
-    overflow = prediction.get("overflow_class")
-    # The overflow class means "this many or more": any expected count at or above it agrees with it.
-    if overflow is not None and count >= overflow and expected >= overflow:
-        return MATCH
-    return MATCH if count == expected else MISMATCH
+    return MATCH if prediction["count"] == expected else MISMATCH
 
 
 def _decimal(value: float) -> Decimal:

@@ -373,6 +373,18 @@ def test_overflow_class_agrees_with_any_expected_count_at_or_above_it():
     assert rec.decide_status(rec.read_prediction(prediction(5)), None, 9, 0.5) == rec.MISMATCH
 
 
+def test_a_bin_beyond_the_exact_counts_agrees_when_the_overflow_class_is_most_likely_whatever_count_was_answered():
+    # A model serving exact counts only: it answers 5 (its best exact count) while "6 or more" holds most mass.
+    probabilities = [0.0, 0.0, 0.02, 0.05, 0.1, 0.23, 0.6]
+    answer = rec.read_prediction({"count": 5, "confidence": 0.23, "classes": list(range(7)),
+                                  "probabilities": probabilities, "model": MODEL, "overflow_class": 6})
+    assert rec.decide_status(answer, None, 9, 0.5) == rec.MATCH
+    assert rec.decide_status(answer, None, 9, 0.7) == rec.LOW_CONFIDENCE
+    # For a bin that should hold 5, the exact answer's own confidence (0.23) is what counts.
+    assert rec.decide_status(answer, None, 5, 0.5) == rec.LOW_CONFIDENCE
+    assert rec.decide_status(answer, None, 5, 0.2) == rec.MATCH
+
+
 def test_unreadable_expected_count_metadata_is_noted_not_used():
     assert rec.expected_from_metadata({"expected-count": "three"}) == (
         None, "x-amz-meta-expected-count is not a non-negative integer: 'three'")

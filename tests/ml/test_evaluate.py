@@ -22,6 +22,7 @@ def test_evaluate_cli_prints_the_report_and_writes_plots(tiny_model_dir: Path, s
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["images"] == 240 and report["headline_range"] == [1, 5]
+    assert report["tta"] == 1  # what the model serves with: its config says no symmetries
     for section in ("headline", "headline_restricted", "full_range"):
         assert set(report[section]) >= {"accuracy", "rmse", "mae", "within1", "n"}
     assert report["full_range"]["n"] == 240

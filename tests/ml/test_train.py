@@ -34,6 +34,18 @@ def test_tiny_training_run_produces_a_loadable_model_and_a_serving_artifact(tiny
     assert json.loads((model_dir / "history.json").read_text())[0]["epoch"] == 1
 
 
+def test_the_saved_model_is_the_weight_average_and_the_product_head_stays_in_training(tiny_run: dict) -> None:
+    checkpoint = torch.load(tiny_run["base"] / "checkpoints" / "checkpoint.pt", weights_only=False)
+    average = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+    saved, config = load_model(tiny_run["model_dir"])
+    saved_head = saved.state_dict()["_fc.weight"].float()
+    assert torch.allclose(saved_head, average["_fc.weight"].float(), atol=1e-3)
+    assert not torch.allclose(saved_head, checkpoint["model"]["_fc.weight"].float(), atol=1e-3)
+    # Distinct products: 0..max_count and "more", predicted from the same 1280 features, never served.
+    assert checkpoint["products"]["weight"].shape == (config.num_classes, 1280)
+    assert not any("products" in name for name in saved.state_dict())
+
+
 def test_metrics_are_printed_for_metric_definitions_and_written_as_json(tiny_run: dict) -> None:
     matches = [METRIC.search(line) for line in tiny_run["log"].splitlines()]
     matches = [m for m in matches if m]
@@ -147,8 +159,9 @@ def test_sigterm_checkpoints_mid_epoch_and_a_restart_resumes_without_lost_work(s
     # No lost and no repeated work: the resumed run ends with exactly the weights of the uninterrupted one.
     expected, got = _final_state(reference / "c"), _final_state(run / "c")
     assert got["global_step"] == expected["global_step"] == 12
-    for name, tensor in expected["model"].items():
-        assert torch.allclose(tensor.float(), got["model"][name].float(), atol=1e-5), name
+    for part in ("model", "ema", "products"):
+        for name, tensor in expected[part].items():
+            assert torch.allclose(tensor.float(), got[part][name].float(), atol=1e-5), (part, name)
 
 
 def _free_port() -> int:
@@ -200,3 +213,17 @@ def test_two_process_ddp_run_completes_and_agrees_with_one_process(sample_dir: P
     # Same photos per step, gradients averaged across ranks: the updates agree up to BatchNorm seeing
     # 4 photos per rank instead of 8.
     assert cosine > 0.9, cosine
+
+
+def test_validation_without_an_overflow_class_scores_photos_beyond_it_as_wrong_not_as_a_crash() -> None:
+    from ml.model import ModelConfig
+    from ml.train import validation_metrics
+
+    config = ModelConfig(num_classes=6, overflow=False)  # classes 0-5, trained on 1-5 photos only
+    quantities = torch.tensor([1, 2, 5, 7, 12])
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 5, 5, 5]), 6).float() * 5
+    metrics = validation_metrics(logits, quantities, config, (1, 5))
+    assert metrics["valid_full_n"] == 3 and metrics["valid_full_accuracy"] == 1.0
+    assert metrics["valid_n"] == 3 and metrics["valid_accuracy"] == 1.0
+    wide = validation_metrics(logits, quantities, config, (1, 12))
+    assert wide["valid_n"] == 5 and wide["valid_accuracy"] == pytest.approx(0.6)
