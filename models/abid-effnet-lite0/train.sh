@@ -11,7 +11,8 @@ RUN=${RUN:-runs/main}
 export MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=1000000000000
 SM_CHANNEL_TRAIN=runs/split/train SM_CHANNEL_VALIDATION=runs/split/validation \
 SM_MODEL_DIR="$RUN/model" SM_OUTPUT_DATA_DIR="$RUN/output" \
-.venv/bin/python -m ml.train --checkpoint-dir "$RUN/checkpoints" --epochs 3 --log-interval 25
-# Scores: validation (model selection happened on it) and the held-out test split (reported once).
+.venv/bin/python -m ml.train --checkpoint-dir "$RUN/checkpoints" --log-interval 25  # the defaults: 12 epochs
+# Scores: validation (model selection happened on it) and the held-out test split (reported once), as served
+# (no test-time augmentation; add --tta 8 for the 8-symmetry average).
 .venv/bin/python -m ml.evaluate --model-dir "$RUN/model" --data runs/split/validation --out "$RUN/eval-validation"
 .venv/bin/python -m ml.evaluate --model-dir "$RUN/model" --data runs/split/test --out "$RUN/eval-test"

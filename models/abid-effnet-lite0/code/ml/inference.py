@@ -7,7 +7,8 @@ strings is accepted too). One image answers::
     {"count": 3, "confidence": 0.61, "classes": [0, 1, ..., 6], "probabilities": [...],
      "model": "<model id>", "overflow_class": 6}
 
-(``overflow_class`` only when the last class means "that many or more"); a batch answers
+(``overflow_class`` only when the last class means "that many or more"; whether ``count`` may be that class
+is the model's ``answer_overflow``, and ``confidence`` is the probability of the class answered); a batch answers
 ``{"predictions": [<one per image>]}``. A bad body raises :class:`BadRequest`, whose ``status_code`` (4xx)
 SageMaker's handler and ``ml.serve`` put on the response with the message.
 """
@@ -81,7 +82,7 @@ def model_fn(model_dir: str) -> LoadedModel:
     if device.type == "cpu" and os.environ.get(EAGER_ENV, "") not in ("1", "true"):
         network = for_cpu_serving(network, config.image_size)
     _image_size = config.image_size
-    tta = int(os.environ.get(TTA_ENV, str(getattr(config, "tta", 1) or 1)))
+    tta = int(os.environ.get(TTA_ENV, str(config.tta)))
     return LoadedModel(network, config, device, max(1, min(8, tta)))
 
 
@@ -156,7 +157,7 @@ def predict_fn(input_data: Images, model: LoadedModel) -> dict:
 
 
 def _one(probabilities: torch.Tensor, config: ModelConfig) -> dict:
-    confidence, index = probabilities.max(0)
+    confidence, index = config.answer(probabilities)
     answer = {
         "count": int(config.classes[int(index)]),
         "confidence": round(float(confidence), 6),

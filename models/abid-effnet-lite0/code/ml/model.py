@@ -123,8 +123,11 @@ class EfficientNetLite0(nn.Module):
         x = F.relu6(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self._fc(self._dropout(features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self._dropout(self.features(x)))
+        return self.classify(self.features(x))
 
     def freeze(self, blocks: int) -> None:
         """Freeze the stem and the first ``blocks`` MBConv blocks (weights and BatchNorm statistics)."""
@@ -154,11 +157,23 @@ class ModelConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     model_name: str = MODEL_NAME
     model_id: str = ""
+    # Symmetries of the square averaged per photo by serving and evaluation (1 = none, 8 = all): a bin has no
+    # up, so the model's answer should not depend on how the photo is turned.
+    tta: int = 1
+    # Whether the served count may be the overflow class. Off, the answer is the most likely exact count (the
+    # ABID challenge's 0-5 task) and the overflow class, still in the probabilities, lowers its confidence.
+    answer_overflow: bool = True
     metrics: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> list[int]:
         return list(range(self.num_classes))
+
+    def answer(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, class index) of the served count for each row of probabilities or logits."""
+        if self.overflow and not self.answer_overflow:
+            scores = scores[..., :-1]
+        return scores.max(-1)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
