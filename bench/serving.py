@@ -141,8 +141,8 @@ def paired(model_dir: str, photos_dir: str, variants: list[str], iterations: int
 
 def accuracy(model_dir: str, test_dir: str, variants: list[str], calibration_dir: str | None = None,
              limit: int = 0, eval_range: tuple[int, int] = (1, 5)) -> dict[str, Any]:
-    """Held-out accuracy of each variant, computed as ``ml.evaluate`` computes its headline (argmax over every
-    class, photos with a count in ``eval_range``), and how often each variant agrees with the eager model."""
+    """Held-out accuracy of each variant, computed as ``ml.evaluate`` computes its headline (the served answer,
+    photos with a count in ``eval_range``), and how often each variant agrees with the eager model."""
     from bench import variants as variant_module
     from ml import data as mldata
     from ml.train import count_metrics, predict_logits, targets_for
@@ -168,7 +168,7 @@ def accuracy(model_dir: str, test_dir: str, variants: list[str], calibration_dir
         logits = predict_logits(model.network, cached.images, config, torch.device("cpu"), batch_size=32,
                                 tta=model.tta)
         seconds = time.perf_counter() - started
-        pred = logits.argmax(1)
+        pred = config.answer(logits)[1]
         reference = pred if reference is None else reference
         results["variants"][name] = {
             "headline": {k: round(v, 4) for k, v in count_metrics(pred[inside], quantities[inside]).items()},

@@ -123,7 +123,7 @@ def _serving(serving: dict[str, Any] | None) -> list[str]:
     lines = [f"## Serving ({threads} CPU threads)", "",
              "Per photo through the serving functions: `input_fn` (JPEG decode) + `predict_fn` + `output_fn`, "
              "one fresh process per model. Batches are JSON bodies of base64 photos (the batch contract). "
-             "Accuracy: the held-out split, photos with 1–5 objects, argmax over every class (as `ml.evaluate`'s "
+             "Accuracy: the held-out split, photos with 1–5 objects, the served answer (as `ml.evaluate`'s "
              "headline); agreement: same answer as the eager model. \"In turns\": the seed and each of "
              "our variants loaded in one process and called alternately on the same photo "
              f"({paired.get('iterations', 0)} rounds), so a slow spell of this shared machine hits all alike "
