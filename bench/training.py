@@ -17,11 +17,9 @@ from bench import common
 
 def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str] | None = None) -> dict[str, Any]:
     """The real loop of ml.train (model, optimizer and state built as ml.train.main builds them)."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     from ml import data as mldata
     from ml import train as mltrain
-    from ml.model import ModelConfig, build_model
+    from ml.model import ModelConfig
 
     args = mltrain.parse_args(["--train", train_dir, "--log-interval", "1000000", *(extra_args or [])])
     device = torch.device("cpu")
@@ -34,16 +32,7 @@ def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str]
     decode_s = time.perf_counter() - started
     targets = (mltrain.targets_for(cached.quantities, args.max_count, args.overflow),
                mltrain.product_targets(cached.records, args.max_count))
-    network = build_model(config.num_classes, pretrained=True, dropout=args.dropout, drop_connect=args.drop_connect,
-                          freeze_blocks=args.freeze_blocks).to(memory_format=torch.channels_last)
-    # The step as ml.train takes it: the products head in the loss, the weight average updated after each step.
-    model = mltrain.WithProductHead(network, args.max_count + 2)
-    ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
-        if args.ema_decay else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": args.weight_decay},
-         {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}], lr=args.lr)
+    network, model, ema, optimizer = mltrain.build_training(args, config.num_classes, device)
     batches = mltrain.shard(mltrain.epoch_order(len(cached.records), args.seed, 0), 0, 1, args.batch_size)
     state = {"config": config, "epoch": 0, "step": 0, "global_step": 0, "total_steps": len(batches) * args.epochs,
              "warmup_steps": 1, "augment_rng": torch.Generator().manual_seed(args.seed), "network": network,

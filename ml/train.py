@@ -421,6 +421,28 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
     return loss_sum / max(seen, 1), len(batches), False
 
 
+def build_training(args: argparse.Namespace, num_classes: int, device: torch.device,
+                   pretrained: bool | str | Path = True) -> tuple[nn.Module, WithProductHead, AveragedModel | None,
+                                                                  torch.optim.Optimizer]:
+    """The network, the network with its products head (what a step trains), the weight average (None when
+    off) and the optimiser, as every training step of this recipe expects them."""
+    model = build_model(num_classes, pretrained=pretrained, dropout=args.dropout,
+                        drop_connect=args.drop_connect, freeze_blocks=args.freeze_blocks)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    trainer = WithProductHead(model, args.max_count + 2).to(device)
+    # The average, not the last step, is what gets validated and saved: on a few thousand noisy photos it
+    # is steadier than any single step's weights.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
+        if args.ema_decay else None
+    trainable = [p for p in trainer.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
+    )
+    return model, trainer, ema, optimizer
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
@@ -466,20 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrained:
         path = Path(args.pretrained)
         pretrained = next(iter(sorted(path.glob("*.pth"))), path) if path.is_dir() else path
-    model = build_model(config.num_classes, pretrained=pretrained, dropout=args.dropout,
-                        drop_connect=args.drop_connect, freeze_blocks=args.freeze_blocks)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    trainer = WithProductHead(model, args.max_count + 2).to(device)
-    # The average, not the last step, is what gets validated and saved: on a few thousand noisy photos it
-    # is steadier than any single step's weights.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay), use_buffers=True) \
-        if args.ema_decay else None
-    trainable = [p for p in trainer.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
-    )
+    model, trainer, ema, optimizer = build_training(args, config.num_classes, device, pretrained)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None
     ddp_model = nn.parallel.DistributedDataParallel(trainer) if world > 1 else trainer
     scored = ema.module if ema is not None else model
