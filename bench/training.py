@@ -32,8 +32,8 @@ def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str]
     decode_s = time.perf_counter() - started
     targets = (mltrain.targets_for(cached.quantities, args.max_count, args.overflow),
                mltrain.product_targets(cached.records, args.max_count))
-    network, model, ema, optimizer = mltrain.build_training(args, config.num_classes, device)
     batches = mltrain.shard(mltrain.epoch_order(len(cached.records), args.seed, 0), 0, 1, args.batch_size)
+    network, model, ema, optimizer = mltrain.build_training(args, config.num_classes, device, len(batches))
     state = {"config": config, "epoch": 0, "step": 0, "global_step": 0, "total_steps": len(batches) * args.epochs,
              "warmup_steps": 1, "augment_rng": torch.Generator().manual_seed(args.seed), "network": network,
              "ema": ema}

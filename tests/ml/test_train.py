@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ml import abid
+from ml import train as mltrain
 from ml.model import build_model, load_model
 from tests.ml.conftest import ROOT, TINY_ARGS, run_train, train_env
 
@@ -44,6 +45,15 @@ def test_the_saved_model_is_the_weight_average_and_the_product_head_stays_in_tra
     # Distinct products: 0..max_count and "more", predicted from the same 1280 features, never served.
     assert checkpoint["products"]["weight"].shape == (config.num_classes, 1280)
     assert not any("products" in name for name in saved.state_dict())
+
+
+def test_the_weight_average_spans_the_same_epochs_whatever_the_data_size_or_number_of_hosts(tiny_run: dict) -> None:
+    # 7,196 photos in batches of 32 on one host, on four hosts, and a quarter of them on four hosts.
+    for steps_per_epoch in (225, 57, 15):
+        steps_spanned = 1 / (1 - mltrain.ema_decay(2.25, steps_per_epoch))
+        assert steps_spanned == pytest.approx(2.25 * steps_per_epoch)
+    # The tiny run: 32 photos in batches of 8 is 4 steps an epoch, so 9 steps for the default 2.25 epochs.
+    assert "weight average over 2.25 epochs: decay 0.88889 per step" in tiny_run["log"]
 
 
 def test_metrics_are_printed_for_metric_definitions_and_written_as_json(tiny_run: dict) -> None:
