@@ -100,20 +100,30 @@ def _round_filters(filters: int, width: float) -> int:
     return rounded + 8 if rounded < 0.9 * scaled else rounded
 
 
-def block_specs(model_name: str) -> list[tuple[int, int, int, int, int]]:
-    """(kernel, stride, expand, in, out) of every MBConv block of a Lite network, in order."""
+def stages(model_name: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand, in, out) of each stage of a Lite network."""
     if model_name not in LITE_SCALING:
         raise ValueError(f"unknown network {model_name!r}; known: {', '.join(LITE_SCALING)}")
     width, depth = LITE_SCALING[model_name]
-    specs = []
+    scaled = []
     for stage, (repeats, kernel, stride, expand, inp, out) in enumerate(LITE0_BLOCKS):
         inp = 32 if stage == 0 else _round_filters(inp, width)
-        out = _round_filters(out, width)
         if 0 < stage < len(LITE0_BLOCKS) - 1:
             repeats = math.ceil(depth * repeats)
-        for i in range(repeats):
-            specs.append((kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out))
-    return specs
+        scaled.append((repeats, kernel, stride, expand, inp, _round_filters(out, width)))
+    return scaled
+
+
+def block_specs(model_name: str) -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expand, in, out) of every MBConv block of a Lite network, in order."""
+    return [(kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
+            for repeats, kernel, stride, expand, inp, out in stages(model_name) for i in range(repeats)]
+
+
+def low_blocks(model_name: str) -> int:
+    """How many MBConv blocks lie below stride 16 (5 in Lite0, 7 in Lite2): the generic edges and textures
+    that fine-tuning on a few thousand photos is least likely to improve and that cost most to train."""
+    return sum(repeats for repeats, *_ in stages(model_name)[:3])
 
 
 class EfficientNetLite(nn.Module):

