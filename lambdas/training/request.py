@@ -106,6 +106,7 @@ class Deployment(_Camel):
     bucket: str
     kms_key_arn: str
     source_dir: str  # s3:// URI of sourcedir.tar.gz
+    pretrained: str | None = None  # s3:// URI of the ImageNet weights the stack deploys (the default channel)
     images: dict[str, str]  # processor ("cpu"/"gpu") -> training image URI for this region
     debugger_image: str  # rule evaluator image, or "none" where the region has none
     debugger: bool
@@ -238,7 +239,7 @@ def resolve(deployment: Deployment, overrides: TrainingInput) -> Plan:
         volume_size_gb=pick(overrides.volume_size_gb, deployment.volume_size_gb),
         network_isolation=pick(overrides.network_isolation, deployment.network_isolation),
         hyperparameters=hyperparameters,
-        pretrained=overrides.pretrained,
+        pretrained=pick(overrides.pretrained, deployment.pretrained),
         tuning=pick(tuning_in.enabled, defaults.enabled),
         max_jobs=pick(tuning_in.max_jobs, defaults.max_jobs),
         max_parallel_jobs=pick(tuning_in.max_parallel_jobs, defaults.max_parallel_jobs),
@@ -271,7 +272,7 @@ def check(plan: Plan, deployment: Deployment) -> None:
         if name.startswith("sagemaker_"):
             raise TrainingInputError(f"training.hyperparameters.{name}: sagemaker_* names are reserved for the "
                                      "container")
-    if plan.pretrained is not None and not re.fullmatch(
+    if plan.pretrained not in (None, deployment.pretrained) and not re.fullmatch(
         rf"s3://{re.escape(deployment.bucket)}/(models|raw)/\S+", plan.pretrained
     ):
         raise TrainingInputError(

