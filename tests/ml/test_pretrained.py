@@ -31,6 +31,9 @@ def test_a_channel_with_several_networks_gives_each_its_own_weights(tmp_path: Pa
         pick_weights(tmp_path, "efficientnet-lite1")
 
 
-def test_a_channel_with_one_checkpoint_of_any_name_uses_it(tmp_path: Path) -> None:
+def test_a_channel_with_ones_own_checkpoint_uses_it_but_never_another_networks(tmp_path: Path) -> None:
+    (tmp_path / "efficientnet-lite0-57934424.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no ImageNet weights for efficientnet-lite2"):
+        pick_weights(tmp_path, "efficientnet-lite2")
     (tmp_path / "imagenet.pth").write_bytes(b"")
-    assert pick_weights(tmp_path, "efficientnet-lite0").name == "imagenet.pth"
+    assert pick_weights(tmp_path, "efficientnet-lite2").name == "imagenet.pth"
