@@ -34,7 +34,8 @@ class InvalidRecord(ValueError):
 class AbidRecord:
     image_id: str
     quantity: int
-    n_asins: int
+    # Distinct products in the bin; None where the metadata has no product list (unknown, not zero).
+    n_asins: int | None
 
     @property
     def image_key(self) -> str:
@@ -50,7 +51,8 @@ class AbidRecord:
     @classmethod
     def from_json(cls, line: str) -> AbidRecord:
         data = json.loads(line)
-        return cls(image_id=str(data["image_id"]), quantity=int(data["quantity"]), n_asins=int(data["n_asins"]))
+        return cls(image_id=str(data["image_id"]), quantity=int(data["quantity"]),
+                   n_asins=optional_int(data.get("n_asins")))
 
 
 def parse_metadata(image_id: str, raw: bytes | str) -> AbidRecord:
@@ -64,10 +66,19 @@ def parse_metadata(image_id: str, raw: bytes | str) -> AbidRecord:
     quantity = document.get("EXPECTED_QUANTITY")
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
         raise InvalidRecord(f"EXPECTED_QUANTITY is missing or not a non-negative integer: {quantity!r}")
-    products = document.get("BIN_FCSKU_DATA") or {}
+    products = document.get("BIN_FCSKU_DATA")
+    if products is None:
+        # Some republished copies kept EXPECTED_QUANTITY only: the number of distinct products is unknown,
+        # except in an empty bin. Teaching "0 products" for these would be teaching a falsehood.
+        return AbidRecord(image_id=image_id, quantity=quantity, n_asins=0 if quantity == 0 else None)
     if not isinstance(products, dict):
         raise InvalidRecord("BIN_FCSKU_DATA is not an object")
     return AbidRecord(image_id=image_id, quantity=quantity, n_asins=len(products))
+
+
+def optional_int(value: object) -> int | None:
+    """``n_asins`` as records carry it: an integer, or None/absent for an unknown product list."""
+    return None if value is None or value == "" else int(value)  # type: ignore[arg-type]
 
 
 def image_id_from_key(key: str) -> str:

@@ -223,9 +223,23 @@ class WithProductHead(nn.Module):
         return self.network.classify(features), self.products(features)
 
 
+UNKNOWN_PRODUCTS = -100  # F.cross_entropy's default ignore_index
+
+
 def product_targets(records: list, max_count: int) -> torch.Tensor:
-    """Distinct products per photo, the many-product tail folded into one class like the count's overflow."""
-    return torch.tensor([min(r.n_asins, max_count + 1) for r in records], dtype=torch.long)
+    """Distinct products per photo, the many-product tail folded into one class like the count's overflow;
+    ``UNKNOWN_PRODUCTS`` where the metadata has no product list."""
+    return torch.tensor([UNKNOWN_PRODUCTS if r.n_asins is None else min(r.n_asins, max_count + 1) for r in records],
+                        dtype=torch.long)
+
+
+def product_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the photos whose product list is known; photos without one add nothing.
+
+    Summed and divided by the known photos rather than averaged by ``cross_entropy`` itself: a batch with no
+    known photo then gives 0, not NaN, and no host-device sync is needed to find out."""
+    known = (target != UNKNOWN_PRODUCTS).sum().clamp_min(1)
+    return F.cross_entropy(logits.float(), target, ignore_index=UNKNOWN_PRODUCTS, reduction="sum") / known
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -406,7 +420,7 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
             logits, product_logits = model(images)
             loss = loss_fn(logits, target, args)
             if args.aux_weight:
-                loss = loss + args.aux_weight * F.cross_entropy(product_logits, targets[1][index].to(device))
+                loss = loss + args.aux_weight * product_loss(product_logits, targets[1][index].to(device))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

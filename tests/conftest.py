@@ -35,7 +35,7 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_abid() -> Path:
-    """The 8,998-photo ABID copy beside the checkout; tests that need it skip on a machine without it."""
+    """The 12,038-photo ABID copy beside the checkout; tests that need it skip on a machine without it."""
     if not (SHARED_ABID / "metadata").is_dir():
         pytest.skip(f"needs the shared ABID copy at {SHARED_ABID}, which this machine does not have")
     return SHARED_ABID

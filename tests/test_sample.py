@@ -120,6 +120,19 @@ def test_public_lists_map_to_image_ids():
 
 
 def test_shared_copy_has_the_documented_size(shared_abid: Path):
+    # 8,998 photos with ids 01000-09999 plus 3,040 republished originals (../shared/abid/README.md).
     records, rejected = scan_folder(shared_abid)
-    assert len(records) == 8998
+    assert len(records) == 12038
     assert rejected == []
+    # 634 of the new photos carry EXPECTED_QUANTITY only: their number of distinct products is unknown.
+    unknown = [r for r in records if r.n_asins is None]
+    assert len(unknown) == 634
+    assert all(r.image_id >= "10004" for r in unknown)
+
+
+def test_metadata_without_a_product_list_has_an_unknown_not_zero_product_count():
+    assert parse_metadata("10004", b'{"EXPECTED_QUANTITY": 5}').n_asins is None
+    assert parse_metadata("10005", b'{"EXPECTED_QUANTITY": 0}').n_asins == 0
+    assert parse_metadata("10006", b'{"EXPECTED_QUANTITY": 2, "BIN_FCSKU_DATA": {}}').n_asins == 0
+    unknown = AbidRecord("10004", 5, None)
+    assert parse_records_jsonl(records_jsonl([unknown])) == [unknown]

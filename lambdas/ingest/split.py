@@ -94,7 +94,8 @@ def gather(
     tally: Counter = Counter()
     for result in results:
         for raw in result.get("records", []):
-            record = abid.AbidRecord(str(raw["image_id"]), int(raw["quantity"]), int(raw["n_asins"]))
+            record = abid.AbidRecord(str(raw["image_id"]), int(raw["quantity"]),
+                                    abid.optional_int(raw.get("n_asins")))
             records[record.image_id] = record
         for failure in result.get("failures", []):
             failures.setdefault(failure["imageId"], failure)

@@ -237,3 +237,21 @@ def test_validation_without_an_overflow_class_scores_photos_beyond_it_as_wrong_n
     assert metrics["valid_n"] == 3 and metrics["valid_accuracy"] == 1.0
     wide = validation_metrics(logits, quantities, config, (1, 12))
     assert wide["valid_n"] == 5 and wide["valid_accuracy"] == pytest.approx(0.6)
+
+
+def test_photos_without_a_product_list_add_nothing_to_the_products_loss() -> None:
+    from ml.abid import AbidRecord
+
+    records = [AbidRecord("1", 3, 2), AbidRecord("2", 5, None), AbidRecord("3", 9, 8)]
+    target = mltrain.product_targets(records, max_count=5)
+    assert target.tolist() == [2, mltrain.UNKNOWN_PRODUCTS, 6]
+    logits = torch.randn(3, 7, requires_grad=True)
+    loss = mltrain.product_loss(logits, target)
+    known = torch.nn.functional.cross_entropy(logits[[0, 2]], target[[0, 2]])
+    assert torch.allclose(loss, known)
+    # The unknown photo's logits get no gradient: it teaches neither "0 products" nor anything else.
+    loss.backward()
+    assert logits.grad[1].abs().sum() == 0
+    # A batch with no known product list gives a loss of 0, not NaN.
+    empty = mltrain.product_loss(torch.randn(2, 7), torch.full((2,), mltrain.UNKNOWN_PRODUCTS))
+    assert empty.item() == 0.0
