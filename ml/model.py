@@ -202,6 +202,10 @@ class ModelConfig:
     # ABID challenge's 0-5 task) and the overflow class, still in the probabilities, lowers its confidence.
     answer_overflow: bool = True
     metrics: dict = field(default_factory=dict)
+    # Decision thresholds measured on the validation split at the end of training (ml.operating): empty for a
+    # model trained before they existed. Serving passes them on with every answer, so the count Lambda applies
+    # the operating point of the model that answered, with no redeploy when a new model lands.
+    operating_point: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> list[int]:
