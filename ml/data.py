@@ -135,8 +135,8 @@ def load_images(
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float, normalised the way the backbone was trained."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - m) / s
 
 
@@ -147,17 +147,20 @@ def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, jitter: float = 0.2) -> torch.Tensor:
-    """Random dihedral symmetry per image plus brightness/contrast jitter; input normalised float."""
+    """Random dihedral symmetry per image plus brightness/contrast jitter; input normalised float.
+
+    The random draws come from ``generator`` on the CPU wherever the images are, so a run draws the same
+    augmentations on a GPU as on a CPU and a resumed run continues the same sequence."""
     n = images.shape[0]
-    choice = torch.randint(0, 8, (n,), generator=generator)
+    choice = torch.randint(0, 8, (n,), generator=generator).to(images.device)
     out = torch.empty_like(images)
     for k in range(8):
         chosen = (choice == k).nonzero(as_tuple=True)[0]
         if len(chosen):
             out[chosen] = dihedral(images[chosen], k)
     if jitter:
-        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
-        brightness = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+        contrast = (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter).to(images.device)
+        brightness = ((torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter).to(images.device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * contrast + mean + brightness
     return out
