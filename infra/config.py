@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
+# The data bucket's prefixes that the pipeline writes (infra/storage.py names each; a test keeps the two equal,
+# because importing infra.storage here would start the CDK's runtime for every tool that reads settings).
+PIPELINE_PREFIXES = ("raw/", "manifests/", "models/", "checkpoints/", "reports/")
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,46 @@ def _pattern(regex: str, what: str) -> Callable[[Any], str]:
 _INSTANCE_TYPE = _pattern(
     r"ml\.[a-z0-9-]+\.([0-9]*x?large|medium|small|micro)", "an instance type such as ml.g4dn.xlarge"
 )
+
+
+def _training_instance_type(value: Any) -> str:
+    """A type SageMaker training offers that the PyTorch images run on: the very check the prepare step makes on
+    every execution (lambdas/training/request.py), so a type it would refuse never deploys."""
+    from lambdas.training.request import TrainingInputError, check_instance_type
+
+    instance_type = _INSTANCE_TYPE(value)
+    try:
+        check_instance_type(instance_type)
+    except TrainingInputError as error:
+        raise ValueError(str(error).removeprefix("instanceType: ")) from None
+    return instance_type
+
+
+def _rate_or_cron(value: Any) -> str:
+    """An EventBridge schedule. A rate's value is a positive number, its unit minute/hour/day, singular for 1 and
+    plural above ("rate(1 hours) and rate(5 hour) aren't valid": EventBridge's rate expressions reference); a cron
+    expression has six fields."""
+    expression = _SCHEDULE(value)
+    rate = re.fullmatch(r"rate\((\d+) (minute|hour|day)(s?)\)", expression)
+    if expression.startswith("rate("):
+        if rate is None or int(rate[1]) < 1 or (rate[3] == "s") != (int(rate[1]) > 1):
+            raise ValueError(f"expected rate(N unit) with N at least 1 and the unit singular for 1, plural above "
+                             f"(rate(1 day), rate(7 days)), got {expression!r}")
+    elif len(expression.removeprefix("cron(").removesuffix(")").split()) != 6:
+        raise ValueError(f"expected cron(minutes hours day-of-month month day-of-week year), six fields, "
+                         f"such as cron(0 6 ? * MON *), got {expression!r}")
+    return expression
+
+
+def _json(value: Any, shape: str, example: str) -> Any:
+    """A JSON-valued key given with ``-c key=...``: a parse error says what shape is expected, not where the
+    parser stopped."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise ValueError(f"expected {shape} in JSON, such as {example}, got {value!r}") from None
 _PREFIX = _pattern(r"[A-Za-z0-9!_.*'()\-/]+/", "an S3 prefix ending in '/', such as incoming/")
 _BUCKET = _pattern(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", "an S3 bucket name")
 _SCHEDULE = _pattern(r"(rate|cron)\(.+\)", "an EventBridge schedule such as rate(7 days)")
@@ -119,8 +162,10 @@ def _number_range(minimum: float, maximum: float, *, integer: bool) -> Callable[
     bound = _int(int(minimum), int(maximum)) if integer else _float(minimum, maximum)
 
     def parse(value: Any) -> tuple[float, float]:
-        if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if isinstance(value, str) and not value.strip().startswith("["):
+            value = value.split(",")
+        example = "[2, 10]" if integer else "[0.0001, 0.01]"
+        value = _json(value, "a [low, high] pair", example)
         if not isinstance(value, list) or len(value) != 2:
             raise ValueError(f"expected a [low, high] pair, got {value!r}")
         low, high = bound(value[0]), bound(value[1])
@@ -135,8 +180,9 @@ def _int_choices(minimum: int, maximum: int) -> Callable[[Any], tuple[int, ...]]
     as_int = _int(minimum, maximum)
 
     def parse(value: Any) -> tuple[int, ...]:
-        if isinstance(value, str):
-            value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+        if isinstance(value, str) and not value.strip().startswith("["):
+            value = value.split(",")
+        value = _json(value, "a list of integers", "[16, 32, 64]")
         if not isinstance(value, list) or not value:
             raise ValueError(f"expected a non-empty list of integers, got {value!r}")
         return tuple(sorted({as_int(item) for item in value}))
@@ -145,20 +191,25 @@ def _int_choices(minimum: int, maximum: int) -> Callable[[Any], tuple[int, ...]]
 
 
 def _hyperparameters(value: Any) -> tuple[tuple[str, str | int | float | bool], ...]:
-    """Extra trainer arguments (``--name value``), passed verbatim; stored as sorted pairs so Settings stays
-    hashable."""
-    if isinstance(value, str):
-        value = json.loads(value)
+    """Extra trainer arguments (``--name value``), checked by the trainer's own parser as the prepare step checks
+    an execution's; stored as sorted pairs so Settings stays hashable."""
+    from lambdas.training.arguments import HyperparameterError, check_hyperparameters
+    from lambdas.training.limits import limits
+    from lambdas.training.request import _CONTAINER_ENTRIES
+
+    value = _json(value, "an object of ml.train hyperparameters", '{"lr": 0.001, "network": "efficientnet-lite0"}')
     if not isinstance(value, dict):
-        raise ValueError(f"expected an object of hyperparameters, got {value!r}")
-    pairs = []
+        raise ValueError(f"expected an object of hyperparameters such as {{\"lr\": 0.001}}, got {value!r}")
     for name, item in value.items():
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,99}", name) or name.startswith("sagemaker_"):
-            raise ValueError(f"hyperparameter name {name!r} is not a trainer argument name (sagemaker_* is reserved)")
         if not isinstance(item, str | int | float | bool):
-            raise ValueError(f"hyperparameter {name!r} must be a string, number or boolean, got {item!r}")
-        pairs.append((name, item))
-    return tuple(sorted(pairs))
+            raise ValueError(f"{name}: must be a string, number or boolean, got {item!r}")
+    sagemaker = limits()["hyperParameters"]
+    try:
+        check_hyperparameters(value, max_entries=sagemaker["maxEntries"] - _CONTAINER_ENTRIES,
+                              max_value_length=sagemaker["maxValueLength"])
+    except HyperparameterError as error:
+        raise ValueError(str(error)) from None
+    return tuple(sorted(value.items()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +284,7 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "ingest_tolerated_failure_percent": ("ingestToleratedFailurePercent", _int(0, 100)),
     "split_validation_fraction": ("splitValidationFraction", _float(0.01, 0.5)),
     "split_test_fraction": ("splitTestFraction", _float(0.0, 0.5)),
-    "training_instance_type": ("trainingInstanceType", _INSTANCE_TYPE),
+    "training_instance_type": ("trainingInstanceType", _training_instance_type),
     "training_instance_count": ("trainingInstanceCount", _int(1, 20)),
     "training_use_spot": ("trainingUseSpot", _bool),
     "training_max_runtime_seconds": ("trainingMaxRuntimeSeconds", _int(60, 28 * 24 * 3600)),
@@ -267,7 +318,7 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "count_confidence_threshold": ("countConfidenceThreshold", _float(0.0, 1.0)),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, 6 * 1024 * 1024)),
     "alarm_email": ("alarmEmail", _EMAIL),
-    "cost_report_schedule": ("costReportSchedule", _SCHEDULE),
+    "cost_report_schedule": ("costReportSchedule", _rate_or_cron),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),
 }
 
@@ -300,6 +351,14 @@ def _cross_checks(settings: Settings) -> None:
             f"endpointMinInstances: must not exceed endpointMaxInstances ({settings.endpoint_max_instances}), "
             f"got {settings.endpoint_min_instances}"
         )
+    for prefix in PIPELINE_PREFIXES:
+        incoming = settings.incoming_prefix
+        if incoming.startswith(prefix) or prefix.startswith(incoming):
+            # Every ingested image (raw/) or written manifest would be counted, and the count role read it all.
+            raise ConfigError(
+                f"incomingPrefix: must not overlap the prefix {prefix} that the pipeline writes to, got "
+                f"{incoming!r}; use a prefix of its own such as incoming/"
+            )
     if settings.split_validation_fraction + settings.split_test_fraction >= 0.9:
         raise ConfigError(
             "splitTestFraction: splitValidationFraction + splitTestFraction must leave at least 10 % "

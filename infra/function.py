@@ -20,7 +20,9 @@ RUNTIME = lambda_.Runtime.PYTHON_3_14
 POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python314-arm64:38"
 
 # One code asset for every function: the lambdas package plus the torch-free ABID module it shares with the
-# trainer. Everything else in the repository stays out of the zip.
+# trainer, and the trainer's source as text (the prepare step reads its argument parser without importing torch:
+# lambdas/training/arguments.py). Everything else in the repository stays out of the zip.
+TRAINER_SOURCES = ("ml/train.py", "ml/model.py", "ml/pretrained.py")
 _ASSET_EXCLUDE = [
     "*",
     "!lambdas",
@@ -28,6 +30,7 @@ _ASSET_EXCLUDE = [
     "!ml",
     "!ml/__init__.py",
     "!ml/abid.py",
+    *(f"!{path}" for path in TRAINER_SOURCES),
     "**/__pycache__",
     "**/*.pyc",
 ]

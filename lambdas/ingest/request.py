@@ -160,6 +160,15 @@ def resolve(request: DatasetRequest, *, run_id: str, environ: dict[str, str] | N
             f"invalid dataset request: validationFraction + testFraction must leave at least 10 % for "
             f"training, got {validation} + {test}"
         )
+    deployed_source = env.get("SOURCE_BUCKET", "aft-vbi-pds")
+    if request.source_bucket is not None and request.source_bucket != deployed_source:
+        # The copy and select roles may read s3://<deployed source>/ only (infra/ingest.py): any other bucket
+        # would be accepted here and then fail once per image, late.
+        raise InvalidDatasetRequest(
+            f"invalid dataset request: sourceBucket {request.source_bucket!r} cannot be read by this stack, which "
+            f"was deployed to read {deployed_source!r}; deploy with -c sourceBucket={request.source_bucket} to "
+            "ingest from it"
+        )
     min_count = max_count = None
     if selector == "count-range":
         # The ABID counting challenge's classes, 0-5, when the request names no bounds.
@@ -172,7 +181,7 @@ def resolve(request: DatasetRequest, *, run_id: str, environ: dict[str, str] | N
     return Plan(
         run_id=run_id,
         selector=selector,
-        source_bucket=request.source_bucket or env.get("SOURCE_BUCKET", "aft-vbi-pds"),
+        source_bucket=deployed_source,
         min_count=min_count,
         max_count=max_count,
         challenge_split=(request.challenge_split or "train") if selector == "challenge" else None,

@@ -45,6 +45,8 @@ SOURCE_ETAG = "source-etag"
 SOURCE_BUCKET = "source-bucket"
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+# A bucket that does not exist will not appear on a retry: fail the image at once instead of four retries.
+_NO_BUCKET = "NoSuchBucket"
 
 
 class TransientCopyError(RuntimeError):
@@ -128,6 +130,8 @@ def process_item(s3: Any, item: dict[str, Any], *, data_bucket: str, default_sou
             return _failure(image_id, meta_key, f"source object s3://{source}/{meta_key} does not exist")
         if code in _DENIED:
             return _failure(image_id, meta_key, f"access to s3://{source}/{meta_key} was denied ({code})")
+        if code == _NO_BUCKET:
+            return _failure(image_id, meta_key, f"source bucket s3://{source} does not exist")
         raise TransientCopyError(f"GetObject s3://{source}/{meta_key}: {code}") from error
     try:
         record = abid.parse_metadata(image_id, body)
@@ -160,6 +164,8 @@ def process_item(s3: Any, item: dict[str, Any], *, data_bucket: str, default_sou
             code = _code(error)
             if code in _MISSING:
                 return _failure(image_id, key, f"source object s3://{source}/{key} disappeared during the copy")
+            if code == _NO_BUCKET:
+                return _failure(image_id, key, f"bucket of s3://{source}/{key} or of the copy does not exist")
             raise TransientCopyError(f"CopyObject s3://{source}/{key}: {code}") from error
         if copied:
             outcome.copied += 1

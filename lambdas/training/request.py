@@ -23,6 +23,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from pydantic.alias_generators import to_camel
 
+from lambdas.training.arguments import HyperparameterError, check_hyperparameters, check_value
+from lambdas.training.limits import check_training_instance_type, limits
+
 # Where the framework container finds the code: the source tarball arrives as the "code" channel, so the
 # container never needs S3 access of its own (this is how the SageMaker SDK runs script mode under network
 # isolation; it works the same without isolation).
@@ -155,9 +158,10 @@ class TuningInput(_Camel):
     enabled: StrictBool | None = None
     max_jobs: Annotated[StrictInt, Field(ge=1, le=500)] | None = None
     max_parallel_jobs: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
+    # The values' ranges are the trainer's own (--lr, --batch-size, --epochs): check() asks its parser.
     learning_rate: tuple[StrictFloat, StrictFloat] | None = None
-    batch_sizes: Annotated[list[Annotated[StrictInt, Field(ge=1, le=4096)]], Field(min_length=1)] | None = None
-    epochs: tuple[Annotated[StrictInt, Field(ge=1)], Annotated[StrictInt, Field(ge=1)]] | None = None
+    batch_sizes: Annotated[list[StrictInt], Field(min_length=1)] | None = None
+    epochs: tuple[StrictInt, StrictInt] | None = None
 
 
 class TrainingInput(_Camel):
@@ -170,7 +174,7 @@ class TrainingInput(_Camel):
     max_wait_seconds: _Seconds | None = None
     volume_size_gb: Annotated[StrictInt, Field(ge=1, le=16384)] | None = None
     network_isolation: StrictBool | None = None
-    epochs: Annotated[StrictInt, Field(ge=1, le=500)] | None = None
+    epochs: StrictInt | None = None  # the trainer's --epochs; its range is checked by the trainer's parser
     hyperparameters: dict[str, _HyperparameterValue] = {}
     pretrained: StrictStr | None = None
     tuning: TuningInput | None = None
@@ -247,14 +251,43 @@ def resolve(deployment: Deployment, overrides: TrainingInput) -> Plan:
         batch_sizes=tuple(sorted(set(pick(tuning_in.batch_sizes, defaults.batch_sizes)))),
         epochs_range=tuple(pick(tuning_in.epochs, defaults.epochs)),
     )
+    if overrides.epochs is not None:
+        try:
+            check_value(EPOCHS, overrides.epochs)
+        except HyperparameterError as error:
+            raise TrainingInputError(f"training.epochs: {error.problem}") from None
     check(plan, deployment)
     return plan
+
+
+def check_instance_type(instance_type: str) -> Literal["cpu", "gpu"]:
+    """A type SageMaker training offers (limits.json) that the PyTorch images run on; synth asks the same."""
+    kind = processor(instance_type)
+    try:
+        check_training_instance_type(instance_type)
+    except ValueError as error:
+        raise TrainingInputError(f"instanceType: {error}") from None
+    return kind
+
+
+# The container's own entries share SageMaker's 100: four from _container_hyperparameters plus the job name
+# (a tuning job's trials get _tuning_objective_metric from SageMaker instead).
+_CONTAINER_ENTRIES = 5
+
+
+def check_tuning_range(field: str, name: str, values: tuple[Any, ...]) -> None:
+    """Each end of a tuning range (or each categorical value) must be a value the trainer accepts for ``name``."""
+    for value in values:
+        try:
+            check_value(name, value)
+        except HyperparameterError as error:
+            raise TrainingInputError(f"training.tuning.{field}: {error.problem}") from None
 
 
 def check(plan: Plan, deployment: Deployment) -> None:
     """The rules no single field can check alone. Raises :class:`TrainingInputError` naming the field."""
     try:
-        kind = processor(plan.instance_type)
+        kind = check_instance_type(plan.instance_type)
     except TrainingInputError as error:
         raise TrainingInputError(f"training.{error}") from None
     # The stack writes "none" where its region lacks an image.
@@ -266,12 +299,12 @@ def check(plan: Plan, deployment: Deployment) -> None:
             f"training.maxWaitSeconds: must be at least maxRuntimeSeconds ({plan.max_runtime_seconds}) when "
             f"useSpot is true, got {plan.max_wait_seconds}"
         )
-    for name in plan.hyperparameters:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,99}", name):
-            raise TrainingInputError(f"training.hyperparameters.{name}: not a trainer argument name")
-        if name.startswith("sagemaker_"):
-            raise TrainingInputError(f"training.hyperparameters.{name}: sagemaker_* names are reserved for the "
-                                     "container")
+    sagemaker = limits()["hyperParameters"]
+    try:
+        check_hyperparameters(plan.hyperparameters, max_entries=sagemaker["maxEntries"] - _CONTAINER_ENTRIES,
+                              max_value_length=sagemaker["maxValueLength"])
+    except HyperparameterError as error:
+        raise TrainingInputError(error.where("training.hyperparameters")) from None
     if plan.pretrained not in (None, deployment.pretrained) and not re.fullmatch(
         rf"s3://{re.escape(deployment.bucket)}/(models|raw)/\S+", plan.pretrained
     ):
@@ -286,6 +319,12 @@ def check(plan: Plan, deployment: Deployment) -> None:
             f"training.tuning.maxParallelJobs: must not exceed maxJobs ({plan.max_jobs}), got "
             f"{plan.max_parallel_jobs}"
         )
+    check_tuning_range("learningRate", LEARNING_RATE, plan.learning_rate)
+    check_tuning_range("epochs", EPOCHS, plan.epochs_range)
+    check_tuning_range("batchSizes", BATCH_SIZE, plan.batch_sizes)
+    if len(plan.batch_sizes) > limits()["maxCategoricalValues"]:
+        raise TrainingInputError(f"training.tuning.batchSizes: SageMaker tunes at most "
+                                 f"{limits()['maxCategoricalValues']} values, got {len(plan.batch_sizes)}")
     low, high = plan.learning_rate
     if not 0 < low < high:
         raise TrainingInputError(

@@ -83,3 +83,53 @@ def test_max_wait_below_runtime_is_fine_without_spot():
         {"trainingUseSpot": False, "trainingMaxWaitSeconds": 3600, "trainingMaxRuntimeSeconds": 7200}
     )
     assert settings.training_use_spot is False
+
+
+# --- issue 16: values that synthesized before and failed later ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # Every ingested image (raw/) or manifest would trigger the count Lambda, whose role would read it.
+        ({"incomingPrefix": "raw/"}, "incomingPrefix: must not overlap the prefix raw/ that the pipeline writes"),
+        ({"incomingPrefix": "manifests/"}, "incomingPrefix: must not overlap the prefix manifests/"),
+        ({"incomingPrefix": "reports/uploads/"}, "incomingPrefix: must not overlap the prefix reports/"),
+        # EventBridge: "A positive number"; singular unit for 1, plural above (rate expressions reference).
+        ({"costReportSchedule": "rate(0 days)"}, "costReportSchedule: expected rate(N unit) with N at least 1"),
+        ({"costReportSchedule": "rate(1 days)"}, "costReportSchedule: expected rate(N unit) with N at least 1"),
+        ({"costReportSchedule": "rate(5 hour)"}, "costReportSchedule: expected rate(N unit) with N at least 1"),
+        ({"costReportSchedule": "cron(0 6 * *)"}, "costReportSchedule: expected cron(minutes hours day-of-month"),
+        # The prepare step refuses these on every execution; synth now refuses them first, with its words.
+        ({"trainingInstanceType": "ml.inf2.xlarge"}, "trainingInstanceType: ml.inf2.xlarge needs the Neuron images"),
+        ({"trainingInstanceType": "ml.zzz.xlarge"}, "trainingInstanceType: ml.zzz.xlarge is not an instance type "
+                                                    "SageMaker training offers"),
+        ({"trainingInstanceType": "ml.g4dn.999xlarge"}, "trainingInstanceType: ml.g4dn.999xlarge is not an "
+                                                        "instance type SageMaker training offers"),
+        # JSON-valued keys say what shape they expect, with an example, instead of the parser's position.
+        ({"tuningEpochsRange": "[1,"}, "tuningEpochsRange: expected a [low, high] pair in JSON, such as [2, 10]"),
+        ({"tuningBatchSizes": "[16, 32"}, "tuningBatchSizes: expected a list of integers in JSON, such as [16, 32"),
+        ({"trainingHyperparameters": "{lr: 1}"}, "trainingHyperparameters: expected an object of ml.train "
+                                                 'hyperparameters in JSON, such as {"lr": 0.001'),
+        # trainingHyperparameters: the trainer's own parser, as for an execution's.
+        ({"trainingHyperparameters": '{"learning-rate": 0.1}'}, "trainingHyperparameters: learning-rate: not an "
+                                                                "argument of ml.train"),
+        ({"trainingHyperparameters": '{"lr": -0.1}'}, "trainingHyperparameters: lr: must be greater than 0"),
+        ({"trainingHyperparameters": '{"SAGEMAKER_program": "x.py"}'}, "trainingHyperparameters: SAGEMAKER_program: "
+                                                                        "reserved for SageMaker"),
+        ({"trainingHyperparameters": '{"train": "/opt/ml/input/data/validation"}'}, "trainingHyperparameters: "
+                                                                                     "train: set by SageMaker"),
+    ],
+)
+def test_values_that_used_to_synthesize_and_fail_later_fail_synth_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as refused:
+        load_settings(overrides)
+    assert expected in str(refused.value)
+
+
+def test_the_pipeline_prefixes_incoming_must_avoid_are_the_storage_layouts():
+    from infra import storage
+    from infra.config import PIPELINE_PREFIXES
+
+    assert set(PIPELINE_PREFIXES) == {storage.RAW_PREFIX, storage.MANIFEST_PREFIX, storage.MODEL_PREFIX,
+                                      storage.CHECKPOINT_PREFIX, storage.REPORT_PREFIX}

@@ -408,3 +408,58 @@ def test_worker_reports_a_bad_item_without_touching_s3():
     result = worker.process_batch([{"image_id": "../../x"}], s3=_FlakyS3(), data_bucket=DATA,
                                   default_source=SOURCE)
     assert result.failures == [{"imageId": "../../x", "key": "", "reason": "not an ABID image id: '../../x'"}]
+
+
+# --- issue 16: lists and requests that used to crash, mislead or fail late -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "answer"),
+    [
+        ('[{"quantity": 3}]', "entry 1 is not an id, a key or a record with an image_id: {\"quantity\": 3}"),
+        ("[null]", "entry 1 is not an id, a key or a record with an image_id: null"),
+        ('["01046", {"image_id": null}]', "entry 2 is not an id, a key or a record with an image_id"),
+        ('["01046", true]', "entry 2 is not an id, a key or a record with an image_id: true"),
+        ('[["01046"]]', "entry 1 is not an id, a key or a record with an image_id: [\"01046\"]"),
+        ('{"image_id": null}\n', "line 1 is not a record with an image_id"),
+    ],
+)
+def test_a_list_entry_without_an_image_id_is_refused_naming_it(text, answer):
+    # Before: KeyError for a record without image_id, and the id "None" selected for null.
+    with pytest.raises(ValueError) as refused:
+        abid.parse_id_list(text)
+    assert str(refused.value).startswith(answer)
+
+
+def test_a_user_list_without_image_ids_fails_select_as_a_bad_request(s3):
+    s3.put_object(Bucket=DATA, Key="manifests/user/records.json", Body=b'[{"quantity": 3}]')
+    with pytest.raises(InvalidDatasetRequest, match=r"records\.json: entry 1 is not an id"):
+        select.handler({"input": {"dataset": {"selector": "manifest",
+                                              "manifestUri": f"s3://{DATA}/manifests/user/records.json"}},
+                        "execution": "x"}, CONTEXT)
+
+
+def test_a_list_larger_than_the_select_function_can_hold_is_refused_unread(s3, monkeypatch):
+    # A 60 MB list added ~840 MB to the 1 GB function; the size in GetObject's answer decides before any read.
+    assert select.MAX_LIST_BYTES == 16 * 2**20
+    monkeypatch.setattr(select, "MAX_LIST_BYTES", 2**20)
+    uri = upload_list(s3, [f"{i:05d}" for i in range(200_000)], key="manifests/user/huge.csv")
+    with pytest.raises(InvalidDatasetRequest, match=r"huge\.csv is 1\.2 MiB; lists of at most 1 MiB are read"):
+        select.handler({"input": {"dataset": {"selector": "manifest", "manifestUri": uri}}, "execution": "x"},
+                       CONTEXT)
+
+
+def test_a_source_bucket_the_stack_cannot_read_is_refused_at_select_time(s3):
+    with pytest.raises(InvalidDatasetRequest, match="sourceBucket 'someone-elses-bucket' cannot be read by this "
+                                                    "stack, which was deployed to read 'aft-vbi-pds'"):
+        select.handler({"input": {"dataset": {"sourceBucket": "someone-elses-bucket"}}, "execution": "x"}, CONTEXT)
+    plan = select.handler({"input": {"dataset": {"sourceBucket": SOURCE, "limit": 3}}, "execution": "y"}, CONTEXT)
+    assert plan["sourceBucket"] == SOURCE
+
+
+def test_a_missing_source_bucket_fails_each_image_instead_of_being_retried(s3):
+    # Before: NoSuchBucket raised TransientCopyError, and the state machine retried the batch four times.
+    result = worker.process_batch([{"image_id": "01046", "sourceBucket": "no-such-bucket-16"}], s3=s3,
+                                  data_bucket=DATA, default_source=SOURCE)
+    assert result.failures == [{"imageId": "01046", "key": "metadata/01046.json",
+                                "reason": "source bucket s3://no-such-bucket-16 does not exist"}]

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,6 +20,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from lambdas.training import prepare, report
+from lambdas.training.limits import limits
 from lambdas.training.request import (
     CODE_CHANNEL,
     METRICS,
@@ -253,6 +255,176 @@ def test_a_bad_input_is_refused_with_the_field_it_concerns(training: dict[str, A
     with pytest.raises(TrainingInputError) as refused:
         prepared(training)
     assert field in str(refused.value)
+
+
+# --- hyperparameters, checked by the trainer's own parser (issue 16) ------------------------------------
+# Each row passed before: the trainer ignored unknown names, and nothing checked a value's range.
+
+
+@pytest.mark.parametrize(
+    ("training", "answer"),
+    [
+        ({"hyperparameters": {"epochs": 0}}, "training.hyperparameters.epochs: must be at least 1, got 0"),
+        ({"hyperparameters": {"epochs": -5}}, "training.hyperparameters.epochs: must be at least 1, got -5"),
+        ({"hyperparameters": {"epochs": "many"}}, "training.hyperparameters.epochs: expected an integer, got 'many'"),
+        ({"hyperparameters": {"lr": -0.1}}, "training.hyperparameters.lr: must be greater than 0, got -0.1"),
+        ({"hyperparameters": {"lr": 0}}, "training.hyperparameters.lr: must be greater than 0, got 0.0"),
+        ({"hyperparameters": {"lr": float("nan")}}, "training.hyperparameters.lr: expected a finite number"),
+        ({"hyperparameters": {"lr": "Infinity"}}, "training.hyperparameters.lr: expected a finite number"),
+        ({"hyperparameters": {"lr": "fast"}}, "training.hyperparameters.lr: expected a number, got 'fast'"),
+        ({"hyperparameters": {"batch-size": 0}}, "training.hyperparameters.batch-size: must be at least 1, got 0"),
+        ({"hyperparameters": {"batch-size": -1}}, "training.hyperparameters.batch-size: must be at least 1"),
+        ({"hyperparameters": {"batch-size": 10**9}}, "training.hyperparameters.batch-size: must be at most 4096"),
+        ({"hyperparameters": {"foo": 1}}, "training.hyperparameters.foo: not an argument of ml.train; it takes amp,"),
+        ({"hyperparameters": {"learning-rate": 0.1}}, "training.hyperparameters.learning-rate: not an argument"),
+        ({"hyperparameters": {"epoch": 3}}, "training.hyperparameters.epoch: not an argument of ml.train; "
+                                            "did you mean epochs?"),
+        ({"hyperparameters": {"tta": 99}}, "training.hyperparameters.tta: invalid choice: 99"),
+        ({"hyperparameters": {"network": "bogus"}}, "training.hyperparameters.network: invalid choice: 'bogus'"),
+        ({"hyperparameters": {"amp": "maybe"}}, "training.hyperparameters.amp: not a boolean: 'maybe'"),
+        ({"hyperparameters": {"epochs": True}}, "training.hyperparameters.epochs: expected an integer, got 'True'"),
+        ({"epochs": 0}, "training.epochs: must be at least 1, got 0"),
+        ({"tuning": {"enabled": True, "epochs": [1, 1000000]}}, "training.tuning.epochs: must be at most 500"),
+        ({"tuning": {"enabled": True, "learningRate": [0.001, 50.0]}}, "training.tuning.learningRate: must be at "
+                                                                        "most 10, got 50.0"),
+        ({"tuning": {"enabled": True, "batchSizes": [8, 0]}}, "training.tuning.batchSizes: must be at least 1"),
+        ({"tuning": {"enabled": True, "batchSizes": list(range(1, 32))}}, "training.tuning.batchSizes: SageMaker "
+                                                                           "tunes at most 30 values, got 31"),
+    ],
+)
+def test_a_hyperparameter_the_trainer_would_refuse_is_refused_before_any_job(training: dict[str, Any],
+                                                                            answer: str) -> None:
+    with pytest.raises(TrainingInputError) as refused:
+        prepared(training)
+    assert str(refused.value).startswith(answer)
+
+
+@pytest.mark.parametrize(
+    "name",
+    # Where SageMaker puts the data, model, checkpoints and cluster: "train" pointed at the validation channel
+    # would inflate the deploy gate's metric. Then the model's identity and the test-only knobs.
+    ["train", "validation", "pretrained", "model-dir", "output-data-dir", "checkpoint-dir", "hosts",
+     "current-host", "num-gpus", "master-port", "model-id", "max-steps", "limit"],
+)
+def test_hyperparameters_that_redirect_the_containers_paths_or_are_for_tests_are_refused(name: str) -> None:
+    with pytest.raises(TrainingInputError, match=rf"^training\.hyperparameters\.{name}: set by SageMaker or for "
+                                                 "tests only"):
+        prepared({"hyperparameters": {name: "/opt/ml/input/data/validation" if name == "train" else 1}})
+
+
+@pytest.mark.parametrize("name", ["SAGEMAKER_program", "SageMaker_region", "sagemaker_job_name",
+                                  "_tuning_objective_metric"])
+def test_names_sagemaker_and_its_container_own_are_refused_whatever_their_case(name: str) -> None:
+    with pytest.raises(TrainingInputError, match=rf"^training\.hyperparameters\.{name}: reserved for SageMaker"):
+        prepared({"hyperparameters": {name: "x.py"}})
+
+
+def test_sagemakers_limits_on_the_hyperparameter_map_are_checked_up_front() -> None:
+    # CreateTrainingJob takes at most 100 hyperparameters, values of at most 2,500 characters (the API
+    # reference; botocore's service model, generated into lambdas/training/limits.json). Five are the container's.
+    assert limits()["hyperParameters"] == {"maxEntries": 100, "maxKeyLength": 256, "maxValueLength": 2500}
+    with pytest.raises(TrainingInputError, match=r"^training\.hyperparameters: at most 95 hyperparameters"):
+        prepared({"hyperparameters": {f"knob{i}": 1 for i in range(96)}})
+    with pytest.raises(TrainingInputError, match=r"^training\.hyperparameters\.network: SageMaker takes values "
+                                                 r"of at most 2500 characters, got 2602"):
+        prepared({"hyperparameters": {"network": "x" * 2600}})
+
+
+def test_valid_hyperparameters_reach_the_request_json_encoded() -> None:
+    request = prepared({"hyperparameters": {"lr": 0.01, "network": "efficientnet-lite2", "amp": False, "tta": 4,
+                                            "dropout": 0.3}})["request"]
+    assert {k: request["HyperParameters"][k] for k in ("lr", "network", "amp", "tta", "dropout")} == {
+        "lr": "0.01", "network": '"efficientnet-lite2"', "amp": "false", "tta": "4", "dropout": "0.3"}
+
+
+def test_the_values_checked_are_the_arguments_the_training_toolkit_passes() -> None:
+    """sagemaker-training json.loads each request value and formats it into ``--name value``
+    (sagemaker_training.mapping.to_cmd_args); the check must see exactly that argv."""
+    mapping = pytest.importorskip("sagemaker_training.mapping")
+    from lambdas.training.arguments import toolkit_value
+
+    for value in (True, False, 0.001, 1e-05, float("nan"), 12, "efficientnet-lite0", "Infinity", "-0.1"):
+        encoded = json.dumps(value)  # what the request carries (request._encode)
+        assert mapping.to_cmd_args({"lr": json.loads(encoded)}) == ["--lr", toolkit_value(value)]
+
+
+def test_an_argument_added_to_ml_train_is_accepted_with_no_other_change(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from lambdas.training import arguments
+
+    copy = tmp_path / "ml"
+    copy.mkdir()
+    for name in ("__init__.py", "train.py", "model.py", "pretrained.py"):
+        (copy / name).write_bytes((ROOT / "ml" / name).read_bytes())
+    source = (copy / "train.py").read_text()
+    anchor = '    p.add_argument("--save-fp16"'
+    assert anchor in source
+    (copy / "train.py").write_text(source.replace(
+        anchor, '    p.add_argument("--warmup-restarts", type=Bounded(int, 0, 5), default=0)\n' + anchor))
+    with pytest.raises(TrainingInputError, match=r"warmup-restarts: not an argument of ml\.train"):
+        prepared({"hyperparameters": {"warmup-restarts": 2}})
+
+    monkeypatch.setattr(arguments, "TRAIN_SOURCE", copy / "train.py")
+    arguments.trainer.cache_clear()
+    try:
+        request = prepared({"hyperparameters": {"warmup-restarts": 2}})["request"]
+        assert request["HyperParameters"]["warmup-restarts"] == "2"
+        with pytest.raises(TrainingInputError, match="warmup-restarts: must be at most 5, got 9"):
+            prepared({"hyperparameters": {"warmup-restarts": 9}})
+    finally:
+        arguments.trainer.cache_clear()
+
+
+def test_the_prepare_zip_reads_the_trainers_parser_without_torch(tmp_path: Path) -> None:
+    """The Lambda has no torch: lay out the files the code asset ships and check a request in a process where
+    ``import torch`` fails."""
+    from infra.function import TRAINER_SOURCES
+
+    shutil.copytree(ROOT / "lambdas", tmp_path / "lambdas", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("ml/__init__.py", "ml/abid.py", *TRAINER_SOURCES):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1])\n"
+        "import lambdas.training.arguments as a\n"
+        "assert a.TRAIN_SOURCE.is_relative_to(sys.argv[1]), a.TRAIN_SOURCE\n"
+        "a.check_value('network', 'efficientnet-lite1')\n"
+        "try:\n    a.check_value('lr', -1)\nexcept a.HyperparameterError as e:\n    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60, check=False, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "lr: must be greater than 0, got -1.0"
+
+
+# --- instance types SageMaker training offers (issue 16) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "answer"),
+    [
+        ("ml.zzz.xlarge", "training.instanceType: ml.zzz.xlarge is not an instance type SageMaker training offers"),
+        ("ml.g4dn.999xlarge", "training.instanceType: ml.g4dn.999xlarge is not an instance type SageMaker training "
+                              "offers; did you mean"),
+        ("ml.inf2.xlarge", "training.instanceType: ml.inf2.xlarge needs the Neuron images"),
+        ("ml.trn1.2xlarge", "training.instanceType: ml.trn1.2xlarge needs the Neuron images"),
+    ],
+)
+def test_an_instance_type_training_does_not_offer_is_refused(instance_type: str, answer: str) -> None:
+    with pytest.raises(TrainingInputError) as refused:
+        prepared({"instanceType": instance_type})
+    assert str(refused.value).startswith(answer)
+
+
+def test_the_instance_type_list_is_botocores_training_enum_regenerated() -> None:
+    from lambdas.training import limits as limits_module
+
+    generated = limits_module.generate()
+    assert {k: v for k, v in generated.items() if k != "generatedBy"} == {
+        k: v for k, v in limits().items() if k != "generatedBy"
+    }, "run .venv/bin/python -m lambdas.training.limits"
+    assert {"ml.g4dn.xlarge", "ml.c5.xlarge", "ml.p3.2xlarge"} <= set(generated["trainingInstanceTypes"])
+    assert "ml.inf2.xlarge" not in generated["trainingInstanceTypes"]
 
 
 @pytest.mark.parametrize(

@@ -98,3 +98,12 @@ def test_training_writes_the_operating_point_into_the_model_config_and_metrics(t
     assert metrics["operating_point"]["op_count_threshold"] == pytest.approx(point["count_threshold"])
     # Printed in the name=value; form that SageMaker metric definitions capture.
     assert "op_match_threshold=" in tiny_run["log"]
+
+
+def test_the_trainers_precision_knobs_default_to_the_operating_point_targets() -> None:
+    from ml.train import parse_args
+
+    args = parse_args(["--train", "x"])
+    targets = operating.Targets()
+    assert (args.count_precision, args.match_precision, args.mismatch_precision) == (
+        targets.count_precision, targets.match_precision, targets.mismatch_precision)
