@@ -16,19 +16,18 @@ records/s is processing speed, not end-to-end latency.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import threading
 import time
-import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from bench import common
+from invmon.demo import COUNTS_TABLE, IDEMPOTENCY_TABLE
+from invmon.local import patched_environ
 
 # The production limits (infra/count.py: 3 s connect, 20 s read, 2 attempts, 5 s per record besides the call,
 # a 120 s function) scaled down so that a run takes seconds; the ratios that matter are kept: a record's
@@ -113,20 +112,6 @@ class _Message:
     receives: int = 0
 
 
-@contextmanager
-def _environment(values: dict[str, str]):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _sqs_event(batch: list[_Message]) -> dict[str, Any]:
     return {"Records": [{"messageId": m.message_id, "receiptHandle": m.message_id, "body": m.body,
                          "attributes": {"ApproximateReceiveCount": str(m.receives), "SentTimestamp": "0",
@@ -137,26 +122,20 @@ def _sqs_event(batch: list[_Message]) -> dict[str, Any]:
 
 
 def _setup_aws(photo: bytes, records: int) -> list[_Message]:
+    """The offline demo's bucket and tables (invmon/demo.py), and one upload per record."""
     import boto3
 
+    from bench.coldstart import _s3_message
+    from invmon.demo import DATA_BUCKET, create_resources
+
+    create_resources(boto3.session.Session())
     s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="bench-data")
-    dynamodb = boto3.client("dynamodb")
-    dynamodb.create_table(TableName="counts", BillingMode="PAY_PER_REQUEST",
-                          AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                                {"AttributeName": "sk", "AttributeType": "S"}],
-                          KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
-                                     {"AttributeName": "sk", "KeyType": "RANGE"}])
-    dynamodb.create_table(TableName="idempotency", BillingMode="PAY_PER_REQUEST",
-                          AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-                          KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
     messages = []
     for index in range(records):
         key = f"incoming/{index:05d}.jpg"
-        s3.put_object(Bucket="bench-data", Key=key, Body=photo)
-        body = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
-            "bucket": {"name": "bench-data"},
-            "object": {"key": key, "size": len(photo), "sequencer": uuid.uuid4().hex[:18].upper()}}}]}
+        version = s3.put_object(Bucket=DATA_BUCKET, Key=key, Body=photo).get("VersionId")
+        body = json.loads(_s3_message(DATA_BUCKET, key, len(photo)))
+        body["Records"][0]["s3"]["object"]["versionId"] = version
         messages.append(_Message(f"m{index}", json.dumps(body)))
     return messages
 
@@ -171,13 +150,13 @@ def run(ctx: Any = None, *, records: int | None = None, stall_share: float = 0.1
         "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_SESSION_TOKEN": "bench",
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": f"http://127.0.0.1:{server.server_address[1]}",
-        "COUNTS_TABLE": "counts", "IDEMPOTENCY_TABLE": "idempotency", "ENDPOINT_NAME": "bench-counter",
+        "COUNTS_TABLE": COUNTS_TABLE, "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE, "ENDPOINT_NAME": "bench-counter",
         "CONFIDENCE_THRESHOLD": "model", "MAX_IMAGE_BYTES": "4000000", "INCOMING_PREFIX": "incoming/",
         "POWERTOOLS_SERVICE_NAME": "count", "POWERTOOLS_METRICS_NAMESPACE": "invmon-bench",
         "POWERTOOLS_TRACE_DISABLED": "true", "POWERTOOLS_LOG_LEVEL": "CRITICAL", "POWERTOOLS_METRICS_DISABLED": "true",
     }
     try:
-        with _environment(environment):
+        with patched_environ(environment):
             from moto import mock_aws
 
             with mock_aws():
@@ -188,7 +167,7 @@ def run(ctx: Any = None, *, records: int | None = None, stall_share: float = 0.1
                 result = _drain(handler, deque(messages))
                 import boto3
 
-                stored = boto3.resource("dynamodb").Table("counts").scan(Select="COUNT")["Count"]
+                stored = boto3.resource("dynamodb").Table(COUNTS_TABLE).scan(Select="COUNT")["Count"]
                 handler.reset()
     finally:
         stalls.release.set()
