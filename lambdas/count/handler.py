@@ -34,7 +34,8 @@ from aws_lambda_powertools.utilities.idempotency import (
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.config import Config
-from botocore.exceptions import ClientError, ConnectionError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as EndpointUnreachable  # not the builtin: botocore's base
 
 from lambdas.count import records as rec
 
@@ -304,7 +305,7 @@ FAILURE_CAUSES = ("out-of-time", "endpoint-timeout", "endpoint-throttled", "endp
 def failure_cause(error: BaseException) -> str:
     if isinstance(error, OutOfTime):
         return "out-of-time"
-    if isinstance(error, ReadTimeoutError | ConnectTimeoutError | ConnectionError):
+    if isinstance(error, ReadTimeoutError | ConnectTimeoutError | EndpointUnreachable):  # stalled or unreachable
         return "endpoint-timeout"
     if isinstance(error, rec.BadPrediction):
         return "bad-prediction"

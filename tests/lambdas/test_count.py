@@ -811,3 +811,17 @@ def test_the_record_says_which_rule_decided_and_the_thresholds_it_used(aws, samp
 def test_a_threshold_setting_that_is_neither_model_nor_a_probability_is_refused(text):
     with pytest.raises(ValueError):
         rec.parse_threshold(text)
+
+
+@pytest.mark.parametrize(("error", "cause"), [
+    (count.OutOfTime("2 s left"), "out-of-time"),
+    (__import__("botocore.exceptions").exceptions.ReadTimeoutError(endpoint_url="http://x"), "endpoint-timeout"),
+    (ClientError({"Error": {"Code": "ThrottlingException"}}, "InvokeEndpoint"), "endpoint-throttled"),
+    (ClientError({"Error": {"Code": "ModelError"}, "OriginalStatusCode": 503}, "InvokeEndpoint"), "endpoint-error"),
+    (ClientError({"Error": {"Code": "ProvisionedThroughputExceededException"}}, "PutItem"), "aws-error"),
+    (rec.BadPrediction("count 9 is not among the classes"), "bad-prediction"),
+    (ValueError("SQS message is not JSON"), "bad-message"),
+    (KeyError("s3"), "unexpected"),
+])
+def test_each_failure_is_named_by_one_of_the_dashboards_causes(error, cause):
+    assert count.failure_cause(error) == cause and cause in count.FAILURE_CAUSES
