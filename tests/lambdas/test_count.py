@@ -17,7 +17,7 @@ from urllib.parse import quote_plus
 import boto3
 import botocore.session
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from moto import mock_aws
@@ -815,7 +815,7 @@ def test_a_threshold_setting_that_is_neither_model_nor_a_probability_is_refused(
 
 @pytest.mark.parametrize(("error", "cause"), [
     (count.OutOfTime("2 s left"), "out-of-time"),
-    (__import__("botocore.exceptions").exceptions.ReadTimeoutError(endpoint_url="http://x"), "endpoint-timeout"),
+    (ReadTimeoutError(endpoint_url="http://x"), "endpoint-timeout"),
     (ClientError({"Error": {"Code": "ThrottlingException"}}, "InvokeEndpoint"), "endpoint-throttled"),
     (ClientError({"Error": {"Code": "ModelError"}, "OriginalStatusCode": 503}, "InvokeEndpoint"), "endpoint-error"),
     (ClientError({"Error": {"Code": "ProvisionedThroughputExceededException"}}, "PutItem"), "aws-error"),
