@@ -283,19 +283,11 @@ def run(ctx: common.Context) -> dict[str, Any]:
 
 
 def draft_decode(data: bytes, size: int) -> torch.Tensor:
-    """``ml.data.decode_image`` with JPEG decoding at reduced scale (PIL ``draft``): the decoder skips the DCT
-    detail that the resize to ``size`` would throw away anyway (scales 1/2, 1/4, 1/8, never below ``size``)."""
-    import io
+    """What serving decodes since issue 18: JPEG at reduced scale (PIL ``draft``), skipping the DCT detail that
+    the resize to ``size`` would throw away anyway (scales 1/2, 1/4, 1/8, never below ``size``)."""
+    from ml.data import decode
 
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
-            image.draft("RGB", (size, size))
-        image = ImageOps.exif_transpose(image)
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return array.view(size, size, 3).permute(2, 0, 1).contiguous()
+    return decode(data, size, draft=True)[0]
 
 
 def decode(photos_dir: str, size: int = 224, iterations: int = 40,

@@ -85,6 +85,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         copying = [v for v in ingest["variants"] if v.get("objects_copied", 1)]
         best = max(copying, key=lambda v: v.get("images_per_s", 0), default=None)
         out["ingest"] = {"best_variant": best.get("variant"), "images_per_s": best.get("images_per_s")} if best else {}
+    faults = results.get("countfaults")
+    if faults:
+        out["countfaults"] = {k: faults.get(k) for k in ("stall_share", "records_per_s", "lost_share")}
     return out
 
 
@@ -106,6 +109,7 @@ def render(results: dict[str, Any], machine: dict[str, Any], run: dict[str, Any]
     lines += _training(results.get("training"))
     lines += _coldstart(results.get("coldstart"))
     lines += _ingest(results.get("ingest"))
+    lines += _countfaults(results.get("countfaults"))
     for name, error in (run.get("errors") or {}).items():
         lines += [f"**{name} failed:** `{error.splitlines()[0][:200] if error else ''}` (see {name}.json)", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -254,5 +258,16 @@ def _ingest(ingest: dict[str, Any] | None) -> list[str]:
     if isinstance(implications, dict):
         lines += ["", "Scaled to AWS (assumptions in ingest.json): "
                   + ", ".join(f"{k} {v}" for k, v in implications.items() if isinstance(v, int | float)) + "."]
+    lines.append("")
+    return lines
+
+
+def _countfaults(faults: dict[str, Any] | None) -> list[str]:
+    if not faults:
+        return []
+    lines = ["## Counting under endpoint faults", "", f"From `bench/countfaults.py`: {faults.get('stand_in', '')}.", ""]
+    figures = ("records", "stall_share", "stalled_calls", "records_per_s", "lost", "lost_share", "invocations",
+               "invocations_past_timeout", "deliveries", "longest_invocation_s")
+    lines += _table(["figure", "value"], [[name, faults.get(name)] for name in figures])
     lines.append("")
     return lines

@@ -63,6 +63,23 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _threshold(value: Any) -> float | str:
+    """``"model"`` (each answer's own operating point) or a probability that overrides it."""
+    if isinstance(value, str) and value.strip().lower() == "model":
+        return "model"
+    try:
+        return _float(0.0, 1.0)(value)
+    except ValueError:
+        raise ValueError(f"expected \"model\" or a number between 0.0 and 1.0, got {value!r}") from None
+
+
+# The most one InvokeEndpoint request may carry, by endpoint mode: "The maximum request and response payload
+# size for serverless invocations is 4 MB" (docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints-
+# invoke.html; 4,000,000 bytes, whichever megabyte is meant), and the InvokeEndpoint Body's maximum length of
+# 6,291,456 bytes for a real-time endpoint (the API's service model, as botocore ships it).
+ENDPOINT_PAYLOAD_LIMIT_BYTES = {"serverless": 4_000_000, "realtime": 6_291_456}
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -261,7 +278,8 @@ class Settings:
     deploy_bake_seconds: int
     # counting
     incoming_prefix: str
-    count_confidence_threshold: float
+    # "model": apply the operating point each answer carries; a number overrides it with one threshold.
+    count_confidence_threshold: float | str
     count_max_image_bytes: int
     # platform
     alarm_email: str
@@ -315,8 +333,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "endpoint_target_invocations_per_instance": ("endpointTargetInvocationsPerInstance", _int(1, 100000)),
     "deploy_bake_seconds": ("deployBakeSeconds", _int(0, 3600)),
     "incoming_prefix": ("incomingPrefix", _PREFIX),
-    "count_confidence_threshold": ("countConfidenceThreshold", _float(0.0, 1.0)),
-    "count_max_image_bytes": ("countMaxImageBytes", _int(1024, 6 * 1024 * 1024)),
+    "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
+    "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
     "alarm_email": ("alarmEmail", _EMAIL),
     "cost_report_schedule": ("costReportSchedule", _rate_or_cron),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),
@@ -359,6 +377,13 @@ def _cross_checks(settings: Settings) -> None:
                 f"incomingPrefix: must not overlap the prefix {prefix} that the pipeline writes to, got "
                 f"{incoming!r}; use a prefix of its own such as incoming/"
             )
+    payload_limit = ENDPOINT_PAYLOAD_LIMIT_BYTES[settings.endpoint_mode]
+    if settings.count_max_image_bytes > payload_limit:
+        # Sent anyway, such a photo would be refused by SageMaker on every retry and end in the DLQ.
+        raise ConfigError(
+            f"countMaxImageBytes: a {settings.endpoint_mode} endpoint accepts at most {payload_limit} bytes per "
+            f"request, got {settings.count_max_image_bytes}; lower it (or use endpointMode realtime)"
+        )
     if settings.split_validation_fraction + settings.split_test_fraction >= 0.9:
         raise ConfigError(
             "splitTestFraction: splitValidationFraction + splitTestFraction must leave at least 10 % "

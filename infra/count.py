@@ -27,11 +27,37 @@ from infra.function import PythonFunction, log_group
 from infra.nag import IAM4, STATE_MACHINE_REASON, flatten, suppress, wildcard_suppression
 from infra.storage import REPORT_PREFIX
 
-COUNT_TIMEOUT_SECONDS = 60
-# SQS should hide a message for several function timeouts (AWS's advice is six) so that a slow batch is
-# not delivered twice while it is still being counted.
+# The count path's time budget, sized together (lambdas/count/handler.py reads the ENDPOINT_* values):
+#
+#   one endpoint call, worst case  = attempts x (connect + read timeout) + backoff
+#                                  = 2 x (3 s + 20 s) + ~1 s                              = 47 s
+#   one record, worst case         = that call + 5 s (S3 read, consignment lookups, table writes, event) = 52 s
+#   Lambda timeout                 = 120 s: the handler starts a record only while at least 52 s remain, so
+#                                    two fully stalled records still leave it returning in time, reporting
+#                                    the records it did not start as batch item failures (never a timeout
+#                                    that returns all ten, counted or not)
+#   a healthy batch                = 10 records x well under 1 s (model latency is milliseconds on CPU) +
+#                                    a 5 s batching window: far inside 120 s
+#   SQS visibility timeout         = 6 x 120 s = 720 s: AWS's advice is at least six times the function timeout
+#                                    ("Creating and configuring an Amazon SQS event source mapping",
+#                                    docs.aws.amazon.com/lambda/latest/dg/services-sqs-configure.html)
+#
+# The 20 s read timeout is a third of what a container may take ("A customer's model containers must respond
+# to requests within 60 seconds", InvokeEndpoint API reference; a serverless endpoint's /invocations timeout
+# is also 1 minute): this model answers in milliseconds, and a request still silent after 20 s is a stalled
+# or cold container that the second attempt (or SQS's next delivery) reaches warm.
+ENDPOINT_CONNECT_TIMEOUT_SECONDS = 3
+ENDPOINT_READ_TIMEOUT_SECONDS = 20
+ENDPOINT_MAX_ATTEMPTS = 2
+RECORD_OVERHEAD_SECONDS = 5
+RECORD_BUDGET_SECONDS = (ENDPOINT_MAX_ATTEMPTS * (ENDPOINT_CONNECT_TIMEOUT_SECONDS + ENDPOINT_READ_TIMEOUT_SECONDS)
+                         + (ENDPOINT_MAX_ATTEMPTS - 1) + RECORD_OVERHEAD_SECONDS)
+COUNT_TIMEOUT_SECONDS = 120
+BATCH_SIZE = 10
+MAX_BATCHING_WINDOW = Duration.seconds(5)
 VISIBILITY_TIMEOUT = Duration.seconds(6 * COUNT_TIMEOUT_SECONDS)
 MAX_RECEIVE_COUNT = 5
+assert 2 * RECORD_BUDGET_SECONDS < COUNT_TIMEOUT_SECONDS, "two stalled records must fit in one invocation"
 BULK_PREFIX = f"{REPORT_PREFIX}bulk/"
 # What CDK's Bucket.grant_read (and grant_put) on the KMS-encrypted data bucket allow, as cdk-nag names them.
 READ_GRANT_ACTIONS = ("s3:GetObject*", "s3:GetBucket*", "s3:List*", "kms:GenerateDataKey*", "kms:ReEncrypt*")
@@ -165,6 +191,10 @@ class Count(Construct):
                 "INCOMING_PREFIX": settings.incoming_prefix,
                 "EVENT_BUS_NAME": self.event_bus.event_bus_name,
                 "EVENT_SOURCE": self.event_source,
+                "ENDPOINT_CONNECT_TIMEOUT": str(ENDPOINT_CONNECT_TIMEOUT_SECONDS),
+                "ENDPOINT_READ_TIMEOUT": str(ENDPOINT_READ_TIMEOUT_SECONDS),
+                "ENDPOINT_MAX_ATTEMPTS": str(ENDPOINT_MAX_ATTEMPTS),
+                "RECORD_OVERHEAD_SECONDS": str(RECORD_OVERHEAD_SECONDS),
             },
             timeout_seconds=COUNT_TIMEOUT_SECONDS,
             # The object is held in memory once (at most countMaxImageBytes) and sent as the request body.
@@ -173,8 +203,8 @@ class Count(Construct):
         self.function = self.count.function
         self.function.add_event_source(sources.SqsEventSource(
             self.queue,
-            batch_size=10,
-            max_batching_window=Duration.seconds(5),
+            batch_size=BATCH_SIZE,
+            max_batching_window=MAX_BATCHING_WINDOW,
             report_batch_item_failures=True,
             # Each invocation sends one photo at a time, so this caps the requests in flight at the endpoint:
             # a burst of uploads waits in the queue instead of being throttled towards the DLQ.

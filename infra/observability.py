@@ -23,6 +23,9 @@ from infra.config import Settings
 
 # The count Lambda's statuses (lambdas/count/records.py STATUSES); infra must not import Lambda code.
 COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected", "counted")
+# Why a count record failed (lambdas/count/handler.py FAILURE_CAUSES), the CountFailures metric's "cause".
+COUNT_FAILURE_CAUSES = ("out-of-time", "endpoint-timeout", "endpoint-throttled", "endpoint-error", "bad-prediction",
+                        "bad-message", "aws-error", "unexpected")
 FIVE_MINUTES = Duration.minutes(5)
 
 
@@ -118,6 +121,17 @@ class Observability(Construct):
             )
             for status in COUNT_STATUSES
         ]
+        failures = [
+            cloudwatch.Metric(
+                namespace=settings.project,
+                metric_name="CountFailures",
+                dimensions_map={"service": "count", "cause": cause},
+                statistic="Sum",
+                period=FIVE_MINUTES,
+                label=cause,
+            )
+            for cause in COUNT_FAILURE_CAUSES
+        ]
         self.dashboard = cloudwatch.Dashboard(
             self,
             "Dashboard",
@@ -172,6 +186,15 @@ class Observability(Construct):
                         right=[count_function.metric_duration(period=FIVE_MINUTES, statistic="p95")],
                         width=8,
                     ),
+                ],
+                [
+                    cloudwatch.GraphWidget(
+                        title="Count records failed, by cause (each retried, then the dead-letter queue)",
+                        left=failures,
+                        stacked=True,
+                        width=24,
+                        legend_position=cloudwatch.LegendPosition.RIGHT,
+                    )
                 ],
                 [
                     cloudwatch.GraphWidget(

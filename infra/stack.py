@@ -88,6 +88,7 @@ class InvmonStack(Stack):
             "StateMachineArn": (self.pipeline.state_machine.state_machine_arn,
                                 "Start it with {} to ingest, train and deploy"),
             "CountsTableName": (self.count.table.table_name, "One record per counted photo version"),
+            "CountDeadLetterQueueUrl": (self.count.dlq.queue_url, "Uploads that could not be counted (invmon dlq)"),
             "EndpointName": (self.deploy.endpoint_name, "The counting endpoint (exists after the first deploy)"),
             "DashboardUrl": (self.observability.dashboard_url, "CloudWatch dashboard"),
             "CostReportFunctionName": (self.costs.report.function.function_name,

@@ -41,6 +41,7 @@ OUTPUTS = {
     "endpoint": "EndpointName",
     "dashboard": "DashboardUrl",
     "cost_function": "CostReportFunctionName",
+    "count_dlq": "CountDeadLetterQueueUrl",
 }
 
 
@@ -271,6 +272,68 @@ def invoke_endpoint(deployment: Deployment, photo: Path) -> dict[str, Any]:
         EndpointName=deployment.output("endpoint"), ContentType=content_type, Accept="application/json", Body=body
     )
     return json.loads(response["Body"].read())
+
+
+# --- the count dead-letter queue -------------------------------------------------------------------------
+
+
+@dataclass
+class DeadLetter:
+    message_id: str
+    keys: list[str]
+    receives: int
+    sent: datetime | None
+
+
+def _uploads(body: str) -> list[str]:
+    """The object keys an S3 notification names (URL-encoded in the message), or what the body starts with."""
+    from urllib.parse import unquote_plus
+
+    try:
+        records = json.loads(body).get("Records", [])
+        return [unquote_plus(r["s3"]["object"]["key"]) for r in records if "s3" in r]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return [f"(not an S3 notification) {body[:60]}"]
+
+
+def dead_letters(deployment: Deployment, *, limit: int = 100) -> tuple[int, list[DeadLetter]]:
+    """(approximate depth, up to ``limit`` messages) of the count DLQ, left in the queue.
+
+    Messages are received with a zero visibility timeout, so they stay visible (a redrive still moves them);
+    SQS returns a sample per call, so the listing stops when a call brings nothing new.
+    """
+    sqs, url = deployment.client("sqs"), deployment.output("count_dlq")
+    depth = int(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
+                ["Attributes"]["ApproximateNumberOfMessages"])
+    found: dict[str, DeadLetter] = {}
+    while len(found) < min(depth, limit):
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0,
+                                       MessageSystemAttributeNames=["All"], WaitTimeSeconds=1).get("Messages", [])
+        new = [m for m in messages if m["MessageId"] not in found]
+        if not new:
+            break
+        for message in new:
+            attributes = message.get("Attributes", {})
+            sent = attributes.get("SentTimestamp")
+            found[message["MessageId"]] = DeadLetter(
+                message_id=message["MessageId"], keys=_uploads(message["Body"]),
+                receives=int(attributes.get("ApproximateReceiveCount", 0)),
+                sent=datetime.fromtimestamp(int(sent) / 1000).astimezone() if sent else None)
+    return depth, list(found.values())[:limit]
+
+
+def redrive_dead_letters(deployment: Deployment) -> str:
+    """Move every message of the count DLQ back to the uploads queue (SQS StartMessageMoveTask: with no
+    destination, messages return to the queue they came from); returns the task handle."""
+    sqs, url = deployment.client("sqs"), deployment.output("count_dlq")
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    try:
+        return sqs.start_message_move_task(SourceArn=arn)["TaskHandle"]
+    except ClientError as error:
+        if "already" in str(error).lower() or error.response["Error"]["Code"] == "UnsupportedOperation":
+            raise CliError(f"the dead-letter queue cannot be redriven now: {error.response['Error']['Message']}"
+                           ) from None
+        raise
 
 
 def _plain(item: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     costs = commands.add_parser("costs", help="the latest cost report")
     costs.add_argument("--refresh", action="store_true", help="run the report now before showing it")
 
-    for sub in (start, status, count, costs):
+    dlq = commands.add_parser("dlq", help="uploads that could not be counted: list them, or redrive after a fix")
+    dlq.add_argument("action", choices=("list", "redrive"))
+    dlq.add_argument("--limit", type=int, default=100, help="messages to list at most")
+
+    for sub in (start, status, count, costs, dlq):
         sub.add_argument("--stack", default=aws.DEFAULT_STACK, help=f"stack name (default {aws.DEFAULT_STACK})")
     return parser
 
@@ -141,6 +145,21 @@ def _costs(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     return 0
 
 
+def _dlq(args: argparse.Namespace, deployment: aws.Deployment) -> int:
+    if args.action == "redrive":
+        handle = aws.redrive_dead_letters(deployment)
+        print(f"moving the dead letters back to the uploads queue (task {handle}); they are counted again as "
+              "they arrive: watch the count Lambda's CountFailures metric")
+        return 0
+    depth, letters = aws.dead_letters(deployment, limit=args.limit)
+    print(f"{depth} message(s) in the count dead-letter queue; the count Lambda's log says why each failed "
+          "(search for the key; cause is one of the CountFailures causes)")
+    print(render_table(["message", "uploads", "receives", "sent"], [
+        [letter.message_id, ", ".join(letter.keys), letter.receives,
+         letter.sent.isoformat(timespec="seconds") if letter.sent else ""] for letter in letters]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         deployment = aws.Deployment(stack_name=args.stack)
-        handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs}
+        handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs, "dlq": _dlq}
         return handlers[args.command](args, deployment)
     except aws.CliError as error:
         print(f"invmon: {error}", file=sys.stderr)

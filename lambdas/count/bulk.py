@@ -66,7 +66,7 @@ def _screen(s3: Any, bucket: str, obj: dict[str, Any], max_bytes: int) -> tuple[
 
 
 def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_name: str, endpoint_name: str,
-         instance_type: str, kms_key_id: str | None, bulk_prefix: str, threshold: float, max_bytes: int
+         instance_type: str, kms_key_id: str | None, bulk_prefix: str, threshold: float | None, max_bytes: int
          ) -> dict[str, Any]:
     model_name = model_in_service(sagemaker, endpoint_name)
     listed = [obj for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -116,7 +116,7 @@ def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_n
     }
 
 
-def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: float, page: int = PAGE
+def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: float | None, page: int = PAGE
          ) -> dict[str, Any]:
     bucket, base = job["Bucket"], job["Base"]
     inputs = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}inputs.json")["Body"].read())
@@ -167,7 +167,8 @@ def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
                prefix=prefix, job_name=job_name,
                endpoint_name=endpoint_name, instance_type=os.environ["TRANSFORM_INSTANCE_TYPE"],
                kms_key_id=os.environ.get("KMS_KEY_ID"), bulk_prefix=os.environ["BULK_PREFIX"],
-               threshold=float(os.environ["CONFIDENCE_THRESHOLD"]), max_bytes=int(os.environ["MAX_IMAGE_BYTES"]))
+               threshold=rec.parse_threshold(os.environ["CONFIDENCE_THRESHOLD"]),
+               max_bytes=int(os.environ["MAX_IMAGE_BYTES"]))
     logger.info("bulk count planned", extra={k: job[k] for k in ("TransformJobName", "Accepted", "Rejected")})
     return job
 
@@ -177,6 +178,6 @@ def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
 def load_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     s3, _, table = clients()
     result = load(s3, table, job=event["job"], index=int(event["cursor"]["index"]),
-                  threshold=float(os.environ["CONFIDENCE_THRESHOLD"]))
+                  threshold=rec.parse_threshold(os.environ["CONFIDENCE_THRESHOLD"]))
     logger.info("bulk results loaded", extra=result)
     return result

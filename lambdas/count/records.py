@@ -1,13 +1,16 @@
 """What a counted photo becomes: the checks before the endpoint sees it, and the table record after.
 
-Pure standard library, shared by the count Lambda (one photo per S3 event) and the bulk loader (one photo
-per Batch Transform output), so a photo gets the same record whichever path counted it.
+Shared by the count Lambda (one photo per S3 event) and the bulk loader (one photo per Batch Transform
+output), so a photo gets the same record whichever path counted it. The standard library, plus the
+Powertools parser (pydantic) model that holds the endpoint's answers to the serving contract.
 
 Table design (one table, single-table style; every item has ``pk`` and ``sk``)::
 
     count record      pk = "photo#<object key>"        sk = "version#<versionId or 'null'>"
                       status, count, confidence, classes, probabilities, model, countedAt, expectedCount,
-                      expectedFrom, reason, rejectReason, bucket, key, versionId, size, source
+                      expectedFrom, reason, rejectReason, bucket, key, versionId, size, source, notes,
+                      decidedBy ("model": the answering model's operating point; "config": the stack's
+                      threshold), thresholds (the ones applied)
     consignment       pk = "consignment#<object key>"  sk = "consignment"      expectedCount
                       pk = "consignment#bin#<bin id>"  sk = "consignment"      expectedCount
 
@@ -19,11 +22,14 @@ or rejection in time order without a scan.
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
+
+from aws_lambda_powertools.utilities.parser import ValidationError, parse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 # Statuses a count record can have. "counted" is a confident count with nothing to compare it with.
 MATCH = "match"
@@ -118,15 +124,33 @@ def check_upload(size: int, head: bytes, max_bytes: int) -> Rejection | None:
     return Rejection(NOT_AN_IMAGE, "not an image: the bytes are neither JPEG nor PNG")
 
 
+# A bin holds at most a few hundred items; anything far beyond is a typo or an attack, and DynamoDB numbers
+# hold 38 digits at most, so an unbounded value could fail the write and turn a photo into a poison message.
+MAX_EXPECTED_COUNT = 1_000_000
+# ASCII digits only: str.isdigit() also accepts "²" and "①" (which int() then refuses) and int() reads "٣" and
+# "３" as 3, so a count nobody typed on purpose would be compared with the model's.
+_ASCII_COUNT = re.compile(r"[0-9]{1,7}")
+
+
 def parse_expected(value: Any) -> int | None:
-    """An expected count from metadata or a consignment item; None when absent or not a count."""
+    """An expected count from metadata or a consignment item; None when absent or not a sane count."""
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, Decimal | int) and value == int(value) and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        number = int(value)
+    elif isinstance(value, str) and _ASCII_COUNT.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        return None
+    return number if 0 <= number <= MAX_EXPECTED_COUNT else None
+
+
+def _shown(value: Any) -> str:
+    # Short enough for a DynamoDB item and a log line whatever a sender put there.
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def expected_from_metadata(metadata: Mapping[str, str]) -> tuple[int | None, str | None]:
@@ -136,7 +160,8 @@ def expected_from_metadata(metadata: Mapping[str, str]) -> tuple[int | None, str
         return None, None
     expected = parse_expected(raw)
     if expected is None:
-        return None, f"x-amz-meta-{EXPECTED_COUNT_METADATA} is not a non-negative integer: {raw!r}"
+        return None, (f"x-amz-meta-{EXPECTED_COUNT_METADATA} is not a count (ASCII digits, 0 to "
+                      f"{MAX_EXPECTED_COUNT}): {_shown(raw)}")
     return expected, None
 
 
@@ -155,7 +180,8 @@ def expected_count(
             value = parse_expected(item.get("expectedCount"))
             if value is not None:
                 return value, item_key["pk"], notes
-            notes.append(f"consignment {item_key['pk']} has no usable expectedCount")
+            notes.append(f"consignment {item_key['pk']} has no usable expectedCount (ASCII digits, 0 to "
+                         f"{MAX_EXPECTED_COUNT}): {_shown(item.get('expectedCount'))}")
     return None, None, notes
 
 
@@ -163,40 +189,115 @@ class BadPrediction(ValueError):
     """An endpoint answer outside the response contract; a bug or version skew, never the photo's fault."""
 
 
-def read_prediction(answer: Mapping[str, Any]) -> dict[str, Any]:
-    """Check one prediction against the serving contract and normalise its types."""
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class OperatingPoint(BaseModel):
+    """The decision thresholds measured for the answering model (``ModelConfig.operating_point``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    count_threshold: Probability
+    match_threshold: Probability
+    mismatch_threshold: Probability
+
+
+class Prediction(BaseModel):
+    """One answer of the serving contract (``ml/inference.py``): anything else is a fault of the endpoint."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    count: Annotated[StrictInt, Field(ge=0)]
+    confidence: Probability
+    classes: Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+    probabilities: list[Probability]
+    model: StrictStr
+    overflow_class: StrictInt | None = None
+    operating_point: OperatingPoint | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Prediction:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes repeat a class")
+        if len(self.probabilities) != len(self.classes):
+            raise ValueError(f"{len(self.probabilities)} probabilities for {len(self.classes)} classes")
+        if self.count not in self.classes:
+            raise ValueError(f"count {self.count} is not among the classes")
+        if self.overflow_class is not None and self.overflow_class not in self.classes:
+            raise ValueError(f"overflow_class {self.overflow_class} is not among the classes")
+        return self
+
+
+def read_prediction(answer: Any) -> dict[str, Any]:
+    """Check one prediction against the serving contract (a Powertools parser model) and normalise it."""
     try:
-        count = answer["count"]
-        confidence = float(answer["confidence"])
-        classes = [int(c) for c in answer["classes"]]
-        probabilities = [float(p) for p in answer["probabilities"]]
-        model = str(answer["model"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise BadPrediction(f"prediction does not follow the response contract: {error!r}") from None
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise BadPrediction(f"prediction count is not a non-negative integer: {count!r}")
-    if len(classes) != len(probabilities) or not all(math.isfinite(p) for p in [*probabilities, confidence]):
-        raise BadPrediction("prediction classes and probabilities do not pair up, or hold non-finite numbers")
-    prediction = {
-        "count": count,
-        "confidence": confidence,
-        "classes": classes,
-        "probabilities": probabilities,
-        "model": model,
-    }
-    if answer.get("overflow_class") is not None:
-        prediction["overflow_class"] = int(answer["overflow_class"])
-    return prediction
+        checked = parse(event=answer, model=Prediction)
+    except (ValidationError, ValueError, TypeError) as error:
+        raise BadPrediction(f"prediction does not follow the response contract: {error}") from None
+    return checked.model_dump(exclude_none=True)
 
 
-def decide_status(
-    prediction: Mapping[str, Any] | None,
-    rejection: Rejection | None,
-    expected: int | None,
-    threshold: float,
-) -> str:
-    if rejection is not None or prediction is None:
-        return REJECTED
+@dataclass(frozen=True)
+class Decision:
+    """A record's status, which rule set it (``model``: the answer's operating point; ``config``: the stack's
+    single threshold), the thresholds that rule used, and why a count was not trusted."""
+
+    status: str
+    decided_by: str | None = None
+    thresholds: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+
+MODEL_RULE = "model"
+CONFIG_RULE = "config"
+# What "countConfidenceThreshold": "model" falls back to for an answer with no operating point (a model
+# trained before operating points existed): the single threshold used before them.
+DEFAULT_THRESHOLD = 0.5
+
+
+def parse_threshold(text: str | None) -> float | None:
+    """The ``CONFIDENCE_THRESHOLD`` setting: None for "model" (each answer's operating point), else a number."""
+    if text is None or text.strip().lower() == MODEL_RULE:
+        return None
+    number = float(text)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"CONFIDENCE_THRESHOLD must be 'model' or a number in [0, 1], got {text!r}")
+    return number
+
+
+def _likelihood(prediction: Mapping[str, Any], expected: int) -> float:
+    """The probability the model gives the expected count: its class, or the overflow class ("this many or
+    more") when the expected count is at or above it; 0 for a count the model cannot answer."""
+    likelihood = dict(zip(prediction["classes"], prediction["probabilities"], strict=True))
+    overflow = prediction.get("overflow_class")
+    if overflow is not None and expected >= overflow:
+        return likelihood[overflow]
+    return likelihood.get(expected, 0.0)
+
+
+def _by_operating_point(prediction: Mapping[str, Any], expected: int | None, point: Mapping[str, float]) -> Decision:
+    thresholds = {name: float(point[name]) for name in ("count_threshold", "match_threshold", "mismatch_threshold")}
+    if expected is None:
+        if prediction["confidence"] >= thresholds["count_threshold"]:
+            return Decision(COUNTED, MODEL_RULE, thresholds)
+        return Decision(LOW_CONFIDENCE, MODEL_RULE, thresholds,
+                        f"confidence {prediction['confidence']:.3f} is below the model's count threshold "
+                        f"{thresholds['count_threshold']:.3f}")
+    p = _likelihood(prediction, expected)
+    if p >= thresholds["match_threshold"]:
+        return Decision(MATCH, MODEL_RULE, thresholds)
+    if p <= thresholds["mismatch_threshold"]:
+        return Decision(MISMATCH, MODEL_RULE, thresholds)
+    return Decision(LOW_CONFIDENCE, MODEL_RULE, thresholds,
+                    f"probability {p:.3f} of the expected count {expected} lies between the model's mismatch "
+                    f"({thresholds['mismatch_threshold']:.3f}) and match ({thresholds['match_threshold']:.3f}) "
+                    "thresholds")
+
+
+def _by_threshold(prediction: Mapping[str, Any], expected: int | None, threshold: float) -> Decision:
+    decided = {"threshold": threshold}
+    low = Decision(LOW_CONFIDENCE, CONFIG_RULE, decided,
+                   f"confidence {prediction['confidence']:.3f} is below the {threshold} threshold")
     overflow = prediction.get("overflow_class")
     if expected is not None and overflow is not None and expected >= overflow:
         # The overflow class means "this many or more" and the model counts exactly only below it (a model may
@@ -204,12 +305,37 @@ def decide_status(
         # class is the most likely one.
         likelihood = dict(zip(prediction["classes"], prediction["probabilities"], strict=True))
         if likelihood[overflow] >= max(likelihood.values()):
-            return MATCH if likelihood[overflow] >= threshold else LOW_CONFIDENCE
+            return Decision(MATCH, CONFIG_RULE, decided) if likelihood[overflow] >= threshold else low
     if prediction["confidence"] < threshold:
-        return LOW_CONFIDENCE
+        return low
     if expected is None:
-        return COUNTED
-    return MATCH if prediction["count"] == expected else MISMATCH
+        return Decision(COUNTED, CONFIG_RULE, decided)
+    return Decision(MATCH if prediction["count"] == expected else MISMATCH, CONFIG_RULE, decided)
+
+
+def decide(
+    prediction: Mapping[str, Any] | None,
+    rejection: Rejection | None,
+    expected: int | None,
+    threshold: float | None,
+) -> Decision:
+    """The record's status. ``threshold`` None applies the answer's operating point (``DEFAULT_THRESHOLD``
+    with the single-threshold rule when the answer has none); a number overrides with that rule."""
+    if rejection is not None or prediction is None:
+        return Decision(REJECTED)
+    point = prediction.get("operating_point")
+    if threshold is None and point:
+        return _by_operating_point(prediction, expected, point)
+    return _by_threshold(prediction, expected, DEFAULT_THRESHOLD if threshold is None else threshold)
+
+
+def decide_status(
+    prediction: Mapping[str, Any] | None,
+    rejection: Rejection | None,
+    expected: int | None,
+    threshold: float | None,
+) -> str:
+    return decide(prediction, rejection, expected, threshold).status
 
 
 def _decimal(value: float) -> Decimal:
@@ -227,13 +353,13 @@ def build_record(
     rejection: Rejection | None,
     expected: int | None,
     expected_from: str | None,
-    threshold: float,
+    threshold: float | None,
     counted_at: str,
     source: str,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """The table item for one photo (DynamoDB-ready: numbers as Decimal, no None values)."""
-    status = decide_status(prediction, rejection, expected, threshold)
+    decision = decide(prediction, rejection, expected, threshold)
     item: dict[str, Any] = {
         "pk": photo_pk(key),
         "sk": version_sk(version_id),
@@ -241,7 +367,7 @@ def build_record(
         "key": key,
         "versionId": version_id or "null",
         "size": size,
-        "status": status,
+        "status": decision.status,
         "countedAt": counted_at,
         "source": source,
     }
@@ -258,11 +384,14 @@ def build_record(
         )
         if "overflow_class" in prediction:
             item["overflowClass"] = prediction["overflow_class"]
+    if decision.decided_by:
+        item["decidedBy"] = decision.decided_by
+        item["thresholds"] = {name: _decimal(value) for name, value in decision.thresholds.items()}
     if rejection is not None:
         item["rejectReason"] = rejection.code
         item["reason"] = rejection.reason
-    elif status == LOW_CONFIDENCE:
-        item["reason"] = f"confidence {prediction['confidence']:.3f} is below the {threshold} threshold"
+    elif decision.reason:
+        item["reason"] = decision.reason
     if notes:
         item["notes"] = list(notes)
     return item
@@ -272,7 +401,7 @@ def summary(item: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON-safe digest of a record: what the Lambda logs, returns and publishes."""
     out: dict[str, Any] = {}
     for name in ("bucket", "key", "versionId", "status", "count", "expectedCount", "expectedFrom",
-                 "confidence", "model", "rejectReason", "reason", "countedAt", "overflowClass"):
+                 "confidence", "model", "rejectReason", "reason", "countedAt", "overflowClass", "decidedBy"):
         if name in item:
             value = item[name]
             out[name] = float(value) if isinstance(value, Decimal) else value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import aws_cdk as cdk
 import pytest
@@ -10,7 +11,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks
 
-from infra.config import default_context, settings_from_context
+from infra import count as count_infra
+from infra.config import ConfigError, default_context, load_settings, settings_from_context
 from infra.count import MAX_RECEIVE_COUNT, Count
 from infra.storage import Storage
 
@@ -64,13 +66,62 @@ def test_queue_has_a_dead_letter_queue_and_outlasts_the_function(built):
             "deadLetterTargetArn": {"Fn::GetAtt": [logical_id(stack, count.dlq), "Arn"]},
             "maxReceiveCount": MAX_RECEIVE_COUNT,
         },
-        "VisibilityTimeout": 360,
+        "VisibilityTimeout": 720,
         "KmsMasterKeyId": Match.any_value(),
     })
     function = template.find_resources("AWS::Lambda::Function", {
         "Properties": {"Handler": "lambdas.count.handler.handler"}})
     assert len(function) == 1
-    assert next(iter(function.values()))["Properties"]["Timeout"] * 6 <= 360
+    # AWS: "set the source queue's visibility timeout to at least six times the configuration timeout on your
+    # function" (docs.aws.amazon.com/lambda/latest/dg/services-sqs-configure.html).
+    assert next(iter(function.values()))["Properties"]["Timeout"] * 6 <= 720
+
+
+def test_the_lambda_budget_covers_two_stalled_records_with_the_clients_limits(built):
+    _, _, template = built
+    (function,) = template.find_resources("AWS::Lambda::Function", {
+        "Properties": {"Handler": "lambdas.count.handler.handler"}}).values()
+    timeout = function["Properties"]["Timeout"]
+    variables = function["Properties"]["Environment"]["Variables"]
+    attempts = int(variables["ENDPOINT_MAX_ATTEMPTS"])
+    call = attempts * (float(variables["ENDPOINT_CONNECT_TIMEOUT"]) + float(variables["ENDPOINT_READ_TIMEOUT"]))
+    record = call + (attempts - 1) + float(variables["RECORD_OVERHEAD_SECONDS"])
+    assert record == count_infra.RECORD_BUDGET_SECONDS
+    assert 2 * record < timeout
+    # Each call stays inside what SageMaker lets a container take (60 s), retries included.
+    assert call < 60
+    # The handler's own defaults are the ones infra sets (a test or a tool running it gets the same budget).
+    from lambdas.count import handler
+
+    assert (handler.CONNECT_TIMEOUT_SECONDS, handler.READ_TIMEOUT_SECONDS, handler.MAX_ATTEMPTS,
+            handler.RECORD_OVERHEAD_SECONDS) == (count_infra.ENDPOINT_CONNECT_TIMEOUT_SECONDS,
+                                                 count_infra.ENDPOINT_READ_TIMEOUT_SECONDS,
+                                                 count_infra.ENDPOINT_MAX_ATTEMPTS,
+                                                 count_infra.RECORD_OVERHEAD_SECONDS)
+
+
+@pytest.mark.parametrize(("mode", "limit"), [("serverless", 4_000_000), ("realtime", 6_291_456)])
+def test_synth_refuses_a_max_image_size_the_endpoint_mode_cannot_take(mode, limit):
+    # Serverless: "The maximum request and response payload size for serverless invocations is 4 MB"
+    # (docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints-invoke.html); real-time: InvokeEndpoint's
+    # Body is at most 6,291,456 bytes (the API's service model).
+    assert load_settings({"endpointMode": mode, "countMaxImageBytes": limit}).count_max_image_bytes == limit
+    with pytest.raises(ConfigError, match=rf"countMaxImageBytes: .*\b{limit}\b"):
+        load_settings({"endpointMode": mode, "countMaxImageBytes": limit + 1})
+    # The old default (5 MiB) on the default serverless endpoint is exactly what lost photos.
+    with pytest.raises(ConfigError, match="countMaxImageBytes"):
+        load_settings({"countMaxImageBytes": 5 * 1024 * 1024})
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("model", "model"), ("0.7", 0.7), (0.25, 0.25), ("MODEL", "model")])
+def test_the_confidence_threshold_is_the_models_operating_point_or_a_probability(value, parsed):
+    assert load_settings({"countConfidenceThreshold": value}).count_confidence_threshold == parsed
+
+
+@pytest.mark.parametrize("value", ["auto", "1.5", -0.1, True, ""])
+def test_synth_refuses_a_confidence_threshold_that_is_neither(value):
+    with pytest.raises(ConfigError, match=re.escape('countConfidenceThreshold: expected "model" or a number')):
+        load_settings({"countConfidenceThreshold": value})
 
 
 def test_lambda_consumes_the_queue_reporting_partial_batch_failures(built):
@@ -80,13 +131,15 @@ def test_lambda_consumes_the_queue_reporting_partial_batch_failures(built):
         "FunctionName": {"Ref": logical_id(stack, count.function)},
         "FunctionResponseTypes": ["ReportBatchItemFailures"],
         "BatchSize": 10,
+        "MaximumBatchingWindowInSeconds": 5,
         "ScalingConfig": {"MaximumConcurrency": 5},  # endpointServerlessMaxConcurrency
     })
     env = template.find_resources("AWS::Lambda::Function", {
         "Properties": {"Handler": "lambdas.count.handler.handler"}})
     variables = next(iter(env.values()))["Properties"]["Environment"]["Variables"]
     assert variables["ENDPOINT_NAME"] == "invmon-dev-counter"
-    assert variables["CONFIDENCE_THRESHOLD"] == "0.5"
+    assert variables["CONFIDENCE_THRESHOLD"] == "model"
+    assert variables["MAX_IMAGE_BYTES"] == "4000000"
     assert variables["INCOMING_PREFIX"] == "incoming/"
     assert {"COUNTS_TABLE", "IDEMPOTENCY_TABLE", "EVENT_BUS_NAME", "MAX_IMAGE_BYTES"} <= set(variables)
 
@@ -144,3 +197,16 @@ def test_cdk_nag_reports_no_unsuppressed_errors(built):
     stack, _, _ = built
     errors = Annotations.from_stack(stack).find_error("*", Match.string_like_regexp("AwsSolutions-.*"))
     assert errors == [], [(e.id, e.entry.data.splitlines()[0]) for e in errors]
+
+
+def test_dashboard_graphs_count_failures_by_cause_as_the_handler_names_them(template):
+    from infra.observability import COUNT_FAILURE_CAUSES
+    from lambdas.count.handler import FAILURE_CAUSES
+
+    assert COUNT_FAILURE_CAUSES == FAILURE_CAUSES  # infra must not import Lambda code, so it keeps a copy
+    (dashboard,) = template.find_resources("AWS::CloudWatch::Dashboard").values()
+    parts = dashboard["Properties"]["DashboardBody"]["Fn::Join"][1]
+    body = "".join(part for part in parts if isinstance(part, str))
+    assert "Count records failed, by cause" in body
+    for cause in FAILURE_CAUSES:
+        assert f'"CountFailures","cause","{cause}","service","count"' in body, cause

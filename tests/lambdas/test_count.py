@@ -17,7 +17,7 @@ from urllib.parse import quote_plus
 import boto3
 import botocore.session
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 from moto import mock_aws
@@ -317,13 +317,12 @@ def test_response_outside_the_contract_fails_the_message_rather_than_storing_non
     assert [i["key"] for i in aws["table"].scan()["Items"]] == ["incoming/01062.jpg"]
 
 
-def test_a_batch_where_everything_fails_raises_so_sqs_retries_it_whole(aws, sample_dir, lambda_context):
-    from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
-
+def test_a_batch_where_everything_fails_lists_every_message_so_sqs_retries_it_whole(aws, sample_dir,
+                                                                                      lambda_context):
     count.services().runtime = FakeEndpoint(lambda body: {"label": "three"})
     event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"))
-    with pytest.raises(BatchProcessingError):
-        count.handler(sqs_event(notification(event)), lambda_context)
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {
+        "batchItemFailures": [{"itemIdentifier": "m0"}]}
 
 
 def test_object_deleted_before_counting_is_recorded_as_missing(aws, endpoint, sample_dir, lambda_context):
@@ -387,8 +386,19 @@ def test_a_bin_beyond_the_exact_counts_agrees_when_the_overflow_class_is_most_li
 
 def test_unreadable_expected_count_metadata_is_noted_not_used():
     assert rec.expected_from_metadata({"expected-count": "three"}) == (
-        None, "x-amz-meta-expected-count is not a non-negative integer: 'three'")
+        None, "x-amz-meta-expected-count is not a count (ASCII digits, 0 to 1000000): 'three'")
     assert rec.expected_from_metadata({"Expected-Count": " 4 "}) == (4, None)
+
+
+@pytest.mark.parametrize("value", ["1" * 39, "²", "①", "٣", "３", "-1", "1e3", "3.0", Decimal("1e40"),
+                                   Decimal("NaN"), Decimal("2.5"), rec.MAX_EXPECTED_COUNT + 1, True])
+def test_only_ascii_digits_in_a_sane_range_are_an_expected_count(value):
+    assert rec.parse_expected(value) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), (" 12 ", 12), (Decimal("7"), 7), (3, 3)])
+def test_plain_expected_counts_are_read(value, expected):
+    assert rec.parse_expected(value) == expected
 
 
 # --- bulk counting -------------------------------------------------------------------------------------
@@ -449,6 +459,12 @@ def test_bulk_plan_screens_the_prefix_and_load_stores_the_transform_answers(aws,
         ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 413,
           "OriginalMessage": "image is 40000x40000 pixels"}, (413, "image is 40000x40000 pixels")),
         ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 500}, None),
+        # A misrouted, unauthorised or timed-out container says nothing about the photo: retried, then the DLQ.
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 401}, None),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 404}, None),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 408}, None),
+        ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 415,
+          "OriginalMessage": "unsupported image format: WebP"}, (415, "unsupported image format: WebP")),
         ({"Error": {"Code": "ModelError", "Message": "wrapped"}, "OriginalStatusCode": 429}, None),
         ({"Error": {"Code": "ValidationError", "Message": "Endpoint x not found"}}, None),
         ({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, None),
@@ -553,3 +569,259 @@ def test_bulk_counting_refuses_a_prefix_outside_the_incoming_prefix(monkeypatch,
     monkeypatch.setattr(bulk, "clients", lambda: (None, None, None))
     with pytest.raises(ValueError, match="the prefix must start with 'incoming/', got 'raw/'"):
         bulk.plan_handler({"input": {"prefix": "raw/"}}, lambda_context)
+
+
+# --- under real limits and faults -----------------------------------------------------------------------
+
+
+class DeadlineContext:
+    """A Lambda context whose remaining time runs down like the real one's."""
+
+    function_name = "invmon-test"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:invmon-test"
+    aws_request_id = "00000000-0000-0000-0000-000000000001"
+
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        self._deadline = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        import time
+
+        return int((self._deadline - time.monotonic()) * 1000)
+
+
+@pytest.fixture
+def stalling_endpoint():
+    """A local stand-in for SageMaker Runtime that holds the first request (as a cold or stuck serverless
+    endpoint does) and answers the others at once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+    seen: list[str] = []
+
+    class Runtime(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append(self.path)
+            if len(seen) == 1:
+                release.wait(15)
+            payload = json.dumps(prediction(1)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Runtime)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_stalled_endpoint_on_the_first_of_ten_records_returns_within_budget_failing_the_untried(
+        aws, stalling_endpoint, sample_dir, monkeypatch):
+    url, seen = stalling_endpoint
+    # The real client as the Lambda builds it, with the limits infra sets, scaled down to seconds: one call
+    # may take 1 + 2 s, plus 1.5 s for the rest of a record = 4.5 s; the invocation has 6 s.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", url)
+    for name, value in {"ENDPOINT_CONNECT_TIMEOUT": "1", "ENDPOINT_READ_TIMEOUT": "2",
+                        "ENDPOINT_MAX_ATTEMPTS": "1", "RECORD_OVERHEAD_SECONDS": "1.5"}.items():
+        monkeypatch.setenv(name, value)
+    count.reset()
+    events = [upload(aws, f"incoming/{index}.jpg", photo(sample_dir, "01046")) for index in range(10)]
+    context = DeadlineContext(6.0)
+
+    response = count.handler(sqs_event(*(notification(e) for e in events)), context)
+
+    assert context.get_remaining_time_in_millis() > 0  # returned inside the function's timeout
+    assert response == {"batchItemFailures": [{"itemIdentifier": f"m{i}"} for i in range(10)]}
+    assert len(seen) == 1  # the nine others were never sent: they come back untried, not timed out
+    assert aws["table"].scan()["Items"] == []
+    assert count.services().call_budget_seconds == pytest.approx(4.5)
+    # SQS delivers them again: a fresh invocation counts all ten (the stand-in answers at once now).
+    assert count.handler(sqs_event(*(notification(e) for e in events)), DeadlineContext(60.0)) == {
+        "batchItemFailures": []}
+    assert len(aws["table"].scan()["Items"]) == 10
+
+
+def test_the_endpoint_client_has_explicit_timeouts_and_retries_inside_the_budget(aws):
+    config = count.services().runtime.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (count.CONNECT_TIMEOUT_SECONDS,
+                                                             count.READ_TIMEOUT_SECONDS)
+    assert config.retries == {"mode": "standard", "total_max_attempts": count.MAX_ATTEMPTS}
+
+
+def test_a_photo_over_the_serverless_payload_limit_becomes_a_too_large_record(aws, endpoint, monkeypatch,
+                                                                             lambda_context):
+    from infra.config import load_settings
+
+    # The default stack: a serverless endpoint, which takes at most 4 MB per request
+    # (docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints-invoke.html).
+    settings = load_settings()
+    assert settings.endpoint_mode == "serverless"
+    monkeypatch.setenv("MAX_IMAGE_BYTES", str(settings.count_max_image_bytes))
+    count.reset()
+    count.services().runtime = endpoint
+    body = b"\xff\xd8\xff\xe0" + bytes(4_500_000 - 4)
+    event = upload(aws, "incoming/big.jpg", body)
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    item = record_of(aws, "incoming/big.jpg", event["s3"]["object"]["versionId"])
+    assert (item["status"], item["rejectReason"]) == (rec.REJECTED, rec.TOO_LARGE)
+    assert endpoint.calls == []
+
+
+def test_hostile_expected_counts_are_recorded_with_a_note(aws, endpoint, sample_dir, lambda_context):
+    body = photo(sample_dir, "01046")
+    events = {"digits": upload(aws, "incoming/digits.jpg", body, {"expected-count": "9" * 39})}
+    for bin_id, value in (("b1", "²"), ("b2", "①"), ("b3", "٣"), ("b4", "３")):
+        aws["table"].put_item(Item={"pk": f"consignment#bin#{bin_id}", "sk": "consignment", "expectedCount": value})
+        events[bin_id] = upload(aws, f"incoming/{bin_id}.jpg", body)
+    assert count.handler(sqs_event(*(notification(e) for e in events.values())), lambda_context) == {
+        "batchItemFailures": []}
+    for name, event in events.items():
+        key = f"incoming/{name}.jpg"
+        item = record_of(aws, key, event["s3"]["object"]["versionId"])
+        assert item["status"] == rec.COUNTED and "expectedCount" not in item, name
+        assert "not a count" in item["notes"][0] or "no usable expectedCount" in item["notes"][0]
+
+
+@pytest.mark.parametrize("status", [401, 404, 408])
+def test_a_model_error_that_does_not_judge_the_body_fails_the_record(aws, sample_dir, lambda_context, status):
+    client = botocore.session.get_session().create_client("sagemaker-runtime", region_name="us-east-1")
+    stubber = Stubber(client)
+    count.services().runtime = client
+    stubber.add_client_error("invoke_endpoint", service_error_code="ModelError", http_status_code=424,
+                             modeled_fields={"OriginalStatusCode": status, "OriginalMessage": "not for you"})
+    event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"))
+    with stubber:
+        response = count.handler(sqs_event(notification(event)), lambda_context)
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m0"}]}
+    assert record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"]) is None
+
+
+OUT_OF_CONTRACT = {
+    "count not a class": prediction(3) | {"count": 9},
+    "confidence above 1": prediction(3) | {"confidence": 1.5},
+    "negative confidence": prediction(3) | {"confidence": -0.1},
+    "overflow not a class": prediction(3) | {"overflow_class": 12},
+    "probability above 1": prediction(3) | {"probabilities": [2.0] + [0.0] * 6},
+    "boolean count": prediction(1) | {"count": True},
+    "unpaired probabilities": prediction(3) | {"probabilities": [1.0]},
+    "operating point above 1": prediction(3) | {"operating_point": {
+        "count_threshold": 1.2, "match_threshold": 0.8, "mismatch_threshold": 0.1}},
+    "not an object": [1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("answer", OUT_OF_CONTRACT.values(), ids=OUT_OF_CONTRACT.keys())
+def test_an_answer_outside_the_contract_fails_the_record(aws, sample_dir, lambda_context, answer):
+    odd_body, good_body = photo(sample_dir, "01046"), photo(sample_dir, "01062")
+    count.services().runtime = FakeEndpoint(lambda body: answer if body == odd_body else prediction(1))
+    # No expected count: nothing compares the answer with anything, so only the contract check can stop it.
+    odd = upload(aws, "incoming/01046.jpg", odd_body)
+    good = upload(aws, "incoming/01062.jpg", good_body)
+    assert count.handler(sqs_event(notification(odd), notification(good)), lambda_context) == {
+        "batchItemFailures": [{"itemIdentifier": "m0"}]}
+    assert [i["key"] for i in aws["table"].scan()["Items"]] == ["incoming/01062.jpg"]
+
+
+def test_a_failed_record_is_logged_with_its_cause_and_counted_by_cause(aws, sample_dir, lambda_context, capsys,
+                                                                       caplog):
+    count.services().runtime = FakeEndpoint(lambda body: prediction(3) | {"confidence": 7})
+    event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"))
+    count.handler(sqs_event(notification(event)), lambda_context)
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING" and getattr(r, "cause", None)]
+    assert (warning.bucket, warning.key, warning.cause) == (BUCKET, "incoming/01046.jpg", "bad-prediction")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    (emf,) = [line for line in lines if "CountFailures" in line]
+    assert emf["CountFailures"] in ([1.0], 1.0)
+    assert (emf["cause"], emf["service"]) == ("bad-prediction", "count")
+    assert emf["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["service", "cause"]]
+
+
+# --- the model's operating point -----------------------------------------------------------------------
+
+POINT = {"count_threshold": 0.6, "match_threshold": 0.7, "mismatch_threshold": 0.2}
+
+
+def answered(probabilities: list[float], *, point: dict | None = POINT, overflow: int | None = 6) -> dict:
+    best = max(range(len(probabilities)), key=probabilities.__getitem__)
+    answer = {"count": best, "confidence": probabilities[best], "classes": list(range(len(probabilities))),
+              "probabilities": probabilities, "model": MODEL}
+    if overflow is not None:
+        answer["overflow_class"] = overflow
+    if point is not None:
+        answer["operating_point"] = point | {"targets": {"match_precision": 0.98}}  # extra keys are ignored
+    return rec.read_prediction(answer)
+
+
+@pytest.mark.parametrize(("probabilities", "expected", "status"), [
+    ([0.0, 0.05, 0.8, 0.1, 0.05, 0.0, 0.0], None, rec.COUNTED),        # 0.8 >= count threshold 0.6
+    ([0.0, 0.25, 0.5, 0.25, 0.0, 0.0, 0.0], None, rec.LOW_CONFIDENCE),  # 0.5 < 0.6
+    ([0.0, 0.05, 0.8, 0.1, 0.05, 0.0, 0.0], 2, rec.MATCH),             # p(2) = 0.8 >= 0.7
+    ([0.0, 0.05, 0.8, 0.1, 0.05, 0.0, 0.0], 3, rec.MISMATCH),          # p(3) = 0.1 <= 0.2
+    ([0.0, 0.05, 0.5, 0.4, 0.05, 0.0, 0.0], 3, rec.LOW_CONFIDENCE),    # 0.2 < p(3) = 0.4 < 0.7: abstain
+    ([0.0, 0.0, 0.0, 0.0, 0.1, 0.15, 0.75], 9, rec.MATCH),             # 9 >= overflow 6: p(6+) = 0.75
+    ([0.0, 0.0, 0.0, 0.0, 0.1, 0.8, 0.1], 9, rec.MISMATCH),            # p(6+) = 0.1
+])
+def test_the_answers_operating_point_decides_when_the_stack_defers_to_the_model(probabilities, expected, status):
+    decision = rec.decide(answered(probabilities), None, expected, None)
+    assert (decision.status, decision.decided_by) == (status, rec.MODEL_RULE)
+    assert decision.thresholds == POINT
+
+
+def test_a_number_overrides_the_operating_point_and_an_answer_without_one_falls_back_to_half():
+    probabilities = [0.0, 0.05, 0.5, 0.4, 0.05, 0.0, 0.0]
+    overridden = rec.decide(answered(probabilities), None, 3, 0.45)
+    assert (overridden.status, overridden.decided_by, overridden.thresholds) == (
+        rec.MISMATCH, rec.CONFIG_RULE, {"threshold": 0.45})
+    old_model = rec.decide(answered(probabilities, point=None), None, 2, None)
+    assert (old_model.status, old_model.decided_by, old_model.thresholds) == (
+        rec.MATCH, rec.CONFIG_RULE, {"threshold": 0.5})
+
+
+def test_the_record_says_which_rule_decided_and_the_thresholds_it_used(aws, sample_dir, lambda_context,
+                                                                      monkeypatch):
+    monkeypatch.setenv("CONFIDENCE_THRESHOLD", "model")
+    count.reset()
+    point = {"count_threshold": 0.6, "match_threshold": 0.7, "mismatch_threshold": 0.2}
+    count.services().runtime = FakeEndpoint(
+        lambda body: prediction(2, confidence=0.5) | {"operating_point": point})
+    event = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"), {"expected-count": "2"})
+    count.handler(sqs_event(notification(event)), lambda_context)
+    item = record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"])
+    assert (item["status"], item["decidedBy"]) == (rec.LOW_CONFIDENCE, "model")
+    assert item["thresholds"] == {"count_threshold": Decimal("0.6"), "match_threshold": Decimal("0.7"),
+                                  "mismatch_threshold": Decimal("0.2")}
+    assert "between the model's mismatch (0.200) and match (0.700) thresholds" in item["reason"]
+
+
+@pytest.mark.parametrize("text", ["0.5x", "1.5", "-0.1", "modle"])
+def test_a_threshold_setting_that_is_neither_model_nor_a_probability_is_refused(text):
+    with pytest.raises(ValueError):
+        rec.parse_threshold(text)
+
+
+@pytest.mark.parametrize(("error", "cause"), [
+    (count.OutOfTime("2 s left"), "out-of-time"),
+    (ReadTimeoutError(endpoint_url="http://x"), "endpoint-timeout"),
+    (ClientError({"Error": {"Code": "ThrottlingException"}}, "InvokeEndpoint"), "endpoint-throttled"),
+    (ClientError({"Error": {"Code": "ModelError"}, "OriginalStatusCode": 503}, "InvokeEndpoint"), "endpoint-error"),
+    (ClientError({"Error": {"Code": "ProvisionedThroughputExceededException"}}, "PutItem"), "aws-error"),
+    (rec.BadPrediction("count 9 is not among the classes"), "bad-prediction"),
+    (ValueError("SQS message is not JSON"), "bad-message"),
+    (KeyError("s3"), "unexpected"),
+])
+def test_each_failure_is_named_by_one_of_the_dashboards_causes(error, cause):
+    assert count.failure_cause(error) == cause and cause in count.FAILURE_CAUSES
