@@ -184,3 +184,15 @@ def test_an_execution_input_asks_for_a_profile_through_the_trainers_hyperparamet
     assert request["HyperParameters"]["profile-steps"] == "20"
     # sagemaker-training passes it back as "--profile-steps 20", which the trainer reads.
     assert parse_args(["--train", "x", "--profile-steps", "20"]).profile_steps == 20
+
+
+def test_the_local_trainer_and_the_demo_show_the_health_of_a_run(tiny_run: dict, tmp_path: Path) -> None:
+    from invmon.training import health_lines
+
+    assert health_lines(tiny_run["output_dir"])[0].startswith("training health: ")
+    monitor = TrainingMonitor(log=quiet)
+    monitor.step(epoch=0, step=0, loss=math.nan, grad_norm=1.0, data_seconds=0.0, step_seconds=0.1)
+    lines = health_lines(monitor.write(tmp_path).parent)
+    assert lines[0] == "training health: fatal"
+    assert lines[1].startswith("  fatal non_finite_loss (epoch 1): the training loss is nan")
+    assert health_lines(tmp_path / "nowhere") == ["training health: not recorded (no health.json)"]
