@@ -461,13 +461,8 @@ class Training(Construct):
         role.add_to_policy(iam.PolicyStatement(
             sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"],
         ))
-        # The seed attached Cost Explorer read access to this role (training cost per run); these are the
-        # Get* actions that reads cost and usage needs. None of them takes a resource narrower than "*".
-        role.add_to_policy(iam.PolicyStatement(
-            sid="CostExplorerRead",
-            actions=["ce:GetCostAndUsage", "ce:GetCostForecast", "ce:GetDimensionValues", "ce:GetTags"],
-            resources=["*"],
-        ))
+        # No Cost Explorer access here (the seed had it): this role runs training code and serves models, and
+        # the account's billing is none of their business. The cost-analysis role holds it (infra/costs.py).
         if settings.training_subnet_ids:
             role.add_to_policy(iam.PolicyStatement(
                 sid="TrainInVpc",
@@ -497,8 +492,7 @@ class Training(Construct):
             ),
             wildcard_suppression(
                 role, "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (held to the SageMaker namespaces by a "
-                "condition), the Cost Explorer Get* actions and the VPC network-interface actions accept no "
-                "resource narrower than '*'.",
+                "condition) and the VPC network-interface actions accept no resource narrower than '*'.",
                 resources=["*"],
             ),
             wildcard_suppression(

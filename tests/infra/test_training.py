@@ -188,14 +188,10 @@ def test_sagemaker_role_reads_exactly_the_trainer_source_and_weights_assets(buil
     assert len(read["Resource"]) == 2 and ".gz" in objects and ".pth" in objects and "/*" not in objects
 
 
-def test_sagemaker_role_has_the_seeds_cost_explorer_reads_and_nothing_wider(built: Built) -> None:
+def test_sagemaker_role_cannot_read_the_accounts_billing(built: Built) -> None:
+    # The seed gave this role Cost Explorer; it runs training code, so the cost-analysis role has it now.
     statements = built.policies_of("TrainingExecutionRole")
-    cost = [s for s in statements if any(a.startswith("ce:") for a in actions(s))]
-    (statement,) = cost
-    assert set(actions(statement)) == {"ce:GetCostAndUsage", "ce:GetCostForecast", "ce:GetDimensionValues",
-                                       "ce:GetTags"}
-    assert statement["Resource"] == "*"  # Cost Explorer's Get actions have no resource types
-    assert statement["Effect"] == "Allow"
+    assert statements and not [a for s in statements for a in actions(s) if a.startswith("ce:")]
 
 
 def test_state_machine_may_pass_only_the_sagemaker_role_and_manage_only_its_jobs(built: Built) -> None:
