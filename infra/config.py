@@ -212,6 +212,9 @@ class Settings:
     incoming_prefix: str
     count_confidence_threshold: float
     count_max_image_bytes: int
+    # notebooks (optional SageMaker Studio domain, infra/studio.py)
+    studio_domain: bool
+    studio_network_access: str
     # platform
     alarm_email: str
     cost_report_schedule: str
@@ -266,6 +269,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _float(0.0, 1.0)),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, 6 * 1024 * 1024)),
+    "studio_domain": ("studioDomain", _bool),
+    "studio_network_access": ("studioNetworkAccess", _choice("PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
     "cost_report_schedule": ("costReportSchedule", _SCHEDULE),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),
