@@ -110,6 +110,17 @@ def test_job_tasks_map_exactly_the_fields_the_builder_emits(built: Built) -> Non
     assert set(built.states["TuneModel"]["Parameters"]) == {f"{field}.$" for field in TUNING_FIELDS}
 
 
+def test_the_default_training_task_sends_none_of_the_debugger_fields(built: Built) -> None:
+    # Debugger is closed to new customers since 2026-07-30: the state machine of a default deployment must not
+    # pass any of its fields to CreateTrainingJob.
+    fields = {key.removesuffix(".$") for key in built.states["TrainModel"]["Parameters"]}
+    assert fields.isdisjoint({"DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig",
+                              "ProfilerRuleConfigurations"})
+    opted_in = Built({"trainingDebugger": True, "trainingProfiler": True})
+    assert {key.removesuffix(".$") for key in opted_in.states["TrainModel"]["Parameters"]} >= {
+        "DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations"}
+
+
 def test_job_tasks_retry_throttling_and_stop_the_job_before_failing(built: Built) -> None:
     states = built.states
     for state, stop, api in (("TrainModel", "StopTrainingJob", "stopTrainingJob"),
