@@ -220,11 +220,15 @@ def _read_output(job: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str
             return None, None, f"s3://{bucket}/{output_key} is larger than {_MAX_OUTPUT_BYTES} bytes; not read"
         body = clients.s3.get_object(Bucket=bucket, Key=output_key)["Body"].read()
         health = health_from_output(body)
-        return metrics_from_output(body), health, None
     except ClientError as error:
         return None, None, f"could not read s3://{bucket}/{output_key}: {error}"
     except (ValueError, tarfile.TarError, UnicodeDecodeError) as error:
         return None, None, f"s3://{bucket}/{output_key}: {error}"
+    try:
+        # A trainer that stopped before writing its metrics may still have written its health.
+        return metrics_from_output(body), health, None
+    except (ValueError, tarfile.TarError, UnicodeDecodeError) as error:
+        return None, health, f"s3://{bucket}/{output_key}: {error}"
 
 
 def record(event: ReportEvent, bucket: str) -> dict[str, Any]:

@@ -24,11 +24,12 @@ def trainer_health() -> dict[str, Any]:
     return monitor.summary()
 
 
-def output_archive(files: dict[str, Any]) -> bytes:
-    """output.tar.gz with these JSON files, plus the trainer's metrics."""
+def output_archive(files: dict[str, Any], *, metrics: bool = True) -> bytes:
+    """output.tar.gz with these JSON files, plus the trainer's metrics unless ``metrics`` is false."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, body in ({"metrics.json": {"valid_accuracy": 0.5, "valid_rmse": 1.0}} | files).items():
+        base = {"metrics.json": {"valid_accuracy": 0.5, "valid_rmse": 1.0}} if metrics else {}
+        for name, body in (base | files).items():
             data = json.dumps(body).encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -64,6 +65,19 @@ def test_a_job_without_health_json_reports_none(aws: Any, lambda_context: Any) -
                          {"TrainingJobName": name})
     state = report.handler({"mode": "training", "jobName": name}, lambda_context)
     assert state["health"] is None and state["problems"] == []
+
+
+def test_health_is_carried_even_when_the_metrics_file_is_missing(aws: Any, lambda_context: Any) -> None:  # noqa: F811
+    s3, stubber = aws
+    name = "invmon-dev-261125150405-healthonly"
+    health = trainer_health()
+    s3.put_object(Bucket=BUCKET, Key=f"models/{name}/output/output.tar.gz",
+                  Body=output_archive({HEALTH_FILE: health}, metrics=False))
+    stubber.add_response("describe_training_job", describe_job(name, ProfilerRuleEvaluationStatuses=[]),
+                         {"TrainingJobName": name})
+    state = report.handler({"mode": "training", "jobName": name}, lambda_context)
+    assert state["health"]["status"] == "warning"
+    assert any("no metrics JSON" in problem for problem in state["problems"])
 
 
 def test_many_findings_are_capped_in_the_state_and_counted() -> None:
