@@ -409,8 +409,12 @@ class Training(Construct):
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
             description=f"{settings.project}: SageMaker training jobs, tuning trials and models",
         )
-        readable = [RAW_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, TRAINING_REPORT_PREFIX]
-        writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, TRAINING_REPORT_PREFIX]
+        # Debugger's hook output (reports/training/), its rules' processing-job logs and rule image are granted
+        # only to a deployment that opts into Debugger (closed to new customers; off by default).
+        debugger = settings.training_debugger or settings.training_profiler
+        debug_output = [TRAINING_REPORT_PREFIX] if debugger else []
+        readable = [RAW_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
+        writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         role.add_to_policy(iam.PolicyStatement(
             sid="ReadChannelsCheckpointsAndRuleInputs",
             actions=["s3:GetObject"],
@@ -429,12 +433,13 @@ class Training(Construct):
         ))
         key.grant_encrypt_decrypt(role)
         log_groups = [
-            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:*",
+            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/{group}:*"
             # Debugger and profiler rules run as processing jobs.
-            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/ProcessingJobs:*",
+            for group in ("TrainingJobs", *(["ProcessingJobs"] if debugger else []))
         ]
         repositories = [f"arn:{partition}:ecr:{region}:*:repository/{repository}"
-                        for repository in ("pytorch-training", "pytorch-inference", "sagemaker-debugger-rules")]
+                        for repository in ("pytorch-training", "pytorch-inference",
+                                           *(["sagemaker-debugger-rules"] if debugger else []))]
         # Encrypting the training volumes with the data key makes SageMaker create grants for the instances.
         role.add_to_policy(iam.PolicyStatement(
             sid="GrantVolumeEncryption",

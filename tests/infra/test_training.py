@@ -121,6 +121,14 @@ def test_the_default_training_task_sends_none_of_the_debugger_fields(built: Buil
         "DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations"}
 
 
+def test_debugger_output_logs_and_rule_image_are_granted_only_to_a_deployment_that_opts_in(built: Built) -> None:
+    default = json.dumps(built.policies_of("TrainingExecutionRole"))
+    opted_in = json.dumps(Built({"trainingDebugger": True}).policies_of("TrainingExecutionRole"))
+    for grant in ("/reports/training/*", "/aws/sagemaker/ProcessingJobs", "repository/sagemaker-debugger-rules"):
+        assert grant not in default and grant in opted_in, grant
+    assert "/aws/sagemaker/TrainingJobs" in default and "repository/pytorch-training" in default
+
+
 def test_job_tasks_retry_throttling_and_stop_the_job_before_failing(built: Built) -> None:
     states = built.states
     for state, stop, api in (("TrainModel", "StopTrainingJob", "stopTrainingJob"),
@@ -185,7 +193,7 @@ def test_sagemaker_role_reads_channels_and_writes_only_its_prefixes(built: Built
     assert "incoming/" not in readable
     (write,) = [s for s in statements if "s3:PutObject" in actions(s) and s.get("Sid")]
     written = json.dumps(write["Resource"])
-    assert all(prefix in written for prefix in ("/models/*", "/checkpoints/*", "/reports/training/*"))
+    assert all(prefix in written for prefix in ("/models/*", "/checkpoints/*"))
     assert "/raw/" not in written and "/manifests/" not in written
     assert not [s for s in statements if s["Resource"] == "*" and any(a.startswith("s3:") for a in actions(s))]
 
