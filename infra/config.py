@@ -281,6 +281,9 @@ class Settings:
     # "model": apply the operating point each answer carries; a number overrides it with one threshold.
     count_confidence_threshold: float | str
     count_max_image_bytes: int
+    # notebooks (optional SageMaker Studio domain, infra/studio.py)
+    studio_domain: bool
+    studio_network_access: str
     # platform
     alarm_email: str
     cost_report_schedule: str
@@ -335,6 +338,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
+    "studio_domain": ("studioDomain", _bool),
+    "studio_network_access": ("studioNetworkAccess", _choice("PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
     "cost_report_schedule": ("costReportSchedule", _rate_or_cron),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import Stack
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -16,6 +16,9 @@ from infra.function import PythonFunction
 from infra.nag import suppress, wildcard_suppression
 from infra.storage import REPORT_PREFIX
 from lambdas.training.request import name_prefix
+
+# What the cost report asks Cost Explorer (lambdas/costs/report.py cost_query): daily cost per service.
+COST_EXPLORER_ACTIONS = ["ce:GetCostAndUsage"]
 
 
 class Costs(Construct):
@@ -48,12 +51,29 @@ class Costs(Construct):
         own_jobs = stack.format_arn(service="sagemaker", resource="training-job", resource_name=f"{job_prefix}-*")
         data_bucket.grant_put(role, f"{REPORT_PREFIX}costs/*")
         data_key.grant_encrypt(role)
-        role.add_to_principal_policy(
-            iam.PolicyStatement(
-                sid="CostExplorerRead",
-                actions=["ce:GetCostAndUsage"],
-                resources=["*"],
-            )
+        # The account's billing is readable through this one role, holding only the Cost Explorer action the
+        # report makes (GetCostAndUsage). The report Lambda assumes it for its query rather than being it: being
+        # it would hand whoever else may assume it (the Studio user, a person running notebooks) the Lambda's
+        # writes to the bucket and its SageMaker reads too, and would put lambda.amazonaws.com in its trust
+        # policy. No SageMaker role (training code, endpoints) holds a ce: action.
+        self.analysis_role = iam.Role(
+            self,
+            "AnalysisRole",
+            assumed_by=iam.ArnPrincipal(role.role_arn),
+            description=f"{settings.project}: reads Cost Explorer (GetCostAndUsage) for the cost report and "
+            "notebooks; nothing else",
+            max_session_duration=Duration.hours(1),
+        )
+        self.analysis_role.add_to_policy(
+            iam.PolicyStatement(sid="CostExplorerRead", actions=COST_EXPLORER_ACTIONS, resources=["*"])
+        )
+        self.analysis_role.grant_assume_role(role)
+        suppress(
+            self.analysis_role,
+            wildcard_suppression(
+                self.analysis_role, "ce:GetCostAndUsage supports no resource-level permissions: '*' is the only "
+                "resource AWS accepts for it; the role holds nothing else.", resources=["*"],
+            ),
         )
         role.add_to_principal_policy(
             iam.PolicyStatement(sid="ListTrainingJobs", actions=["sagemaker:ListTrainingJobs"], resources=["*"])
@@ -65,12 +85,13 @@ class Costs(Construct):
                 resources=[own_jobs],
             )
         )
+        self.report.function.add_environment("COST_ANALYSIS_ROLE_ARN", self.analysis_role.role_arn)
         suppress(
             role,
             wildcard_suppression(
-                self.report, "ce:GetCostAndUsage and sagemaker:ListTrainingJobs support no resource-level "
-                "permissions: '*' is the only resource AWS accepts for them (the same '*' also covers X-Ray, "
-                "suppressed by PythonFunction).", resources=["*"],
+                self.report, "sagemaker:ListTrainingJobs supports no resource-level permissions: '*' is the only "
+                "resource AWS accepts for it (the same '*' also covers X-Ray, suppressed by PythonFunction).",
+                resources=["*"],
             ),
             wildcard_suppression(
                 self.report, "DescribeTrainingJob is limited to this deployment's job-name prefix (jobs are named "

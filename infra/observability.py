@@ -20,6 +20,7 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import Settings
+from lambdas.training.request import name_prefix
 
 # The count Lambda's statuses (lambdas/count/records.py STATUSES); infra must not import Lambda code.
 COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected", "counted")
@@ -27,6 +28,11 @@ COUNT_STATUSES = ("match", "mismatch", "uncounted-low-confidence", "rejected", "
 COUNT_FAILURE_CAUSES = ("out-of-time", "endpoint-timeout", "endpoint-throttled", "endpoint-error", "bad-prediction",
                         "bad-message", "aws-error", "unexpected")
 FIVE_MINUTES = Duration.minutes(5)
+# What SageMaker publishes for every training job's instances, Debugger or not (docs.aws.amazon.com/sagemaker/
+# latest/dg/monitoring-cloudwatch.html, "Training Job ... Instance Metrics"): namespace /aws/sagemaker/TrainingJobs,
+# dimension Host = "<training-job-name>/algo-<instance-number>", in percent (CPU and GPU summed over cores/GPUs).
+TRAINING_INSTANCE_NAMESPACE = "/aws/sagemaker/TrainingJobs"
+TRAINING_INSTANCE_METRICS = ("CPUUtilization", "MemoryUtilization", "GPUUtilization", "GPUMemoryUtilization")
 
 
 def _endpoint_metric(endpoint_name: str, name: str, statistic: str) -> cloudwatch.Metric:
@@ -45,6 +51,18 @@ def _search(namespace: str, metric_name: str, statistic: str, label: str) -> clo
         expression=f"SEARCH('{{{namespace},mode,service}} MetricName=\"{metric_name}\"', '{statistic}', 86400)",
         label=label,
         period=Duration.days(1),
+    )
+
+
+def training_instance_search(job_prefix: str, metric_name: str) -> cloudwatch.MathExpression:
+    """One series per instance of this deployment's training jobs. Job names are made per execution, so the Host
+    value is matched by partial match on the job-name prefix (CloudWatch search splits it into its words, all
+    of which must appear) rather than named."""
+    return cloudwatch.MathExpression(
+        expression=(f"SEARCH('{{\"{TRAINING_INSTANCE_NAMESPACE}\",Host}} MetricName=\"{metric_name}\" "
+                    f"Host={job_prefix}', 'Average', 60)"),
+        label=metric_name,
+        period=Duration.minutes(1),
     )
 
 
@@ -192,6 +210,15 @@ class Observability(Construct):
                         title="Count records failed, by cause (each retried, then the dead-letter queue)",
                         left=failures,
                         stacked=True,
+                        width=24,
+                        legend_position=cloudwatch.LegendPosition.RIGHT,
+                    )
+                ],
+                [
+                    cloudwatch.GraphWidget(
+                        title="Training job instances: CPU, memory, GPU utilisation (%)",
+                        left=[training_instance_search(name_prefix(settings.project, settings.stage), metric)
+                              for metric in TRAINING_INSTANCE_METRICS],
                         width=24,
                         legend_position=cloudwatch.LegendPosition.RIGHT,
                     )

@@ -14,6 +14,7 @@ from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
 from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
+from infra.studio import Studio
 from infra.training import Training, stage_timeout_seconds
 
 # Ingest and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
@@ -75,6 +76,16 @@ class InvmonStack(Stack):
             domain_alarms=[self.deploy.rollback_alarm],
         )
 
+        self.studio = None
+        if settings.studio_domain:
+            self.studio = Studio(self, "Studio", **data, counts_table=self.count.table,
+                                 state_machine=self.pipeline.state_machine,
+                                 cost_analysis_role=self.costs.analysis_role)
+            Tags.of(self.studio).add("component", "studio")
+            CfnOutput(self, "StudioDomainId", value=self.studio.domain.attr_domain_id,
+                      description="SageMaker Studio domain; open it as user profile "
+                                  f"{self.studio.user.user_profile_name}")
+
         for component, construct in (
             ("storage", self.storage), ("ingest", self.ingest), ("training", self.training),
             ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
@@ -94,6 +105,8 @@ class InvmonStack(Stack):
             "CostReportFunctionName": (self.costs.report.function.function_name,
                                        "Invoke for a cost report now (invmon costs --refresh)"),
             "AlarmTopicArn": (self.observability.topic.topic_arn, "Subscribe to be told about failures"),
+            "CostAnalysisRoleArn": (self.costs.analysis_role.role_arn,
+                                    "The one role that reads Cost Explorer (the cost report assumes it)"),
         }
         for name, (value, description) in outputs.items():
             CfnOutput(self, name, value=value, description=description)

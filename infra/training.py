@@ -409,8 +409,12 @@ class Training(Construct):
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
             description=f"{settings.project}: SageMaker training jobs, tuning trials and models",
         )
-        readable = [RAW_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, TRAINING_REPORT_PREFIX]
-        writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, TRAINING_REPORT_PREFIX]
+        # Debugger's hook output (reports/training/), its rules' processing-job logs and rule image are granted
+        # only to a deployment that opts into Debugger (closed to new customers; off by default).
+        debugger = settings.training_debugger or settings.training_profiler
+        debug_output = [TRAINING_REPORT_PREFIX] if debugger else []
+        readable = [RAW_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
+        writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         role.add_to_policy(iam.PolicyStatement(
             sid="ReadChannelsCheckpointsAndRuleInputs",
             actions=["s3:GetObject"],
@@ -429,12 +433,13 @@ class Training(Construct):
         ))
         key.grant_encrypt_decrypt(role)
         log_groups = [
-            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs:*",
+            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/{group}:*"
             # Debugger and profiler rules run as processing jobs.
-            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/ProcessingJobs:*",
+            for group in ("TrainingJobs", *(["ProcessingJobs"] if debugger else []))
         ]
         repositories = [f"arn:{partition}:ecr:{region}:*:repository/{repository}"
-                        for repository in ("pytorch-training", "pytorch-inference", "sagemaker-debugger-rules")]
+                        for repository in ("pytorch-training", "pytorch-inference",
+                                           *(["sagemaker-debugger-rules"] if debugger else []))]
         # Encrypting the training volumes with the data key makes SageMaker create grants for the instances.
         role.add_to_policy(iam.PolicyStatement(
             sid="GrantVolumeEncryption",
@@ -461,13 +466,8 @@ class Training(Construct):
         role.add_to_policy(iam.PolicyStatement(
             sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"],
         ))
-        # The seed attached Cost Explorer read access to this role (training cost per run); these are the
-        # Get* actions that reads cost and usage needs. None of them takes a resource narrower than "*".
-        role.add_to_policy(iam.PolicyStatement(
-            sid="CostExplorerRead",
-            actions=["ce:GetCostAndUsage", "ce:GetCostForecast", "ce:GetDimensionValues", "ce:GetTags"],
-            resources=["*"],
-        ))
+        # No Cost Explorer access here (the seed had it): this role runs training code and serves models, and
+        # the account's billing is none of their business. The cost-analysis role holds it (infra/costs.py).
         if settings.training_subnet_ids:
             role.add_to_policy(iam.PolicyStatement(
                 sid="TrainInVpc",
@@ -497,8 +497,7 @@ class Training(Construct):
             ),
             wildcard_suppression(
                 role, "ecr:GetAuthorizationToken, cloudwatch:PutMetricData (held to the SageMaker namespaces by a "
-                "condition), the Cost Explorer Get* actions and the VPC network-interface actions accept no "
-                "resource narrower than '*'.",
+                "condition) and the VPC network-interface actions accept no resource narrower than '*'.",
                 resources=["*"],
             ),
             wildcard_suppression(

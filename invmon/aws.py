@@ -45,6 +45,11 @@ OUTPUTS = {
 }
 
 
+# The training stage's report state (infra/training.py): its output's ``training.health`` is what the trainer
+# found about its own run (ml/health.py).
+TRAINING_REPORT_STATE = "RecordTraining"
+
+
 class CliError(RuntimeError):
     """A problem the user can fix; the message says how."""
 
@@ -171,6 +176,8 @@ def execution_steps(history: list[dict[str, Any]]) -> list[StepProgress]:
             if name in steps:
                 steps[name].status = "succeeded"
                 steps[name].ended = event["timestamp"]
+                if name == TRAINING_REPORT_STATE:
+                    steps[name].detail = health_detail(event["stateExitedEventDetails"].get("output"))
         elif kind.endswith("Failed") and order:
             details = next((value for key, value in event.items() if key.endswith("EventDetails")), {})
             step = steps[order[-1]]
@@ -203,6 +210,18 @@ def failure_reason(cause: str) -> str:
                         f"{f' ({job})' if job else ''}")
     lines = cause.strip().splitlines()
     return lines[0] if lines else ""
+
+
+def health_detail(output: str | None) -> str:
+    """One line from the report state's output: the trainer's health status and the checks that fired."""
+    try:
+        health = (json.loads(output or "{}").get("training") or {}).get("health")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(health, dict):
+        return ""
+    findings = [f"{f.get('check')} (epoch {f.get('epoch')})" for f in health.get("findings") or []]
+    return f"health {health.get('status')}" + (": " + ", ".join(findings) if findings else "")
 
 
 def execution_progress(deployment: Deployment, execution_arn: str) -> tuple[str, list[StepProgress]]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from infra.config import Settings, load_settings
 from invmon.local import LocalEndpoint, MotoServer, patched_environ
 from invmon.table import render_table
-from invmon.training import run_trainer
+from invmon.training import health_lines, run_trainer
 from ml import abid
 
 SOURCE_BUCKET = "aft-vbi-pds"  # the public bucket's name, in the stand-in
@@ -369,6 +369,7 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int) -> DemoResu
                 hyperparameters={"model-id": execution},
                 epochs=epochs,
             )
+            print("\n".join(f"      {line}" for line in health_lines(training.output_dir)))
         with progress.step("Evaluate on the held-out test split: report and plots"):
             evaluation = evaluate(training.model_dir, channels["test"], workdir / "evaluation")
             print(f"      plots and report in {workdir / 'evaluation'}")

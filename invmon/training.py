@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from invmon.local import ChildProcess
 from ml import abid
+from ml.health import HEALTH_FILE
 
 STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+)")
 SHOWN_METRICS = {"train_loss", "valid_accuracy", "valid_rmse"}
@@ -99,6 +100,18 @@ def run_trainer(
     return TrainingRun(model_dir=model_dir, output_dir=output_dir, log_file=log_file, metrics=metrics)
 
 
+def health_lines(output_dir: Path) -> list[str]:
+    """What the trainer found about its own run (ml/health.py), one line per finding, for people."""
+    path = output_dir / HEALTH_FILE
+    if not path.exists():
+        return ["training health: not recorded (no health.json)"]
+    health = json.loads(path.read_text())
+    findings = health.get("findings") or []
+    lines = [f"training health: {health.get('status')}" + ("" if findings else " (no findings)")]
+    lines += [f"  {f['severity']} {f['check']} (epoch {f.get('epoch')}): {f['message']}" for f in findings]
+    return lines
+
+
 def local_channels(data: Path, workdir: Path, *, validation: float = 0.15, test: float = 0.15) -> dict[str, Path]:
     """Split an ABID folder the way the pipeline does and lay each split out as a SageMaker channel."""
     records, rejected = abid.scan_folder(data)
@@ -127,5 +140,6 @@ def train_locally(*, data: Path, workdir: Path, epochs: int, extra: Sequence[str
     run = run_trainer(channels={k: v for k, v in channels.items() if k != "test"}, workdir=workdir,
                       hyperparameters=parse_assignments(extra), epochs=epochs)
     print(f"model written to {run.model_dir}; log {run.log_file}")
+    print("\n".join(health_lines(run.output_dir)))
     print(json.dumps(run.metrics, indent=2))
     return 0

@@ -51,8 +51,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ml import data as mldata
 from ml import operating
+from ml.health import TrainingMonitor
 from ml.model import CONFIG_FILE, LITE_SCALING, ModelConfig, build_model, load_model, low_blocks, save_model
 from ml.pretrained import TRAINER_NETWORK, pick_weights
+from ml.profiling import StepProbe
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-interval", type=Bounded(int, 1), default=20)
     p.add_argument("--model-id", default=env("TRAINING_JOB_NAME", ""))
     p.add_argument("--save-fp16", type=str2bool, default=True)
+    p.add_argument("--profile-steps", type=Bounded(int, 0, 10_000), default=0,
+                   help="record a PyTorch profiler trace and a stage table of this many steps into the output dir")
     return p
 
 
@@ -473,15 +477,18 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
     started = time.time()
     total_steps = state["total_steps"]
     for step in range(start_step, len(batches)):
-        stop = float(Stop.requested or (args.max_steps and state["global_step"] >= args.max_steps))
+        stop = float(Stop.requested or (args.max_steps and state["global_step"] >= args.max_steps)
+                     or state["monitor"].fatal is not None)
         if all_reduce_sum([stop], device)[0] > 0:
             return loss_sum / max(seen, 1), step, True
         index = batches[step]
+        state["probe"].begin()
         images = mldata.normalize(data.images[index], config.mean, config.std)
         if args.augment:
             images = mldata.augment(images, state["augment_rng"], args.jitter)
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         target = targets[0][index].to(device)
+        state["probe"].mark("data")
         lr = lr_at(state["global_step"], total_steps, state["warmup_steps"], args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -490,18 +497,28 @@ def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, 
             loss = loss_fn(logits, target, args)
             if args.aux_weight:
                 loss = loss + args.aux_weight * product_loss(product_logits, targets[1][index].to(device))
+        state["probe"].mark("forward")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            state["probe"].mark("backward")
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            state["probe"].mark("backward")
             optimizer.step()
         if state["ema"] is not None:
             state["ema"].update_parameters(state["network"])
+        state["probe"].mark("optimizer")
+        # After the step the gradients are still there, unscaled by scaler.step (inf where it skipped the step).
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         state["global_step"] += 1
-        loss_sum += loss.item() * len(index)
+        loss_value, grad_norm = loss.item(), grad_norm.item()
+        timings = state["probe"].end()
+        state["monitor"].step(epoch=state["epoch"], step=step, loss=loss_value, grad_norm=grad_norm,
+                              data_seconds=timings["data"], step_seconds=timings["total"], scaled=scaler is not None)
+        loss_sum += loss_value * len(index)
         seen += len(index)
         if rank == 0 and ((step + 1) % args.log_interval == 0 or step + 1 == len(batches)):
             rate = seen * world / max(time.time() - started, 1e-6)
@@ -639,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_data_dir)
     # Only from here on is there work to save; a SIGTERM while loading data simply ends the process.
     Stop.install()
+    state["monitor"] = TrainingMonitor(log=log)
+    state["probe"] = StepProbe(device, args.profile_steps if rank == 0 else 0, output_dir)
     stopped = False
     epoch_started = time.time()
     while state["epoch"] < args.epochs:
@@ -650,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         # The loss of a resumed epoch covers only the steps after the resume; the log says so.
         loss_total, count = all_reduce_sum([train_loss, 1.0], device)
         train_loss = loss_total / count
-        if stopped:
+        if stopped or state["monitor"].fatal is not None:
             state["step"] = next_step
             break
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
@@ -659,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             logits = predict_logits(scored, valid.images, config, device)
             record |= validation_metrics(logits, valid.quantities, config, (args.eval_min_count, args.eval_max_count))
         history.append(record)
+        state["monitor"].end_epoch(history)
         state["epoch"], state["step"] = epoch + 1, 0
         if rank == 0:
             print("; ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
@@ -674,6 +694,14 @@ def main(argv: list[str] | None = None) -> int:
         _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         epoch_started = time.time()
 
+    state["probe"].close()
+    if state["monitor"].fatal is not None:
+        # No checkpoint: resuming from diverged weights would only diverge again.
+        if rank == 0:
+            state["monitor"].write(output_dir)
+        if is_distributed():
+            dist.destroy_process_group()
+        raise SystemExit(f"training stopped by a fatal health finding: {state['monitor'].fatal.message}")
     if stopped:
         _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         log(f"stopped at epoch {state['epoch']} step {state['step']}; checkpoint saved, resume to continue",
@@ -695,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
         (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+        state["monitor"].write(output_dir)
         print("final: " + "; ".join(f"{k}={v:.4f}" for k, v in best.items()
                                     if isinstance(v, float) and k.startswith("valid_") and not k.endswith("_n"))
               + ";", flush=True)

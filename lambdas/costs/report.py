@@ -2,7 +2,9 @@
 
 Runs weekly from EventBridge Scheduler and on demand (``invmon costs --refresh`` or a console test event).
 Cost Explorer is filtered by the cost-allocation tag ``project`` that the stack puts on every resource, so the
-figures are invmon's alone (once the tag is activated for cost allocation in the billing console).
+figures are invmon's alone (once the tag is activated for cost allocation in the billing console). The query
+runs as the cost-analysis role (``COST_ANALYSIS_ROLE_ARN``, infra/costs.py), the one role that may read the
+account's billing; the function's own role may only assume it.
 """
 
 from __future__ import annotations
@@ -180,6 +182,21 @@ def write_report(report: CostReport, *, bucket: str, s3) -> dict[str, str]:
     return {"json": f"s3://{bucket}/{base}.json", "csv": f"s3://{bucket}/{base}.csv"}
 
 
+def cost_explorer(role_arn: str, region: str) -> Any:
+    """A Cost Explorer client with the cost-analysis role's temporary credentials."""
+    credentials = boto3.client("sts", region_name=region).assume_role(
+        RoleArn=role_arn, RoleSessionName="invmon-cost-report", DurationSeconds=900
+    )["Credentials"]
+    # Cost Explorer has one endpoint, in us-east-1, whatever the stack's region.
+    return boto3.client(
+        "ce",
+        region_name="us-east-1",
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+    )
+
+
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 @logger.inject_lambda_context
@@ -191,8 +208,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         request,
         project=os.environ["PROJECT"],
         job_prefix=os.environ["TRAINING_JOB_PREFIX"],
-        # Cost Explorer has one endpoint, in us-east-1, whatever the stack's region.
-        ce=boto3.client("ce", region_name="us-east-1"),
+        ce=cost_explorer(os.environ["COST_ANALYSIS_ROLE_ARN"], region),
         sagemaker=boto3.client("sagemaker", region_name=region),
         now=datetime.now(UTC),
     )

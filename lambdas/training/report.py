@@ -1,11 +1,14 @@
 """Report step: after the job (or the tuning job's best job) has finished, record what came out of it.
 
-Reads DescribeTrainingJob (and DescribeHyperParameterTuningJob for tuning), the trainer's own metrics file
-from ``output.tar.gz`` where there is one, writes ``reports/training/<job>.json`` and returns the
-``$.training`` object the deploy gate reads::
+Reads DescribeTrainingJob (and DescribeHyperParameterTuningJob for tuning), the trainer's own metrics and
+health files (``health.json``, ml/health.py) from ``output.tar.gz`` where there is one, writes
+``reports/training/<job>.json`` and returns the ``$.training`` object the deploy gate reads::
 
     {"jobName", "modelArtifact", "metrics": {...}, "tuningJobName", "reportKey", "findings": [...],
-     "rulesPending": bool, "attempt": int, "problems": [...]}
+     "health": {"status", "findings": [...]} | None, "rulesPending": bool, "attempt": int, "problems": [...]}
+
+``findings`` are Debugger rule outcomes (only where the deployment opted into Debugger); ``health`` is what
+the trainer found itself, for every job.
 
 Debugger and profiler rules keep evaluating for a few minutes after the job ends; while any is still in
 progress ``rulesPending`` is true and the state machine waits and calls this step again.
@@ -37,6 +40,10 @@ REPORT_PREFIX = "reports/training/"
 GATE_METRICS = ("valid_accuracy", "valid_rmse")
 _PENDING = {"InProgress", "Stopping"}
 _MAX_OUTPUT_BYTES = 50 * 1024 * 1024
+HEALTH_FILE = "health.json"  # ml.health.HEALTH_FILE; Lambda code does not import the ml package
+# $.training travels through every later state: at most this many health findings go with it (the report
+# file in the bucket keeps them all).
+MAX_STATE_FINDINGS = 20
 
 
 class ReportEvent(BaseModel):
@@ -118,6 +125,26 @@ def metrics_from_output(archive: bytes) -> dict[str, float]:
     return found
 
 
+def health_from_output(archive: bytes) -> dict[str, Any] | None:
+    """The trainer's health.json inside output.tar.gz, or None when the job wrote none (an older trainer)."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.rsplit("/", 1)[-1] == HEALTH_FILE:
+                document = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                return document if isinstance(document, dict) else None
+    return None
+
+
+def health_state(health: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of the health report that travels in ``$.training``: status and the findings' essentials."""
+    if health is None:
+        return None
+    findings = [{key: finding.get(key) for key in ("check", "severity", "epoch", "message")}
+                for finding in health.get("findings") or [] if isinstance(finding, dict)]
+    return {"status": health.get("status", "unknown"), "findings": findings[:MAX_STATE_FINDINGS],
+            "findingsLeftOut": max(0, len(findings) - MAX_STATE_FINDINGS)}
+
+
 def summarize(
     job: dict[str, Any],
     *,
@@ -125,6 +152,7 @@ def summarize(
     output_metrics: dict[str, float] | None,
     output_problem: str | None,
     attempt: int,
+    health: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full report (for the bucket) of one finished job; the returned ``state`` part is ``$.training``."""
     name = job["TrainingJobName"]
@@ -145,6 +173,7 @@ def summarize(
         "tuningJobName": tuning["HyperParameterTuningJobName"] if tuning else None,
         "reportKey": f"{REPORT_PREFIX}{name}.json",
         "findings": [{k: f[k] for k in ("rule", "kind", "status")} for f in rule_findings],
+        "health": health_state(health),
         "rulesPending": any(f["status"] in _PENDING for f in rule_findings),
         "attempt": attempt + 1,
         "problems": problems,
@@ -152,6 +181,7 @@ def summarize(
     report = {
         **state,
         "findings": rule_findings,
+        "health": health,
         "status": status,
         "secondaryStatus": job.get("SecondaryStatus"),
         "scrapedMetrics": scraped,
@@ -177,22 +207,28 @@ def summarize(
     return {"state": state, "report": report}
 
 
-def _output_metrics(job: dict[str, Any]) -> tuple[dict[str, float] | None, str | None]:
+def _read_output(job: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str, Any] | None, str | None]:
+    """(metrics, health, problem) from the job's output.tar.gz."""
     artifact = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
     if not artifact:
-        return None, "no model artifact, so no output.tar.gz to read metrics from"
+        return None, None, "no model artifact, so no output.tar.gz to read metrics from"
     bucket, key = split_s3_uri(artifact)
     output_key = key.rsplit("/", 1)[0] + "/output.tar.gz"
     try:
         head = clients.s3.head_object(Bucket=bucket, Key=output_key)
         if head["ContentLength"] > _MAX_OUTPUT_BYTES:
-            return None, f"s3://{bucket}/{output_key} is larger than {_MAX_OUTPUT_BYTES} bytes; not read"
+            return None, None, f"s3://{bucket}/{output_key} is larger than {_MAX_OUTPUT_BYTES} bytes; not read"
         body = clients.s3.get_object(Bucket=bucket, Key=output_key)["Body"].read()
-        return metrics_from_output(body), None
+        health = health_from_output(body)
     except ClientError as error:
-        return None, f"could not read s3://{bucket}/{output_key}: {error}"
+        return None, None, f"could not read s3://{bucket}/{output_key}: {error}"
     except (ValueError, tarfile.TarError, UnicodeDecodeError) as error:
-        return None, f"s3://{bucket}/{output_key}: {error}"
+        return None, None, f"s3://{bucket}/{output_key}: {error}"
+    try:
+        # A trainer that stopped before writing its metrics may still have written its health.
+        return metrics_from_output(body), health, None
+    except (ValueError, tarfile.TarError, UnicodeDecodeError) as error:
+        return None, health, f"s3://{bucket}/{output_key}: {error}"
 
 
 def record(event: ReportEvent, bucket: str) -> dict[str, Any]:
@@ -206,9 +242,9 @@ def record(event: ReportEvent, bucket: str) -> dict[str, Any]:
                                f"({tuning.get('TrainingJobStatusCounters')})")
         name = best["TrainingJobName"]
     job = clients.sagemaker.describe_training_job(TrainingJobName=name)
-    output_metrics, output_problem = _output_metrics(job)
+    output_metrics, health, output_problem = _read_output(job)
     result = summarize(job, tuning=tuning, output_metrics=output_metrics, output_problem=output_problem,
-                       attempt=event.attempt)
+                       attempt=event.attempt, health=health)
     clients.s3.put_object(
         Bucket=bucket,
         Key=result["state"]["reportKey"],
@@ -226,7 +262,8 @@ def handler(event: ReportEvent, context: LambdaContext) -> dict[str, Any]:
     result = record(event, os.environ["DATA_BUCKET"])
     state, report = result["state"], result["report"]
     logger.info("training recorded", extra={"job_name": state["jobName"], "metrics": state["metrics"],
-                                            "findings": state["findings"], "problems": state["problems"]})
+                                            "findings": state["findings"], "health": state["health"],
+                                            "problems": state["problems"]})
     if not state["rulesPending"]:
         metrics.add_dimension(name="mode", value=event.mode)
         for metric in GATE_METRICS:
@@ -237,4 +274,7 @@ def handler(event: ReportEvent, context: LambdaContext) -> dict[str, Any]:
                                value=report["billableSeconds"])
         issues = sum(f["status"] == "IssuesFound" for f in state["findings"])
         metrics.add_metric(name="TrainingRuleIssues", unit=MetricUnit.Count, value=issues)
+        if state["health"] is not None:
+            metrics.add_metric(name="TrainingHealthFindings", unit=MetricUnit.Count,
+                               value=len(state["health"]["findings"]) + state["health"]["findingsLeftOut"])
     return state

@@ -35,8 +35,10 @@ ENTRY_POINT = "ml/train.py"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 DATA_CHANNELS = ("train", "validation", "test")
 REQUIRED_CHANNELS = ("train", "validation")
-# What the trainer prints each epoch ("epoch=3; train_loss=0.91; valid_accuracy=0.512; valid_rmse=0.98;").
-METRICS = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_rmse", "valid_mae")
+# What the trainer prints each epoch ("epoch=3; train_loss=0.91; valid_accuracy=0.512; valid_rmse=0.98;"), and
+# its own health line in place of Debugger's rules ("health: grad_norm=2.1; data_wait_share=0.04; ...", ml/health.py).
+METRICS = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_rmse", "valid_mae",
+           "grad_norm", "data_wait_share", "health_warnings", "health_fatal")
 OBJECTIVE_METRIC = "valid_accuracy"
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 # Tuned hyperparameters, by the trainer's argument names.
@@ -134,14 +136,13 @@ def training_fields(*, debugger: bool, profiler: bool, vpc: bool) -> tuple[str, 
         "TrainingJobName", "RoleArn", "AlgorithmSpecification", "HyperParameters", "InputDataConfig",
         "OutputDataConfig", "ResourceConfig", "StoppingCondition", "EnableManagedSpotTraining",
         "CheckpointConfig", "EnableNetworkIsolation", "EnableInterContainerTrafficEncryption", "Tags",
-        "ProfilerConfig",
     ]
     if vpc:
         fields.append("VpcConfig")
     if debugger:
         fields += ["DebugHookConfig", "DebugRuleConfigurations"]
     if profiler:
-        fields.append("ProfilerRuleConfigurations")
+        fields += ["ProfilerConfig", "ProfilerRuleConfigurations"]
     return tuple(fields)
 
 
@@ -493,7 +494,13 @@ def _rule(deployment: Deployment, rule: str, **parameters: str) -> dict[str, Any
 
 
 def _debugging(deployment: Deployment, name: str) -> tuple[dict[str, Any], list[str]]:
-    """Debugger hook, built-in rules, profiler and profiler rules, as the deployment switches them."""
+    """Debugger hook, built-in rules, profiler and profiler rules, only where the deployment opts in.
+
+    Off by default: AWS closed Debugger to new customers ("we have made the decision to close new customer
+    access to Amazon SageMaker Debugger, effective 7/30/26", docs.aws.amazon.com/sagemaker/latest/dg/
+    debugger-createtrainingjob-api.html), so a default request carries none of its four fields and works in
+    every account; the trainer checks its own health instead (ml/health.py). Accounts that used Debugger
+    before that date may still switch it on (trainingDebugger, trainingProfiler)."""
     fields: dict[str, Any] = {}
     notes: list[str] = []
     output = f"s3://{deployment.bucket}/reports/training/{name}"
@@ -523,9 +530,6 @@ def _debugging(deployment: Deployment, name: str) -> tuple[dict[str, Any], list[
             _rule(deployment, "LowGPUUtilization", threshold_p95="70", threshold_p5="10", window="500",
                   patience="1000", scan_interval_us="60000000"),
         ] if rules_available else []
-    else:
-        # Left out, SageMaker would still monitor the instances; the switch means off.
-        fields["ProfilerConfig"] = {"DisableProfiler": True}
     return fields, notes
 
 

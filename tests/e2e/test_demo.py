@@ -96,6 +96,7 @@ def test_demo_runs_end_to_end_offline_and_leaves_nothing_running(tmp_path: Path,
         if row.startswith("bin "):
             assert re.search(r"\b(match|mismatch|uncounted-low-confidence)\b", row), row
     assert re.search(r"Model on the held-out test split, 1-5 objects \(\d+ photos\): accuracy [01]\.\d{3}, RMSE", out)
+    assert re.search(r"training health: (ok \(no findings\)|warning)", out)
     assert (workdir / "evaluation").is_dir()
     assert list((workdir / "evaluation").glob("*.png")), "evaluation plots were not written"
     assert _processes_mentioning(str(workdir)) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import aws_cdk as cdk
 import pytest
 from aws_cdk import Aspects
@@ -82,3 +84,64 @@ def test_schedule_comes_from_settings():
     Template.from_stack(stack).has_resource_properties(
         "AWS::Scheduler::Schedule", {"ScheduleExpression": "cron(0 6 * * ? *)"}
     )
+
+
+def role_actions(template: Template) -> dict[str, set[str]]:
+    """Every action each role of the template may take: inline policies and attached AWS::IAM::Policy."""
+    document = template.to_json()["Resources"]
+    found: dict[str, set[str]] = {logical_id: set() for logical_id, r in document.items()
+                                  if r["Type"] == "AWS::IAM::Role"}
+
+    def add(role: str, policy: dict) -> None:
+        for statement in policy["Statement"]:
+            action = statement.get("Action", [])
+            found[role].update([action] if isinstance(action, str) else action)
+
+    for logical_id, resource in document.items():
+        if resource["Type"] == "AWS::IAM::Role":
+            for policy in resource["Properties"].get("Policies", []):
+                add(logical_id, policy["PolicyDocument"])
+            # A managed policy (AWS's or ours) could carry billing access too: none may be attached at all
+            # to a role that should not read costs, so list them as actions to be seen.
+            found[logical_id].update(f"managed:{json.dumps(arn)}"
+                                     for arn in resource["Properties"].get("ManagedPolicyArns", []))
+        elif resource["Type"] == "AWS::IAM::Policy":
+            for role in resource["Properties"].get("Roles", []):
+                add(role["Ref"], resource["Properties"]["PolicyDocument"])
+    return found
+
+
+def trusted_services(role: dict) -> set[str]:
+    services = set()
+    for statement in role["Properties"]["AssumeRolePolicyDocument"]["Statement"]:
+        service = statement.get("Principal", {}).get("Service", [])
+        services.update([service] if isinstance(service, str) else service)
+    return services
+
+
+def test_no_role_that_sagemaker_assumes_holds_a_cost_explorer_action(template):
+    roles = template.find_resources("AWS::IAM::Role")
+    sagemaker_roles = [r for r, role in roles.items() if "sagemaker.amazonaws.com" in trusted_services(role)]
+    assert sagemaker_roles, "the training/endpoint execution role trusts sagemaker.amazonaws.com"
+    actions = role_actions(template)
+    assert {r: sorted(a for a in actions[r] if a.startswith("ce:")) for r in sagemaker_roles} == \
+        {r: [] for r in sagemaker_roles}
+
+
+def test_exactly_one_role_reads_costs_and_the_cost_report_lambda_assumes_it(template):
+    holders = {r: sorted(a for a in acts if a.lower().startswith("ce:"))
+               for r, acts in role_actions(template).items() if any(a.lower().startswith("ce:") for a in acts)}
+    ((analysis, analysis_actions),) = holders.items()
+    # Only the action the report makes (lambdas/costs/report.py calls get_cost_and_usage).
+    assert analysis_actions == ["ce:GetCostAndUsage"]
+    assert role_actions(template)[analysis] == {"ce:GetCostAndUsage"}
+    (function,) = template.find_resources(
+        "AWS::Lambda::Function", {"Properties": {"Handler": "lambdas.costs.report.handler"}}).values()
+    assert function["Properties"]["Environment"]["Variables"]["COST_ANALYSIS_ROLE_ARN"] == \
+        {"Fn::GetAtt": [analysis, "Arn"]}
+    function_role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+    # The function's role may assume it, and the role trusts that function role (no service principal).
+    assert role_actions(template)[function_role] >= {"sts:AssumeRole"}
+    trust = template.find_resources("AWS::IAM::Role")[analysis]["Properties"]["AssumeRolePolicyDocument"]
+    principals = json.dumps([s["Principal"] for s in trust["Statement"]])
+    assert function_role in principals and "Service" not in principals

@@ -81,3 +81,16 @@ def test_dev_buckets_empty_themselves_on_destroy_and_production_keeps_them(stage
     template = Template.from_stack(stack)
     assert bool(template.find_resources("Custom::S3AutoDeleteObjects")) is auto_delete
     assert nag_findings(stack, "error") == []
+
+
+def test_dashboard_graphs_the_training_jobs_own_instance_utilisation(template):
+    # SageMaker publishes these for every training job (no Debugger needed): namespace /aws/sagemaker/TrainingJobs,
+    # dimension Host = "<job>/algo-<n>" (docs.aws.amazon.com/sagemaker/latest/dg/monitoring-cloudwatch.html).
+    (dashboard,) = template.find_resources("AWS::CloudWatch::Dashboard").values()
+    body = json.loads("".join(p if isinstance(p, str) else "0" for p in dashboard["Properties"]["DashboardBody"]
+                              ["Fn::Join"][1]))
+    (widget,) = [w for w in body["widgets"] if w["properties"].get("title", "").startswith("Training job instances")]
+    expressions = [m[0]["expression"] for m in widget["properties"]["metrics"]]
+    for metric in ("CPUUtilization", "MemoryUtilization", "GPUUtilization"):
+        assert f"SEARCH('{{\"/aws/sagemaker/TrainingJobs\",Host}} MetricName=\"{metric}\" Host=invmon-dev', " \
+               "'Average', 60)" in expressions

@@ -169,3 +169,29 @@ def test_costs_prints_the_latest_report(deployed, monkeypatch, capsys):
     assert "invmon 2026-11-18 .. 2026-11-25: 15.76 USD" in out
     assert "Amazon SageMaker  15.50" in out
     assert "spot capacity saved 65.0 % of training time over 1 spot job(s)" in out
+
+
+def test_status_shows_the_trainers_health_findings_on_the_report_step():
+    t0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    health = {"status": "warning", "findings": [
+        {"check": "overfitting", "severity": "warning", "epoch": 9, "message": "validation loss rose"},
+        {"check": "data_starvation", "severity": "warning", "epoch": 1, "message": "41% of step time"}]}
+    output = json.dumps({"training": {"jobName": "invmon-dev-1", "health": health}})
+    history = [
+        {"timestamp": t0, "type": "TaskStateEntered", "id": 1,
+         "stateEnteredEventDetails": {"name": aws.TRAINING_REPORT_STATE}},
+        {"timestamp": t0 + timedelta(seconds=3), "type": "TaskStateExited", "id": 2,
+         "stateExitedEventDetails": {"name": aws.TRAINING_REPORT_STATE, "output": output}},
+    ]
+    (step,) = aws.execution_steps(history)
+    assert step.detail == "health warning: overfitting (epoch 9), data_starvation (epoch 1)"
+
+
+def test_the_report_state_named_by_the_cli_is_the_one_the_pipeline_runs():
+    from aws_cdk.assertions import Template
+
+    from tests.infra.conftest import definition_of, synth_stack
+
+    machines = Template.from_stack(synth_stack()).find_resources("AWS::StepFunctions::StateMachine")
+    definitions = json.dumps([definition_of(machine) for machine in machines.values()])
+    assert f'"{aws.TRAINING_REPORT_STATE}"' in definitions

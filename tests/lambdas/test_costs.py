@@ -91,8 +91,12 @@ def _stub_training_jobs(client) -> Stubber:
     return stubber
 
 
+ANALYSIS_ROLE = "arn:aws:iam::123456789012:role/invmon-cost-analysis"
+
+
 @pytest.fixture
-def aws():
+def aws(monkeypatch):
+    monkeypatch.setenv("COST_ANALYSIS_ROLE_ARN", ANALYSIS_ROLE)
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
         yield
@@ -172,3 +176,36 @@ def test_scheduler_payload_with_unknown_fields_means_defaults(aws, monkeypatch, 
 def test_a_bad_request_is_refused_with_the_field_named(lambda_context):
     with pytest.raises(Exception, match="days"):
         costs.handler({"days": 0}, lambda_context)
+
+
+def test_handler_reads_costs_as_the_cost_analysis_role_not_as_itself(aws, monkeypatch, lambda_context):
+    _inject_cost_results(COST_RESULT)
+    for name, value in (("PROJECT", "invmon"), ("TRAINING_JOB_PREFIX", "invmon-dev"), ("DATA_BUCKET", BUCKET)):
+        monkeypatch.setenv(name, value)
+    made: list[tuple[str, dict]] = []
+    assumed: list[dict] = []
+    real_client = boto3.client
+
+    def client(name, **kwargs):
+        made.append((name, kwargs))
+        made_client = real_client(name, **kwargs)
+        if name == "sts":
+            real_assume = made_client.assume_role
+
+            def assume_role(**request):
+                response = real_assume(**request)
+                assumed.append({"request": request, "credentials": response["Credentials"]})
+                return response
+
+            made_client.assume_role = assume_role
+        return made_client
+
+    monkeypatch.setattr(costs.boto3, "client", client)
+    costs.handler({"days": 7, "end": "2026-11-25"}, lambda_context)
+
+    (assumption,) = assumed
+    assert assumption["request"]["RoleArn"] == ANALYSIS_ROLE
+    (ce,) = [kwargs for name, kwargs in made if name == "ce"]
+    # The Cost Explorer client carries the assumed role's credentials, never the function's own.
+    assert ce["aws_access_key_id"] == assumption["credentials"]["AccessKeyId"]
+    assert ce["aws_session_token"] == assumption["credentials"]["SessionToken"]

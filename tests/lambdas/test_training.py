@@ -19,6 +19,7 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from infra.config import load_settings
 from lambdas.training import prepare, report
 from lambdas.training.limits import limits
 from lambdas.training.request import (
@@ -44,6 +45,8 @@ SOURCE = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/5f1d0c8e.gz"
 WEIGHTS = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/0b7e21aa.pth"
 CHANNELS = {split: f"s3://{BUCKET}/manifests/run-1/{split}.manifest" for split in ("train", "validation", "test")}
 EXECUTION = "run-2026-11-25"
+DEBUGGER_FIELDS = {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations"}
+DEFAULTS = load_settings()
 STARTED = "2026-11-25T15:04:05.123Z"
 
 
@@ -56,7 +59,8 @@ def deployment(**changes: Any) -> Deployment:
         "sourceDir": SOURCE, "pretrained": WEIGHTS,
         "images": {"gpu": torch["gpu"][REGION], "cpu": torch["cpu"][REGION]},
         "debuggerImage": IMAGES["debugger"][REGION],
-        "debugger": True, "profiler": True, "subnets": [], "securityGroups": [],
+        "debugger": DEFAULTS.training_debugger, "profiler": DEFAULTS.training_profiler,
+        "subnets": [], "securityGroups": [],
         "instanceType": "ml.g4dn.xlarge", "instanceCount": 1, "useSpot": True,
         "maxRuntimeSeconds": 14400, "maxWaitSeconds": 28800, "volumeSizeGb": 50, "networkIsolation": True,
         "epochs": 12, "hyperparameters": {},
@@ -80,11 +84,16 @@ def channel(request: dict[str, Any], name: str) -> dict[str, Any]:
 # --- the request for the defaults -----------------------------------------------------------------------
 
 
-def test_defaults_build_one_spot_job_with_debugger_and_profiler() -> None:
+def opted_in(**changes: Any) -> Deployment:
+    """An account that still has SageMaker Debugger and switched trainingDebugger/trainingProfiler on."""
+    return deployment(debugger=True, profiler=True, **changes)
+
+
+def test_defaults_build_one_spot_job() -> None:
     result = prepared({})
     request = result["request"]
     assert result["mode"] == "training"
-    assert set(request) == set(training_fields(debugger=True, profiler=True, vpc=False))
+    assert set(request) == set(training_fields(debugger=False, profiler=False, vpc=False))
     name = request["TrainingJobName"]
     assert result["jobName"] == name and re.fullmatch(r"invmon-dev-261125150405-[0-9a-f]{6}", name)
 
@@ -123,8 +132,18 @@ def test_defaults_pass_hyperparameters_json_encoded_as_the_sdk_does() -> None:
     assert hyperparameters["dropout"] == "0.3"
 
 
-def test_defaults_configure_the_seed_debugger_rules_and_profiler() -> None:
-    request = prepared({})["request"]
+def test_the_default_request_has_none_of_the_four_debugger_fields() -> None:
+    # Debugger is closed to new customers since 2026-07-30 (docs.aws.amazon.com/sagemaker/latest/dg/
+    # debugger-createtrainingjob-api.html): cdk.json's defaults must not ask for it.
+    assert (DEFAULTS.training_debugger, DEFAULTS.training_profiler) == (False, False)
+    result = prepared({})
+    assert DEBUGGER_FIELDS.isdisjoint(result["request"])
+    assert not any("Debugger" in note or "rules" in note for note in result["notes"])
+
+
+def test_opting_in_configures_the_seed_debugger_rules_and_profiler() -> None:
+    request = prepared({}, config=opted_in())["request"]
+    assert set(request) >= DEBUGGER_FIELDS
     debugger_image = IMAGES["debugger"][REGION]
     rules = {r["RuleConfigurationName"]: r for r in request["DebugRuleConfigurations"]}
     assert set(rules) == {"LossNotDecreasing", "Overfit", "VanishingGradient"}
@@ -141,7 +160,7 @@ def test_rule_configurations_match_what_the_sagemaker_sdk_sends() -> None:
     pytest.importorskip("sagemaker.debugger")
     from sagemaker.debugger import ProfilerRule, Rule, rule_configs
 
-    request = prepared({})["request"]
+    request = prepared({}, config=opted_in())["request"]
     image = IMAGES["debugger"][REGION]
     sdk_rules = [Rule.sagemaker(rule_configs.loss_not_decreasing()), Rule.sagemaker(rule_configs.overfit()),
                  Rule.sagemaker(rule_configs.vanishing_gradient())]
@@ -156,16 +175,14 @@ def test_rule_configurations_match_what_the_sagemaker_sdk_sends() -> None:
         r.to_profiler_rule_config_dict() | {"RuleEvaluatorImage": image} for r in profiler]
 
 
-def test_switching_debugger_and_profiler_off_drops_their_fields_and_disables_the_profiler() -> None:
-    result = prepared({}, config=deployment(debugger=False, profiler=False))
-    request = result["request"]
-    assert set(request) == set(training_fields(debugger=False, profiler=False, vpc=False))
-    assert request["ProfilerConfig"] == {"DisableProfiler": True}
-    assert "DebugRuleConfigurations" not in request
+def test_the_debugger_alone_adds_only_its_hook_and_rules() -> None:
+    request = prepared({}, config=deployment(debugger=True, profiler=False))["request"]
+    assert set(request) == set(training_fields(debugger=True, profiler=False, vpc=False))
+    assert DEBUGGER_FIELDS & set(request) == {"DebugHookConfig", "DebugRuleConfigurations"}
 
 
 def test_a_region_without_the_rule_image_trains_without_rules_and_says_so() -> None:
-    result = prepared({}, config=deployment(debuggerImage="none"))
+    result = prepared({}, config=opted_in(debuggerImage="none"))
     assert result["request"]["DebugRuleConfigurations"] == []
     assert result["request"]["ProfilerRuleConfigurations"] == []
     assert any("rules skipped" in note for note in result["notes"])
@@ -194,7 +211,7 @@ def test_a_cpu_instance_gets_the_cpu_image_and_an_encrypted_volume() -> None:
 def test_a_vpc_deployment_adds_the_vpc_config() -> None:
     config = deployment(subnets=["subnet-0123456789abcdef0"], securityGroups=["sg-0123456789abcdef0"])
     request = prepared({}, config=config)["request"]
-    assert set(request) == set(training_fields(debugger=True, profiler=True, vpc=True))
+    assert set(request) == set(training_fields(debugger=False, profiler=False, vpc=True))
     assert request["VpcConfig"] == {"Subnets": ["subnet-0123456789abcdef0"],
                                     "SecurityGroupIds": ["sg-0123456789abcdef0"]}
 
