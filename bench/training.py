@@ -19,7 +19,9 @@ def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str]
     """The real loop of ml.train (model, optimizer and state built as ml.train.main builds them)."""
     from ml import data as mldata
     from ml import train as mltrain
+    from ml.health import TrainingMonitor
     from ml.model import ModelConfig
+    from ml.profiling import StepProbe
 
     args = mltrain.parse_args(["--train", train_dir, "--log-interval", "1000000", *(extra_args or [])])
     device = torch.device("cpu")
@@ -36,7 +38,7 @@ def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str]
     network, model, ema, optimizer = mltrain.build_training(args, config.num_classes, device, len(batches))
     state = {"config": config, "epoch": 0, "step": 0, "global_step": 0, "total_steps": len(batches) * args.epochs,
              "warmup_steps": 1, "augment_rng": torch.Generator().manual_seed(args.seed), "network": network,
-             "ema": ema}
+             "ema": ema, "monitor": TrainingMonitor(log=lambda *a, **k: None), "probe": StepProbe(device)}
 
     def loop(chosen: list[torch.Tensor]) -> float:
         started = time.perf_counter()
