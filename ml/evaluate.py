@@ -3,8 +3,10 @@
 Prints a JSON report: the headline figures on the count range the product cares about (default 1-5:
 accuracy, RMSE, MAE, within-one accuracy, with the argmax over every class and restricted to the range),
 the same over every photo the model's classes cover, per-class precision/recall, the confusion matrix,
-and accuracy when answering only the most confident photos (coverage levels). Writes the report and PNG
-plots (confusion matrix; training curves where the model dir holds a history) to ``--out``.
+accuracy when answering only the most confident photos (coverage levels), and the decisions the model's own
+operating point takes (counted share, and match / mismatch / abstain on simulated consignments by how far the
+expected count is off). Writes the report and PNG plots (confusion matrix, accuracy-coverage curve, consignment
+checks; training curves where the model dir holds a history) to ``--out``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ml import data as mldata
-from ml import plots
+from ml import operating, plots
 from ml.model import load_model
 from ml.train import count_metrics, predict_logits, targets_for
 
@@ -108,11 +110,24 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
         "coverage_full_range": coverage(confidence_full, pred_full == truth_full),
         "seconds": round(time.time() - started, 1),
     }
+    # The decisions the count Lambda would take with this model's own operating point (measured on its
+    # validation split when it was trained); a model without one is measured here, and the report says so.
+    point = config.operating_point or operating.operating_point(probabilities[covered], truth_full,
+                                                                (confidence_full, pred_full))
+    report["operating_point"] = operating.apply(point, probabilities[covered], truth_full,
+                                                (confidence_full, pred_full))
+    report["operating_point"]["source"] = "model config" if config.operating_point else "measured on these photos"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
         plots.confusion_png(report["confusion_matrix"], classes, out / "confusion.png",
                             overflow_class=overflow_class, title=f"{data_dir.name}: confusion matrix")
+        applied = report["operating_point"]
+        plots.coverage_png(applied["accuracy_coverage"], out / "coverage.png",
+                           threshold_coverage=applied["count"]["coverage"],
+                           title=f"{data_dir.name}: accuracy of the answers given, by share answered")
+        plots.consignment_png(applied["consignment"], out / "consignment.png",
+                              title=f"{data_dir.name}: consignment checks at the model's thresholds")
         history_file = Path(model_dir) / "history.json"
         if history_file.exists():
             plots.curves_png(json.loads(history_file.read_text()), out / "curves.png")

@@ -154,6 +154,23 @@ def operating_point(probabilities: torch.Tensor, truth: torch.Tensor, answer: tu
     }
 
 
+def apply(point: dict, probabilities: torch.Tensor, truth: torch.Tensor,
+          answer: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> dict:
+    """How a model's own thresholds (``point``, from its config) decide on other photos: the counted share and
+    its accuracy, and the consignment table on the same kind of simulated consignments."""
+    confidence, answered = answer
+    counted = confidence >= point["count_threshold"]
+    photos, expected, groups = simulate_consignments(truth, probabilities.shape[1], seed)
+    decisions = decide(probabilities[photos, expected], point["match_threshold"], point["mismatch_threshold"])
+    return {
+        "thresholds": {key: point[key] for key in THRESHOLD_KEYS},
+        "count": {"coverage": round(float(counted.float().mean()), 4) if len(truth) else None,
+                  "precision": round(float((answered == truth)[counted].float().mean()), 4) if counted.any() else None},
+        "consignment": consignment_table(decisions, groups),
+        "accuracy_coverage": accuracy_coverage_curve(confidence, answered == truth) if len(truth) else [],
+    }
+
+
 def summary_metrics(point: dict) -> dict[str, float]:
     """Flat ``op_*`` figures for the job's metrics and metric-definition lines."""
     table = point["consignment"]

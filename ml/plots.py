@@ -55,3 +55,43 @@ def curves_png(history: Sequence[dict], path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def coverage_png(curve: Sequence[dict], path: Path, *, threshold_coverage: float | None = None,
+                 title: str = "Accuracy by share answered") -> Path:
+    """Accuracy of the most confident answers against the share of photos answered (ml.operating's curve)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([row["coverage"] for row in curve], [row["accuracy"] for row in curve], marker="o")
+    if threshold_coverage is not None:
+        axis.axvline(threshold_coverage, color="grey", linestyle="--", label="the model's count threshold")
+        axis.legend()
+    axis.set_xlabel("share of photos answered (most confident first)")
+    axis.set_ylabel("accuracy of the answers given")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def consignment_png(table: dict, path: Path, *, title: str = "Consignment checks") -> Path:
+    """Share of match / mismatch / abstain decisions for consignments whose expected count is right, off by
+    one, or off by two or more (ml.operating's table)."""
+    groups = list(table["by_offset"])
+    labels = {"0": "expected = true count", "1": "off by 1", "2+": "off by 2 or more"}
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(groups)
+    for decision, colour in (("match", "tab:green"), ("mismatch", "tab:red"), ("uncounted-low-confidence", "0.7")):
+        shares = [table["by_offset"][g][decision] or 0.0 for g in groups]
+        axis.bar([labels.get(g, g) for g in groups], shares, bottom=bottom, color=colour, label=decision)
+        bottom = [b + v for b, v in zip(bottom, shares, strict=True)]
+    axis.set_ylabel("share of consignments")
+    axis.set_ylim(0, 1)
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -31,8 +31,15 @@ def test_evaluate_cli_prints_the_report_and_writes_plots(tiny_model_dir: Path, s
     assert set(report["per_class"]) == {str(c) for c in range(7)}
     assert report["coverage"][0]["coverage"] == 1.0
     assert report["coverage"][0]["accuracy"] == report["headline"]["accuracy"]
-    for name in ("confusion.png", "curves.png", "evaluation.json"):
+    for name in ("confusion.png", "curves.png", "coverage.png", "consignment.png", "evaluation.json"):
         assert (tmp_path / name).stat().st_size > 0
+    # The consignment-check table at the model's own operating point (the tiny run measured one).
+    applied = report["operating_point"]
+    assert applied["source"] == "model config"
+    config = json.loads((tiny_model_dir / "model-config.json").read_text())
+    assert applied["thresholds"]["match_threshold"] == config["operating_point"]["match_threshold"]
+    assert applied["consignment"]["pairs"] == 3 * 240
+    assert set(applied["consignment"]["by_offset"]) == {"0", "1", "2+"}
 
 
 def test_confusion_matrix_rows_are_truth_and_columns_predictions() -> None:
