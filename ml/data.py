@@ -260,6 +260,9 @@ def write_split(
             for name, part in parts.items()
         },
         "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in rejected],
+        # Which photos a model trained on this split never saw: the demo uploads only those, and a later copy
+        # of ABID can be scored without them leaking into a comparison.
+        "ids": {name: [r.image_id for r in part] for name, part in parts.items() if name != "train"},
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -288,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         test_fraction=args.test_fraction,
         seed=args.seed,
     )
-    json.dump({k: v for k, v in summary.items() if k != "rejected"} | {"rejected": len(summary["rejected"])},
-              sys.stdout, indent=2)
+    printed = {k: v for k, v in summary.items() if k not in ("rejected", "ids")}
+    json.dump(printed | {"rejected": len(summary["rejected"])}, sys.stdout, indent=2)
     print()
     return 0
 

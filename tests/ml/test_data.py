@@ -93,6 +93,10 @@ def test_split_writes_disjoint_stratified_channels_deterministically(sample_dir:
     # Stratified: every count class present in the selection shows up in validation.
     assert set(summary["counts"]["validation"]) == set(summary["counts"]["train"])
     assert json.loads((tmp_path / "a" / "split.json").read_text())["sizes"] == summary["sizes"]
+    # The held-out ids are listed, so a model's never-seen photos can be found without the source copy.
+    for name in ("validation", "test"):
+        listed = (tmp_path / "a" / name / "records.jsonl").read_text()
+        assert sorted(summary["ids"][name]) == sorted(json.loads(line)["image_id"] for line in listed.splitlines())
 
 
 def test_split_by_abid_list_keeps_only_listed_ids(sample_dir: Path, tmp_path: Path) -> None:
