@@ -4,6 +4,12 @@ No network, no credentials, nothing but the project: moto's server on 127.0.0.1 
 EventBridge; the ingest, deploy-gate and count Lambdas run in this process with their real handlers; training
 is ``python -m ml.train`` under SageMaker's environment variables; the endpoint is ``ml/inference.py`` served
 by ``python -m ml.serve`` over SageMaker's ``/ping`` and ``/invocations``.
+
+The model in service at the start is the shipped one (``models/abid-effnet-lite0``, trained on 9,636 photos):
+the demo's own model, trained on a couple of hundred, goes through the deploy gate against it, and the uploads
+are counted by whichever model the gate leaves in service. The uploads are sample photos that the shipped model
+never saw in training (its split lists them), and a third of them come with a consignment that is off by two,
+so the table shows the consignment check catching discrepancies as well as confirming counts.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from invmon.local import LocalEndpoint, MotoServer, patched_environ
 from invmon.table import render_table
 from invmon.training import health_lines, run_trainer
 from ml import abid
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "abid-effnet-lite0"
 
 SOURCE_BUCKET = "aft-vbi-pds"  # the public bucket's name, in the stand-in
 DATA_BUCKET = "invmon-offline-data"
@@ -76,19 +84,39 @@ class FakeContext:
         return 300_000
 
 
-def hold_out(records: list[abid.AbidRecord], n: int) -> tuple[list[abid.AbidRecord], list[abid.AbidRecord]]:
-    """Keep ``n`` photos, spread over the counts, out of the dataset: they are the demo's uploads."""
-    ranked = sorted(records, key=lambda r: abid.hash_rank(r.image_id, "invmon-demo-uploads"))
-    by_count: dict[int, list[abid.AbidRecord]] = {}
-    for record in ranked:
-        by_count.setdefault(min(record.quantity, 6), []).append(record)
+def hold_out(records: list[abid.AbidRecord], n: int, unseen: set[str] | frozenset[str] = frozenset()
+             ) -> tuple[list[abid.AbidRecord], list[abid.AbidRecord]]:
+    """Keep ``n`` photos, spread over the counts, out of the dataset: they are the demo's uploads. Photos in
+    ``unseen`` (those the model in service never trained on) come first, so its counts are honest ones."""
     held: list[abid.AbidRecord] = []
-    while len(held) < n and any(by_count.values()):
-        for quantity in sorted(by_count):
-            if by_count[quantity] and len(held) < n:
-                held.append(by_count[quantity].pop(0))
+    for pool in ([r for r in records if r.image_id in unseen], [r for r in records if r.image_id not in unseen]):
+        ranked = sorted(pool, key=lambda r: abid.hash_rank(r.image_id, "invmon-demo-uploads"))
+        by_count: dict[int, list[abid.AbidRecord]] = {}
+        for record in ranked:
+            by_count.setdefault(min(record.quantity, 6), []).append(record)
+        while len(held) < n and any(by_count.values()):
+            for quantity in sorted(by_count):
+                if by_count[quantity] and len(held) < n:
+                    held.append(by_count[quantity].pop(0))
     held_ids = {r.image_id for r in held}
     return [r for r in records if r.image_id not in held_ids], sorted(held)
+
+
+def never_trained_on(model_dir: Path) -> set[str]:
+    """The photos a shipped model's split kept out of its training (validation and test), where it lists them."""
+    split = model_dir / "split.json"
+    if not split.exists():
+        return set()
+    ids = json.loads(split.read_text()).get("ids", {})
+    return {image_id for part in ids.values() for image_id in part}
+
+
+def consignment(record: abid.AbidRecord, index: int) -> int:
+    """What the consignment says the bin holds: the truth, except for every third upload, which is off by two
+    (a discrepancy the check should catch)."""
+    if index % 3 != 2:
+        return record.quantity
+    return record.quantity + 2 if record.quantity < 2 else record.quantity - 2
 
 
 def seed_source(s3: Any, data: Path, records: list[abid.AbidRecord]) -> None:
@@ -217,11 +245,22 @@ def evaluate(model_dir: Path, data: Path, out_dir: Path) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def deploy_gate(metrics: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def deploy_gate(metrics: dict[str, Any], in_service: dict[str, Any] | None, settings: Settings) -> dict[str, Any]:
+    """The deploy gate's own decision. As in AWS, it compares the new job's validation metrics with those
+    recorded for the model in service (``{"metrics": ...}``, the finish step's record), or deploys when there
+    is none."""
     from lambdas.deploy import plan
 
-    decision = plan.decide(metrics, None, margin=settings.deploy_min_improvement)
+    decision = plan.decide(metrics, in_service, margin=settings.deploy_min_improvement)
     return {"decision": decision.decision, "reasons": decision.reasons}
+
+
+def model_in_service(model_dir: Path | None) -> dict[str, Any] | None:
+    """The record the deploy gate reads for a model in service: its validation metrics (model-config.json)."""
+    if model_dir is None:
+        return None
+    config = json.loads((model_dir / "model-config.json").read_text())
+    return {"metrics": config.get("metrics", {}), "model": config.get("model_id") or str(model_dir)}
 
 
 def corrupt_jpeg(photo: bytes) -> bytes:
@@ -241,10 +280,11 @@ def count_uploads(
         (
             f"{settings.incoming_prefix}bin {record.image_id}.jpg",
             (data / record.image_key).read_bytes(),
-            record.quantity,
+            consignment(record, index),
         )
-        for record in held
+        for index, record in enumerate(held)
     ]
+    truth = {f"{settings.incoming_prefix}bin {record.image_id}.jpg": record.quantity for record in held}
     first = (data / held[0].image_key).read_bytes()
     uploads.append((f"{settings.incoming_prefix}broken-upload.jpg", corrupt_jpeg(first), 3))
     environ = {
@@ -270,6 +310,7 @@ def count_uploads(
             rows.append(
                 {
                     "photo": key.removeprefix(settings.incoming_prefix),
+                    "truth": truth.get(key),
                     "expected": expected,
                     "record": record,
                     "retried": bool(failures),
@@ -335,7 +376,8 @@ def default_epochs(n_train: int) -> int:
     return 6 if n_train < 1000 else 3
 
 
-def run(data: Path, workdir: Path, *, epochs: int | None, hold: int) -> DemoResult:
+def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
+        in_service_dir: Path | None = SHIPPED_MODEL) -> DemoResult:
     settings = load_settings()
     progress = Progress(STEPS)
     records, rejected = abid.scan_folder(data)
@@ -343,7 +385,8 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int) -> DemoResu
         raise SystemExit(f"invmon demo: no ABID records in {data} (expected bin-images/ and metadata/)")
     for item in rejected:
         print(f"skipped {item.image_id} in {data}: {item.reason}")
-    dataset, held = hold_out(records, hold)
+    in_service = model_in_service(in_service_dir)
+    dataset, held = hold_out(records, hold, never_trained_on(in_service_dir) if in_service_dir else set())
     execution = f"offline-{time.strftime('%Y%m%dT%H%M%S')}"
     with MotoServer() as moto:
         session = boto3.session.Session()
@@ -373,16 +416,20 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int) -> DemoResu
         with progress.step("Evaluate on the held-out test split: report and plots"):
             evaluation = evaluate(training.model_dir, channels["test"], workdir / "evaluation")
             print(f"      plots and report in {workdir / 'evaluation'}")
-        with progress.step("Deploy gate: compare with the model in service"):
-            decision = deploy_gate(training.metrics, settings)
+        service_name = in_service["model"] if in_service else "none"
+        with progress.step(f"Deploy gate: compare with the model in service ({service_name})"):
+            decision = deploy_gate(training.metrics, in_service, settings)
             print(f"      {decision['decision']}: {'; '.join(decision['reasons'])}")
+        serving_dir = training.model_dir if decision["decision"] == "deploy" or in_service_dir is None \
+            else in_service_dir
         with contextlib.ExitStack() as serving:
-            with progress.step("Start the local endpoint: ml/inference.py behind SageMaker's /ping and /invocations"):
+            with progress.step(f"Start the local endpoint with the model in service ({serving_dir}): ml/inference.py "
+                               "behind SageMaker's /ping and /invocations"):
                 endpoint_log = serving.enter_context(open(workdir / "endpoint.log", "w"))
-                serving.enter_context(LocalEndpoint(training.model_dir, log=endpoint_log))
+                serving.enter_context(LocalEndpoint(serving_dir, log=endpoint_log))
             with progress.step(
-                f"Upload {len(held)} held-back photos and a corrupt one under "
-                f"{settings.incoming_prefix}; count each with the count Lambda, read the table"
+                f"Upload {len(held)} held-back photos (a third with a consignment off by two) and a corrupt one "
+                f"under {settings.incoming_prefix}; count each with the count Lambda, read the table"
             ):
                 rows = count_uploads(session, data, held, settings)
     return DemoResult(rows=rows, metrics=training.metrics, evaluation=evaluation, decision=decision, workdir=workdir)
@@ -395,24 +442,28 @@ def report(result: DemoResult) -> str:
         confidence = record.get("confidence")
         status = record.get("status", "missing")
         if status == "rejected":
-            status += f": {record.get('reason', '')}"
+            reason = str(record.get("reason", ""))
+            status += f": {reason[:57] + '...' if len(reason) > 60 else reason}"
         table_rows.append(
             [
                 row["photo"],
+                "" if row.get("truth") is None else row["truth"],
                 "" if row["expected"] is None else row["expected"],
                 record.get("count", ""),
                 "" if confidence is None else f"{float(confidence):.2f}",
                 status,
+                record.get("decidedBy", ""),
             ]
         )
-    lines = [render_table(["photo", "expected", "counted", "confidence", "status"], table_rows), ""]
+    headers = ["photo", "in the bin", "consignment", "counted", "confidence", "status", "decided by"]
+    lines = [render_table(headers, table_rows), ""]
     for title, figures in (
         ("1-5 objects", result.evaluation.get("headline")),
         ("every class", result.evaluation.get("full_range")),
     ):
         if figures:
             lines.append(
-                f"Model on the held-out test split, {title} ({int(figures['n'])} photos): "
+                f"The demo's own model on its held-out test split, {title} ({int(figures['n'])} photos): "
                 f"accuracy {figures['accuracy']:.3f}, RMSE {figures['rmse']:.3f}, within one {figures['within1']:.3f}"
             )
     return "\n".join(lines)

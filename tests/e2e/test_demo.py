@@ -87,15 +87,25 @@ def test_demo_runs_end_to_end_offline_and_leaves_nothing_running(tmp_path: Path,
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     table = out[out.index("photo "):]
-    rows = [line for line in table.splitlines()[2:] if line.strip() and not line.startswith("Model")]
+    rows = [line for line in table.splitlines()[2:] if line.strip() and not line.startswith("The demo")]
     # Six held-back photos plus the corrupt upload, one row each.
     assert len([r for r in rows if r.startswith(("bin ", "broken"))]) == 7
     broken = next(r for r in rows if r.startswith("broken-upload.jpg"))
     assert "rejected" in broken
+    statuses = []
     for row in rows:
         if row.startswith("bin "):
-            assert re.search(r"\b(match|mismatch|uncounted-low-confidence)\b", row), row
-    assert re.search(r"Model on the held-out test split, 1-5 objects \(\d+ photos\): accuracy [01]\.\d{3}, RMSE", out)
+            found = re.search(r"\b(match|mismatch|uncounted-low-confidence)\b", row)
+            assert found, row
+            statuses.append(found.group(1))
+    # The shipped model stays in service (the demo's one-epoch model loses the gate) and the table shows it
+    # deciding, with its own operating point: not every photo is left uncounted.
+    assert re.search(r"Deploy gate: compare with the model in service \(.*abid-effnet-lite0\)", out)
+    assert "skip: valid_accuracy" in out
+    assert {"match", "mismatch"} & set(statuses), statuses
+    assert all(row.rstrip().endswith("model") for row in rows if row.startswith("bin "))
+    assert re.search(r"The demo's own model on its held-out test split, 1-5 objects \(\d+ photos\): accuracy "
+                     r"[01]\.\d{3}, RMSE", out)
     assert re.search(r"training health: (ok \(no findings\)|warning)", out)
     assert (workdir / "evaluation").is_dir()
     assert list((workdir / "evaluation").glob("*.png")), "evaluation plots were not written"
@@ -120,3 +130,20 @@ def test_ctrl_c_during_training_stops_every_child(tmp_path: Path, trimmed_sample
     assert process.returncode == 130
     time.sleep(1)
     assert _processes_mentioning(str(workdir)) == []
+
+
+def test_uploads_are_photos_the_model_in_service_never_trained_on_spread_over_the_counts(sample_dir: Path):
+    from invmon.demo import SHIPPED_MODEL, consignment, hold_out, never_trained_on
+
+    records, _ = abid.scan_folder(sample_dir)
+    unseen = never_trained_on(SHIPPED_MODEL)
+    assert len(unseen) == 2 * 1201  # the shipped model's validation and test photos
+    dataset, held = hold_out(records, 12, unseen)
+    assert len(held) == 12 and not {r.image_id for r in held} & {r.image_id for r in dataset}
+    assert all(r.image_id in unseen for r in held)
+    assert len({min(r.quantity, 6) for r in held}) == 7  # every count class 0-5 and "6 or more"
+    # Every third consignment is off by two (never below zero); the others say what the bin holds.
+    claims = [consignment(r, i) for i, r in enumerate(held)]
+    for index, (record, claim) in enumerate(zip(held, claims, strict=True)):
+        assert (abs(claim - record.quantity) == 2) if index % 3 == 2 else claim == record.quantity
+        assert claim >= 0

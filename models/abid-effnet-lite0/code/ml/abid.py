@@ -34,7 +34,8 @@ class InvalidRecord(ValueError):
 class AbidRecord:
     image_id: str
     quantity: int
-    n_asins: int
+    # Distinct products in the bin; None where the metadata has no product list (unknown, not zero).
+    n_asins: int | None
 
     @property
     def image_key(self) -> str:
@@ -50,7 +51,8 @@ class AbidRecord:
     @classmethod
     def from_json(cls, line: str) -> AbidRecord:
         data = json.loads(line)
-        return cls(image_id=str(data["image_id"]), quantity=int(data["quantity"]), n_asins=int(data["n_asins"]))
+        return cls(image_id=str(data["image_id"]), quantity=int(data["quantity"]),
+                   n_asins=optional_int(data.get("n_asins")))
 
 
 def parse_metadata(image_id: str, raw: bytes | str) -> AbidRecord:
@@ -64,10 +66,19 @@ def parse_metadata(image_id: str, raw: bytes | str) -> AbidRecord:
     quantity = document.get("EXPECTED_QUANTITY")
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
         raise InvalidRecord(f"EXPECTED_QUANTITY is missing or not a non-negative integer: {quantity!r}")
-    products = document.get("BIN_FCSKU_DATA") or {}
+    products = document.get("BIN_FCSKU_DATA")
+    if products is None:
+        # Some republished copies kept EXPECTED_QUANTITY only: the number of distinct products is unknown,
+        # except in an empty bin. Teaching "0 products" for these would be teaching a falsehood.
+        return AbidRecord(image_id=image_id, quantity=quantity, n_asins=0 if quantity == 0 else None)
     if not isinstance(products, dict):
         raise InvalidRecord("BIN_FCSKU_DATA is not an object")
     return AbidRecord(image_id=image_id, quantity=quantity, n_asins=len(products))
+
+
+def optional_int(value: object) -> int | None:
+    """``n_asins`` as records carry it: an integer, or None/absent for an unknown product list."""
+    return None if value is None or value == "" else int(value)  # type: ignore[arg-type]
 
 
 def image_id_from_key(key: str) -> str:
@@ -115,10 +126,18 @@ def parse_id_list(text: str) -> list[str]:
             document = json.loads(stripped)
         except json.JSONDecodeError as error:
             raise ValueError(f"the list looks like JSON but does not parse: {error}") from None
-        for entry in document:
+        if not isinstance(document, list):
+            raise ValueError("the list looks like JSON but is not an array of ids, keys or records")
+        for number, entry in enumerate(document, start=1):
             if isinstance(entry, dict) and "prefix" in entry:
                 continue
-            entries.append(str(entry["image_id"]) if isinstance(entry, dict) else str(entry))
+            if isinstance(entry, dict):
+                entry = entry.get("image_id")
+            # None ("[null]") or a record without image_id must not become the id "None"; nor may a bool or list.
+            if not isinstance(entry, str | int) or isinstance(entry, bool):
+                raise ValueError(f"entry {number} is not an id, a key or a record with an image_id: "
+                                 f"{json.dumps(document[number - 1])[:80]}")
+            entries.append(str(entry))
     else:
         for number, line in enumerate(stripped.splitlines(), start=1):
             line = line.strip()
@@ -126,9 +145,12 @@ def parse_id_list(text: str) -> list[str]:
                 continue
             if line.startswith("{"):
                 try:
-                    entries.append(str(json.loads(line)["image_id"]))
+                    image_id = json.loads(line)["image_id"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"line {number} is not a record with an image_id: {line[:80]!r}") from None
+                    image_id = None
+                if not isinstance(image_id, str | int) or isinstance(image_id, bool):
+                    raise ValueError(f"line {number} is not a record with an image_id: {line[:80]!r}")
+                entries.append(str(image_id))
                 continue
             first = line.split(",", 1)[0].strip().strip('"')
             if number == 1 and first.lower() in {"image_id", "imageid", "id", "key"}:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -21,36 +22,96 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ml import abid
 from ml.abid import AbidRecord, Rejected
 
-# A decompression bomb is rejected by PIL above this many pixels; ABID originals are well under 1 MP.
-Image.MAX_IMAGE_PIXELS = 40_000_000
+# The pixel count above which an image is refused before it is decoded. Pillow's own limit only warns at
+# MAX_IMAGE_PIXELS and raises at twice it (an 80 Mpx photo took 1.3 s and 1.66 GB to decode under a 40 Mpx
+# setting), so the check is ours, on the header's width x height; Pillow's stays as a backstop. 25 Mpx holds
+# any phone or warehouse camera photo (12-24 Mpx); ABID originals are well under 1 Mpx.
+MAX_IMAGE_PIXELS = 25_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# The only Pillow plugins a body may reach: every other format (and the EPS plugin, which runs Ghostscript) is
+# refused even when the sender calls it image/jpeg.
+SERVED_FORMATS = ("JPEG", "PNG")
+# Images Pillow could read but we do not serve, by their magic bytes (offset, bytes), named for the message.
+_OTHER_IMAGES: tuple[tuple[int, bytes, str], ...] = (
+    (8, b"WEBP", "WebP"), (0, b"GIF87a", "GIF"), (0, b"GIF89a", "GIF"), (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"), (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (0, b"\xffO\xffQ", "JPEG 2000"), (0, b"%!PS", "EPS"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"), (4, b"ftypheic", "HEIC"), (4, b"ftypavif", "AVIF"), (0, b"8BPS", "PSD"),
+)
+# Pillow's messages name the stream object ("<_io.BytesIO object at 0x...>"): not for a caller's eyes.
+_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    """A message without object reprs such as ``<_io.BytesIO object at 0x7f...>``."""
+    return _REPR.sub("", text)
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded; the message says why and is kept in reports."""
 
 
-def decode_image(data: bytes | Path, size: int) -> torch.Tensor:
-    """JPEG/PNG bytes or a file -> uint8 tensor (3, size, size), EXIF orientation applied.
+class ImageTooLarge(ImageError):
+    """More pixels than allowed: refused from the header, before any decoding."""
 
-    The photo is squashed to a square rather than cropped: cropping could cut objects out of the bin and
-    change the very count the model must give.
+
+class UnsupportedImage(ImageError):
+    """An image in a format we do not serve (only JPEG and PNG)."""
+
+
+def _format_of(head: bytes) -> str | None:
+    return next((name for offset, magic, name in _OTHER_IMAGES if head[offset : offset + len(magic)] == magic), None)
+
+
+def decode(
+    data: bytes | Path, size: int, *, draft: bool = False, min_side: int = 1, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[torch.Tensor, int]:
+    """JPEG/PNG bytes or a file -> (uint8 tensor (3, size, size), the image's pixel count).
+
+    EXIF orientation is applied. The photo is squashed to a square rather than cropped: cropping could cut
+    objects out of the bin and change the very count the model must give. ``draft`` lets a JPEG larger than
+    the model's input decode at a reduced scale (1/2, 1/4 or 1/8, never below ``size``) before the resize:
+    several times faster for a camera photo, and the same answer (tests/ml/test_inference.py).
     """
     try:
         source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else Path(data)
-        with Image.open(source) as image:
+        with Image.open(source, formats=SERVED_FORMATS) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"image is too large: {width}x{height} pixels ({width * height:,}); the limit "
+                                    f"is {max_pixels:,}")
+            if min(width, height) < min_side:
+                raise ImageError(f"image is {width}x{height} pixels; a bin photo is at least {min_side} pixels "
+                                 "on each side")
+            if draft and image.format == "JPEG" and width > size and height > size:
+                image.draft("RGB", (size, size))
             image = ImageOps.exif_transpose(image)
             image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
             array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as error:
-        raise ImageError(f"image is too large: {error}") from None
+        raise ImageTooLarge(f"image is too large: {without_reprs(str(error))}") from None
+    except UnidentifiedImageError:
+        head = bytes(data[:32]) if isinstance(data, bytes | bytearray) else Path(data).read_bytes()[:32]
+        name = _format_of(head)
+        if name:
+            raise UnsupportedImage(f"unsupported image format: {name}; only JPEG and PNG are counted") from None
+        raise ImageError("not a decodable image: the bytes are not a JPEG or PNG image") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"not a decodable image: {error}") from None
-    return array.view(size, size, 3).permute(2, 0, 1).contiguous()
+        raise ImageError(f"not a decodable image: {without_reprs(str(error))}") from None
+    return array.view(size, size, 3).permute(2, 0, 1).contiguous(), width * height
+
+
+def decode_image(data: bytes | Path, size: int) -> torch.Tensor:
+    """JPEG/PNG bytes or a file -> uint8 tensor (3, size, size), EXIF orientation applied, at full scale (what
+    training and evaluation decode; serving adds the JPEG draft, see :func:`decode`)."""
+    return decode(data, size)[0]
 
 
 def count_class(quantity: int, max_count: int, overflow: bool) -> int | None:
@@ -135,8 +196,8 @@ def load_images(
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (N,3,H,W) -> float, normalised the way the backbone was trained."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - m) / s
 
 
@@ -147,17 +208,20 @@ def dihedral(images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, jitter: float = 0.2) -> torch.Tensor:
-    """Random dihedral symmetry per image plus brightness/contrast jitter; input normalised float."""
+    """Random dihedral symmetry per image plus brightness/contrast jitter; input normalised float.
+
+    The random draws come from ``generator`` on the CPU wherever the images are, so a run draws the same
+    augmentations on a GPU as on a CPU and a resumed run continues the same sequence."""
     n = images.shape[0]
-    choice = torch.randint(0, 8, (n,), generator=generator)
+    choice = torch.randint(0, 8, (n,), generator=generator).to(images.device)
     out = torch.empty_like(images)
     for k in range(8):
         chosen = (choice == k).nonzero(as_tuple=True)[0]
         if len(chosen):
             out[chosen] = dihedral(images[chosen], k)
     if jitter:
-        contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
-        brightness = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter
+        contrast = (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter).to(images.device)
+        brightness = ((torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * jitter).to(images.device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * contrast + mean + brightness
     return out
@@ -196,6 +260,9 @@ def write_split(
             for name, part in parts.items()
         },
         "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in rejected],
+        # Which photos a model trained on this split never saw: the demo uploads only those, and a later copy
+        # of ABID can be scored without them leaking into a comparison.
+        "ids": {name: [r.image_id for r in part] for name, part in parts.items() if name != "train"},
     }
     (out / "split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -224,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         test_fraction=args.test_fraction,
         seed=args.seed,
     )
-    json.dump({k: v for k, v in summary.items() if k != "rejected"} | {"rejected": len(summary["rejected"])},
-              sys.stdout, indent=2)
+    printed = {k: v for k, v in summary.items() if k not in ("rejected", "ids")}
+    json.dump(printed | {"rejected": len(summary["rejected"])}, sys.stdout, indent=2)
     print()
     return 0
 

