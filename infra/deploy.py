@@ -113,7 +113,34 @@ class DeployStage(sfn.StateMachineFragment):
         )
         skipped = sfn.Pass(self, "Deploy skipped", comment="$.deploy already holds the gate's decision")
         finished = sfn.Pass(self, "Deploy finished")
-        failed = sfn.Fail(self, "Endpoint failed", error="EndpointFailed", cause_path="$.deploy.endpoint.FailureReason")
+        # DescribeEndpoint returns FailureReason only for Failed (or InService after a failed update); for
+        # OutOfService or UpdateRollbackFailed the path is absent, and reading an absent path is States.Runtime,
+        # which no Catch catches (SageMaker API reference, DescribeEndpoint / EndpointMetadata). So the cause is
+        # built from the status, which is always returned, and takes FailureReason only where it is present.
+        described = "$.deploy.endpoint"
+        failed = sfn.Fail(self, "Endpoint failed", error="EndpointFailed", cause_path="$.deploy.failure.cause")
+        with_reason = sfn.Pass(
+            self,
+            "Endpoint failure with reason",
+            parameters={"status.$": f"{described}.EndpointStatus", "reason.$": f"{described}.FailureReason",
+                        "cause.$": f"States.Format('Endpoint {{}} is {{}}: {{}}', {described}.EndpointName, "
+                                   f"{described}.EndpointStatus, {described}.FailureReason)"},
+            result_path="$.deploy.failure",
+        )
+        without_reason = sfn.Pass(
+            self,
+            "Endpoint failure without reason",
+            parameters={"status.$": f"{described}.EndpointStatus",
+                        "cause.$": f"States.Format('Endpoint {{}} is {{}}: SageMaker gives no FailureReason for "
+                                   f"this status, see the endpoint events', {described}.EndpointName, "
+                                   f"{described}.EndpointStatus)"},
+            result_path="$.deploy.failure",
+        )
+        record_failure = (
+            sfn.Choice(self, "Failure reason given?")
+            .when(sfn.Condition.is_present(f"{described}.FailureReason"), with_reason.next(failed))
+            .otherwise(without_reason.next(failed))
+        )
         rolled_back = sfn.Fail(
             self,
             "Deploy rolled back",
@@ -137,7 +164,7 @@ class DeployStage(sfn.StateMachineFragment):
             .when(
                 sfn.Condition.or_(*[sfn.Condition.string_equals(status, s)
                                     for s in ("Failed", "OutOfService", "UpdateRollbackFailed")]),
-                failed,
+                record_failure,
             )
             .otherwise(wait)
         )

@@ -21,7 +21,9 @@ POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambda
 
 # One code asset for every function: the lambdas package plus the torch-free ABID module it shares with the
 # trainer, and the trainer's source as text (the prepare step reads its argument parser without importing torch:
-# lambdas/training/arguments.py). Everything else in the repository stays out of the zip.
+# lambdas/training/arguments.py). Everything else in the repository stays out of the zip. CDK matches these
+# globs with minimatch's default of dot=false, so "*" leaves dot-files in (.venv/.installed-stamp, .git, .ci were
+# staged): ".*" patterns exclude them, since a stray one changes the asset hash and redeploys every function.
 TRAINER_SOURCES = ("ml/train.py", "ml/model.py", "ml/pretrained.py")
 _ASSET_EXCLUDE = [
     "*",
@@ -31,6 +33,8 @@ _ASSET_EXCLUDE = [
     "!ml/__init__.py",
     "!ml/abid.py",
     *(f"!{path}" for path in TRAINER_SOURCES),
+    ".*",
+    "**/.*",
     "**/__pycache__",
     "**/*.pyc",
 ]

@@ -127,3 +127,38 @@ def test_realtime_mode_reaches_the_lambdas_with_the_regions_gpu_image():
     assert '\\"instance_type\\": \\"ml.g4dn.xlarge\\"' in setting
     # The image is looked up per deploy region (infra.images' mapping), GPU for a g4dn.
     assert "InferenceGpu" in setting or "-gpu-" in setting
+
+
+def test_endpoint_failure_cause_carries_the_status_and_reads_failure_reason_only_where_present(built):
+    # DescribeEndpoint returns FailureReason only for Failed (or InService after a failed update), while
+    # EndpointStatus and EndpointName are always returned (SageMaker API reference, EndpointMetadata). Reading
+    # an absent path is States.Runtime, which no Catch catches, so every state that reads FailureReason must be
+    # reachable only through an IsPresent guard on it.
+    _, _, template = built
+    states = all_states(template)
+    reason = "$.deploy.endpoint.FailureReason"
+    ready = states["Endpoint ready?"]
+    failure_rule = next(rule for rule in ready["Choices"] if "Or" in rule)
+    assert {c["StringEquals"] for c in failure_rule["Or"]} == {"Failed", "OutOfService", "UpdateRollbackFailed"}
+    assert failure_rule["Next"] == "Failure reason given?"
+
+    readers = {name for name, state in states.items()
+               if reason in json.dumps(state) and state["Type"] not in ("Choice", "Parallel")}
+    assert readers == {"Endpoint failure with reason"}
+    entries = [(name, state) for name, state in states.items()
+               if state.get("Next") in readers or state.get("Default") in readers
+               or any(rule.get("Next") in readers for rule in state.get("Choices", []))]
+    assert [name for name, _ in entries] == ["Failure reason given?"]
+    guard = entries[0][1]
+    assert guard["Default"] not in readers
+    assert [rule for rule in guard["Choices"] if rule["Next"] in readers] == [
+        {"Variable": reason, "IsPresent": True, "Next": "Endpoint failure with reason"}]
+
+    for name in ("Endpoint failure with reason", "Endpoint failure without reason"):
+        record = states[name]
+        assert record["Type"] == "Pass" and record["Next"] == "Endpoint failed"
+        assert record["ResultPath"] == "$.deploy.failure"
+        assert record["Parameters"]["status.$"] == "$.deploy.endpoint.EndpointStatus"
+        assert "$.deploy.endpoint.EndpointStatus" in record["Parameters"]["cause.$"]
+    assert states["Endpoint failed"] == {"Type": "Fail", "Error": "EndpointFailed",
+                                         "CausePath": "$.deploy.failure.cause"}
