@@ -160,31 +160,88 @@ class StepProgress:
         return ((self.ended or datetime.now(self.started.tzinfo)) - self.started).total_seconds()
 
 
+# GetExecutionHistory's event types (Step Functions API reference, HistoryEvent.type). A state's own failure:
+# the task (or the Lambda/activity it ran) failed or timed out. The state may still exit afterwards, when a Catch
+# handled the error, or run again, when a Retry did: a retry shows as a new Scheduled/Started event.
+_TASK_FAILURES = frozenset({
+    "TaskFailed", "TaskTimedOut", "TaskStartFailed", "TaskSubmitFailed",
+    "LambdaFunctionFailed", "LambdaFunctionTimedOut", "LambdaFunctionStartFailed", "LambdaFunctionScheduleFailed",
+    "ActivityFailed", "ActivityTimedOut", "ActivityScheduleFailed",
+})
+_TASK_RETRIES = frozenset({"TaskScheduled", "LambdaFunctionScheduled", "ActivityScheduled"})
+# A Parallel or Map state failed as a whole (a branch or the tolerated failure count failed); its branch states
+# that are still open failed with it.
+_CONTAINER_FAILURES = {"ParallelStateFailed": "Parallel", "MapStateFailed": "Map", "MapRunFailed": "Map",
+                       "MapRunAborted": "Map", "ParallelStateAborted": "Parallel", "MapStateAborted": "Map"}
+_CONTAINER_RETRIES = {"ParallelStateStarted": "Parallel", "MapStateStarted": "Map"}
+_EXECUTION_ENDS = frozenset({"ExecutionFailed", "ExecutionTimedOut", "ExecutionAborted"})
+
+
 def execution_steps(history: list[dict[str, Any]]) -> list[StepProgress]:
-    """Each state the execution entered, in order, with its status, from GetExecutionHistory events."""
+    """Each state the execution entered, in order, with its status, from GetExecutionHistory events.
+
+    A state that failed stays failed when a Catch handled its error and it then exited (that exit is what AWS
+    records for a caught error), and so does a stage whose Parallel failed; a Retry that runs it again makes it
+    running again."""
     steps: dict[str, StepProgress] = {}
+    kinds: dict[str, str] = {}  # state name -> its type, from the *StateEntered event type
     order: list[str] = []
+    open_states: list[str] = []  # entered and not exited, innermost last
+    last_failure: dict[str, str] = {}
+
+    def innermost(kind: str) -> StepProgress | None:
+        name = next((n for n in reversed(open_states) if kinds[n] == kind), None)
+        return steps[name] if name else None
+
+    def fail(step: StepProgress, event: dict[str, Any], details: dict[str, str]) -> None:
+        step.status = "failed"
+        step.ended = event["timestamp"]
+        step.cause = details.get("cause", "")
+        step.detail = f"{details.get('error', '')}: {failure_reason(step.cause)}".strip(": ")
+
     for event in history:
         kind = event["type"]
+        details = next((value for key, value in event.items() if key.endswith("EventDetails")), {})
         if kind.endswith("StateEntered"):
             name = event["stateEnteredEventDetails"]["name"]
             if name not in steps:
                 order.append(name)
             steps[name] = StepProgress(name=name, status="running", started=event["timestamp"])
+            kinds[name] = kind.removesuffix("StateEntered")
+            if name in open_states:
+                open_states.remove(name)
+            open_states.append(name)
         elif kind.endswith("StateExited"):
             name = event["stateExitedEventDetails"]["name"]
+            if name in open_states:
+                open_states.remove(name)
             if name in steps:
-                steps[name].status = "succeeded"
                 steps[name].ended = event["timestamp"]
+                if steps[name].status == "running":
+                    steps[name].status = "succeeded"
                 if name == TRAINING_REPORT_STATE:
                     steps[name].detail = health_detail(event["stateExitedEventDetails"].get("output"))
-        elif kind.endswith("Failed") and order:
-            details = next((value for key, value in event.items() if key.endswith("EventDetails")), {})
-            step = steps[order[-1]]
-            step.status = "failed"
-            step.ended = event["timestamp"]
-            step.cause = details.get("cause", "")
-            step.detail = f"{details.get('error', '')}: {failure_reason(step.cause)}".strip(": ")
+        elif kind in _TASK_FAILURES:
+            last_failure = details
+            if step := innermost("Task"):
+                fail(step, event, details)
+        elif kind in _TASK_RETRIES:
+            if (step := innermost("Task")) and step.status == "failed":
+                step.status, step.ended, step.detail, step.cause = "running", None, "", ""
+        elif kind in _CONTAINER_FAILURES:
+            details = details or last_failure  # ParallelStateFailed carries no details: its branch's failure
+            last_failure = details
+            if step := innermost(_CONTAINER_FAILURES[kind]):
+                for name in open_states[open_states.index(step.name):]:
+                    if steps[name].status == "running" or name == step.name:
+                        fail(steps[name], event, details)
+        elif kind in _CONTAINER_RETRIES:
+            if (step := innermost(_CONTAINER_RETRIES[kind])) and step.status == "failed":
+                step.status, step.ended, step.detail, step.cause = "running", None, "", ""
+        elif kind in _EXECUTION_ENDS:
+            # Every state still open was cut short, a Fail state (which never exits) included.
+            for name in open_states:
+                fail(steps[name], event, details or last_failure)
     return [steps[name] for name in order]
 
 

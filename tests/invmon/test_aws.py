@@ -115,6 +115,65 @@ def test_status_lists_each_step_with_its_outcome_and_the_failure_cause():
     assert steps[2].detail == "States.TaskFailed: training stage failed: spot capacity"
 
 
+def test_status_keeps_a_caught_failure_and_a_failed_stage_failed_and_a_retried_task_succeeded():
+    # Event types as GetExecutionHistory names them (Step Functions API reference, HistoryEvent): a Lambda task
+    # that failed once and was retried, a stage whose branch ended in a Fail state (the Parallel fails, its Catch
+    # records the failure and the stage exits), and a task failure caught inside a stage.
+    t0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    events: list[dict] = []
+
+    def event(kind: str, **details) -> None:
+        events.append({"timestamp": t0 + timedelta(seconds=len(events)), "type": kind, "id": len(events) + 1,
+                       **details})
+
+    def entered(kind: str, name: str) -> None:
+        event(f"{kind}StateEntered", stateEnteredEventDetails={"name": name})
+
+    def exited(kind: str, name: str) -> None:
+        event(f"{kind}StateExited", stateExitedEventDetails={"name": name})
+
+    event("ExecutionStarted")
+    entered("Parallel", "Ingest stage")
+    event("ParallelStateStarted")
+    entered("Task", "Select images")
+    event("LambdaFunctionScheduled")
+    event("LambdaFunctionFailed", lambdaFunctionFailedEventDetails={"error": "Lambda.ServiceException", "cause": "x"})
+    event("LambdaFunctionScheduled")
+    event("LambdaFunctionSucceeded")
+    exited("Task", "Select images")
+    entered("Task", "Copy batch")
+    event("TaskScheduled")
+    event("TaskFailed", taskFailedEventDetails={"error": "S3.NoSuchKey", "cause": "no such key"})
+    exited("Task", "Copy batch")  # caught: the state exits into its Catch's Next
+    entered("Pass", "Note copy failure")
+    exited("Pass", "Note copy failure")
+    event("ParallelStateSucceeded")
+    exited("Parallel", "Ingest stage")
+    entered("Parallel", "Deploy stage")
+    event("ParallelStateStarted")
+    entered("Choice", "Endpoint ready?")
+    exited("Choice", "Endpoint ready?")
+    entered("Fail", "Endpoint failed")
+    event("ParallelStateFailed")
+    exited("Parallel", "Deploy stage")  # the stage's Catch took the failure
+    entered("Pass", "Record deploy failure")
+    exited("Pass", "Record deploy failure")
+    entered("Fail", "Pipeline failed")
+    event("ExecutionFailed", executionFailedEventDetails={
+        "error": "EndpointFailed", "cause": "deploy stage failed: Endpoint invmon-dev-counter is OutOfService"})
+
+    status = {s.name: s.status for s in aws.execution_steps(events)}
+    assert status == {
+        "Ingest stage": "succeeded", "Select images": "succeeded", "Copy batch": "failed",
+        "Note copy failure": "succeeded", "Deploy stage": "failed", "Endpoint ready?": "succeeded",
+        "Endpoint failed": "failed", "Record deploy failure": "succeeded", "Pipeline failed": "failed",
+    }
+    steps = {s.name: s for s in aws.execution_steps(events)}
+    assert steps["Copy batch"].detail == "S3.NoSuchKey: no such key"
+    assert steps["Select images"].detail == ""
+    assert steps["Pipeline failed"].detail.startswith("EndpointFailed: deploy stage failed: Endpoint")
+
+
 def test_watch_polls_until_the_execution_ends():
     deployment = aws.Deployment(stack_name="x", session=boto3.session.Session(region_name="us-east-1"))
     client = deployment.client("stepfunctions")
