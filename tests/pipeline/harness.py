@@ -1,0 +1,520 @@
+"""Run the synthesized state machines in moto's Step Functions interpreter, offline.
+
+The app is synthesized once (``cdk synth`` in-process, assets staged); a definition is taken from the template
+with its references resolved to the names the test gives the resources, registered with moto
+(``mock_aws(config={"stepfunctions": {"execute_state_machine": True}})``), and executed. Lambda tasks run the real
+handlers in-process with each function's template environment; SageMaker ``.sync`` tasks are answered by
+``SageMakerBridge`` with the outcome the test asks for, after checking the request against botocore's model.
+
+Every place where moto's interpreter differs from AWS is handled here and nowhere else, and ``self_check``
+measures each of those differences so that a moto that behaves otherwise fails loudly instead of silently
+changing what the tests exercise. Measured on moto 5.2.5:
+
+- a SageMaker ``.sync`` task is refused (``sagemaker`` is among the interpreter's unsupported services) before
+  any mock is consulted: ``SageMakerBridge`` replaces the service for ``sagemaker`` resources;
+- with no Docker engine moto cannot run Lambda code (with ``use_docker: False`` it echoes the event back):
+  the interpreter's Lambda client is replaced with ``InProcessLambda``;
+- ``"RoleArn.$"`` inside Parameters stays a literal key (the grammar takes ``RoleArn`` as a keyword): the bridge
+  resolves such keys against the state's input before validating the request;
+- an error raised with a name that starts with ``States.`` crashes the interpreter, and a catch-all there also
+  catches ``States.Runtime``, which AWS never does: ``Execution.assert_no_runtime_error`` fails a test whose
+  history holds one;
+- Wait and Retry delays are real seconds: ``for_moto`` scales them down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import filecmp
+import importlib
+import io
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.validate import ParamValidator
+
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+MEASURED_MOTO = "5.2.5"
+ROOT = Path(__file__).resolve().parents[2]
+
+# ---------------------------------------------------------------------------------------------------- synthesis
+
+
+@dataclass(frozen=True)
+class Synthesized:
+    template: dict[str, Any]
+    assembly: Path
+
+    def resources(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {k: r for k, r in self.template["Resources"].items() if r["Type"] == kind}
+
+    def logical_id(self, kind: str, prefix: str) -> str:
+        (found,) = [k for k in self.resources(kind) if k.startswith(prefix)]
+        return found
+
+    def code_asset(self) -> Path:
+        """The staged directory of the Lambda code asset that the pipeline's functions share."""
+        keys = {r["Properties"]["Code"]["S3Key"] for r in self.resources("AWS::Lambda::Function").values()
+                if str(r["Properties"].get("Handler", "")).startswith("lambdas.")}
+        (key,) = keys
+        return self.assembly / f"asset.{key.removesuffix('.zip')}"
+
+
+def synthesize(outdir: Path) -> Synthesized:
+    """The app as ``cdk synth`` builds it, with its assets staged under ``outdir``."""
+    import aws_cdk as cdk
+
+    from app import build_app
+    from infra.config import default_context
+
+    app = build_app(cdk.App(outdir=str(outdir), context=default_context()))
+    assembly = app.synth()
+    (stack,) = [s for s in assembly.stacks if s.stack_name.startswith("Invmon")]
+    return Synthesized(template=stack.template, assembly=Path(assembly.directory))
+
+
+def physical_name(logical_id: str) -> str:
+    """The name a test gives a resource: its logical id, lower-cased (valid for S3 buckets and tables)."""
+    return logical_id.lower()
+
+
+class Resolver:
+    """Resolves CloudFormation intrinsics in the template to the names and ARNs this harness uses."""
+
+    def __init__(self, template: dict[str, Any]) -> None:
+        self.template = template
+
+    def arn(self, logical_id: str) -> str:
+        kind = self.template["Resources"][logical_id]["Type"]
+        name = physical_name(logical_id)
+        return {
+            "AWS::Lambda::Function": f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}",
+            "AWS::IAM::Role": f"arn:aws:iam::{ACCOUNT}:role/{name}",
+            "AWS::S3::Bucket": f"arn:aws:s3:::{name}",
+            "AWS::DynamoDB::Table": f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{name}",
+            "AWS::StepFunctions::StateMachine": f"arn:aws:states:{REGION}:{ACCOUNT}:stateMachine:{name}",
+        }.get(kind, f"arn:aws:{kind.split('::')[1].lower()}:{REGION}:{ACCOUNT}:{name}")
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) != 1:
+            return {k: self(v) for k, v in value.items()}
+        ((key, arg),) = value.items()
+        if key == "Ref":
+            pseudo = {"AWS::Partition": "aws", "AWS::Region": REGION, "AWS::AccountId": ACCOUNT,
+                      "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": "Invmon-dev"}
+            return pseudo.get(arg) or physical_name(arg)
+        if key == "Fn::GetAtt":
+            logical_id, attribute = arg if isinstance(arg, list) else arg.split(".", 1)
+            return self.arn(logical_id) if attribute == "Arn" else physical_name(logical_id)
+        if key == "Fn::Join":
+            separator, parts = arg
+            return separator.join(str(self(p)) for p in self(parts))
+        if key == "Fn::FindInMap":
+            name, first, second = (self(a) for a in arg)
+            return self.template["Mappings"][name][first][second]
+        if key == "Fn::Select":
+            index, items = arg
+            return self(items)[int(self(index))]
+        if key == "Fn::Split":
+            separator, text = arg
+            return str(self(text)).split(separator)
+        if key == "Fn::Sub":
+            text = arg if isinstance(arg, str) else arg[0]
+            names = {} if isinstance(arg, str) else {k: self(v) for k, v in arg[1].items()}
+            for token in {t.split("}")[0] for t in text.split("${")[1:]}:
+                resolved = names.get(token) or self({"Ref": token} if "." not in token else {"Fn::GetAtt": token})
+                text = text.replace("${" + token + "}", str(resolved))
+            return text
+        return {key: self(arg)}
+
+    def definition(self, logical_id: str) -> dict[str, Any]:
+        return json.loads(self(self.template["Resources"][logical_id]["Properties"]["DefinitionString"]))
+
+    def environment(self, logical_id: str) -> dict[str, str]:
+        variables = self.template["Resources"][logical_id]["Properties"].get("Environment", {}).get("Variables", {})
+        return {k: str(self(v)) for k, v in variables.items()}
+
+
+# -------------------------------------------------------------------------------------- definition rewrites
+
+
+def for_moto(definition: dict[str, Any], *, start_at: str | None = None) -> dict[str, Any]:
+    """The definition as moto's interpreter can run it: Wait and Retry delays scaled to (almost) nothing, the
+    Map fields its grammar rejects rewritten, and optionally a later state to start at (a stage run alone, its
+    input given as the state the earlier stages leave)."""
+    rewritten = copy.deepcopy(definition)
+    if start_at is not None:
+        rewritten["StartAt"] = start_at
+    rewritten.pop("TimeoutSeconds", None)
+
+    def walk(states: dict[str, Any]) -> None:
+        for state in states.values():
+            if state["Type"] == "Wait":
+                for key in ("Seconds", "SecondsPath", "Timestamp", "TimestampPath"):
+                    state.pop(key, None)
+                state["Seconds"] = 0
+            for retry in state.get("Retry", []):
+                retry["IntervalSeconds"] = 1
+                retry["BackoffRate"] = 1.0
+                retry.pop("JitterStrategy", None)
+                retry.pop("MaxDelaySeconds", None)
+            for branch in state.get("Branches", []):
+                walk(branch["States"])
+            processor = state.get("ItemProcessor") or state.get("Iterator")
+            if processor:
+                walk(processor["States"])
+            if "ItemBatcher" in state:
+                # moto's grammar rejects ItemBatcher: each item becomes a batch of one, in the shape a batch has
+                # ({"Items": [...]}), given to the processor's first state.
+                del state["ItemBatcher"]
+                first = processor["States"][processor["StartAt"]]
+                assert "Parameters" not in first, "a batch processor's first state takes the batch as it comes"
+                first["Parameters"] = {"Items.$": "States.Array($)"}
+            if isinstance(state.get("ToleratedFailurePercentage"), int):
+                # moto's grammar rejects an integer percentage; the same number as a float parses.
+                state["ToleratedFailurePercentage"] = float(state["ToleratedFailurePercentage"])
+
+    walk(rewritten["States"])
+    return rewritten
+
+
+# ------------------------------------------------------------------------------------------- Lambda in-process
+
+
+class LambdaContext:
+    """What a Lambda runtime hands a handler; Powertools reads these attributes."""
+
+    def __init__(self, name: str) -> None:
+        self.function_name = name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{name}"
+        self.memory_limit_in_mb = 512
+        self.aws_request_id = f"req-{time.monotonic_ns()}"
+        self.log_group_name = f"/aws/lambda/{name}"
+        self.log_stream_name = "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+@dataclass
+class Invocation:
+    function: str
+    event: Any
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class InProcessLambda:
+    """Stands in for the interpreter's boto3 Lambda client: ``invoke`` imports the function's handler and calls
+    it with the function's template environment, answering as Lambda does (``FunctionError: Unhandled`` and an
+    ``errorType``/``errorMessage`` payload when the handler raises)."""
+
+    functions: dict[str, tuple[str, dict[str, str]]]  # function name -> (handler, environment)
+    invocations: list[Invocation] = field(default_factory=list)
+    # Called after each invocation: a scenario changes the world there (an endpoint's status, say).
+    after: Callable[[Invocation], None] = lambda invocation: None
+
+    def invoke(self, FunctionName: str, Payload: bytes | str | None = None, **_: Any) -> dict[str, Any]:
+        name = FunctionName.rsplit(":function:", 1)[-1].split(":")[0]
+        handler_path, environment = self.functions[name]
+        module_name, attribute = handler_path.rsplit(".", 1)
+        event = json.loads(Payload or b"{}")
+        invocation = Invocation(function=name, event=event)
+        self.invocations.append(invocation)
+        saved = dict(os.environ)
+        os.environ.update(environment, AWS_REGION=REGION, AWS_LAMBDA_FUNCTION_NAME=name)
+        try:
+            handler = getattr(importlib.import_module(module_name), attribute)
+            result = handler(copy.deepcopy(event), LambdaContext(name))
+            body, error = json.dumps(result, default=str).encode(), None
+        except Exception as exc:
+            error = "Unhandled"
+            invocation.error = f"{type(exc).__name__}: {exc}"
+            body = json.dumps({"errorType": type(exc).__name__, "errorMessage": str(exc),
+                               "stackTrace": traceback.format_tb(exc.__traceback__)}).encode()
+            result = None
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        invocation.result = result
+        self.after(invocation)
+        response: dict[str, Any] = {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": io.BytesIO(body)}
+        if error:
+            response["FunctionError"] = error
+        return response
+
+
+def lambda_functions(synthesized: Synthesized, resolver: Resolver) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each Python function of the stack by the name the harness gives it: its handler and environment. The
+    handlers are imported by module name after checking that the staged asset holds the very files that
+    module name imports (the repository's ``lambdas`` package is the one already on ``sys.path``)."""
+    asset = synthesized.code_asset()
+    staged = [p.relative_to(asset) for p in asset.rglob("*.py")]
+    mismatched = [str(p) for p in staged if not filecmp.cmp(asset / p, ROOT / p, shallow=False)]
+    assert staged and not mismatched, f"the staged code asset differs from the checkout: {mismatched}"
+    functions = {}
+    for logical_id, resource in synthesized.resources("AWS::Lambda::Function").items():
+        handler = str(resource["Properties"].get("Handler", ""))
+        if handler.startswith("lambdas."):
+            module = handler.rsplit(".", 1)[0]
+            assert (asset / (module.replace(".", "/") + ".py")).is_file(), f"{handler} is not in the code asset"
+            functions[physical_name(logical_id)] = (handler, resolver.environment(logical_id))
+    return functions
+
+
+# ------------------------------------------------------------------------------------ SageMaker .sync bridge
+
+_SAGEMAKER_MODEL = botocore.session.get_session().get_service_model("sagemaker")
+
+
+def validate_sagemaker_request(operation: str, request: dict[str, Any]) -> None:
+    """Raises when ``request`` is not a valid ``operation`` request by botocore's SageMaker service model."""
+    shape = _SAGEMAKER_MODEL.operation_model(operation).input_shape
+    report = ParamValidator().validate(request, shape)
+    if report.has_errors():
+        raise AssertionError(f"{operation} request rejected by botocore's model:\n{report.generate_report()}")
+
+
+@dataclass
+class JobOutcome:
+    """How a bridged SageMaker job ends: its status and, for a failure, its FailureReason."""
+
+    status: str = "Completed"
+    failure_reason: str = ""
+
+
+@dataclass
+class SageMakerBridge:
+    """Answers ``arn:aws:states:::sagemaker:<action>.sync`` tasks. The job is created in moto's SageMaker (so
+    DescribeTrainingJob finds it, as the report Lambda needs), then ends with ``outcome(action, request)``: a
+    completed job's Describe output is the task's output; a failed one fails the task as Step Functions does,
+    with the Describe output as its cause."""
+
+    outcome: Callable[[str, dict[str, Any]], JobOutcome] = lambda action, request: JobOutcome()
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # names given to StopTrainingJob / StopHyperParameterTuningJob
+
+    def run(self, action: str, request: dict[str, Any]) -> tuple[dict[str, Any], JobOutcome]:
+        operation = action[0].upper() + action[1:]
+        validate_sagemaker_request(operation, request)
+        self.requests.append((operation, request))
+        sagemaker = boto3.client("sagemaker", region_name=REGION)
+        outcome = self.outcome(action, request)
+        if operation == "CreateTrainingJob":
+            sagemaker.create_training_job(**request)
+            described = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
+            described["TrainingJobStatus"] = outcome.status
+            if outcome.failure_reason:
+                described["FailureReason"] = outcome.failure_reason
+        elif operation == "CreateHyperParameterTuningJob":
+            sagemaker.create_hyper_parameter_tuning_job(**request)
+            described = sagemaker.describe_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=request["HyperParameterTuningJobName"])
+            described["HyperParameterTuningJobStatus"] = outcome.status
+            if outcome.failure_reason:
+                described["FailureReason"] = outcome.failure_reason
+        else:
+            raise AssertionError(f"the bridge does not answer sagemaker:{action}.sync")
+        described.pop("ResponseMetadata", None)
+        return json.loads(json.dumps(described, default=str)), outcome
+
+
+def resolve_literal_path_keys(parameters: Any, state_input: Any) -> Any:
+    """moto 5.2.5 leaves some ``"Key.$"`` entries (``RoleArn.$``) unresolved; resolve them as AWS does."""
+    from jsonpath_ng import parse  # moto[stepfunctions] depends on it
+
+    if isinstance(parameters, list):
+        return [resolve_literal_path_keys(p, state_input) for p in parameters]
+    if not isinstance(parameters, dict):
+        return parameters
+    resolved = {}
+    for key, value in parameters.items():
+        if key.endswith(".$") and isinstance(value, str) and value.startswith("$"):
+            matches = [m.value for m in parse(value).find(state_input)]
+            assert matches, f"{key}: {value} not found in the state input"
+            resolved[key[:-2]] = matches[0]
+        else:
+            resolved[key] = resolve_literal_path_keys(value, state_input)
+    return resolved
+
+
+def _bridge_service_class() -> type:
+    from moto.stepfunctions.parser.api import HistoryEventType, TaskFailedEventDetails
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
+        FailureEvent,
+        FailureEventException,
+    )
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
+        StatesErrorNameType,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resource import ResourceCondition
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service_callback import (
+        StateTaskServiceCallback,
+    )
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+
+    class BridgedSageMaker(StateTaskServiceCallback):
+        bridge: SageMakerBridge
+
+        def __init__(self) -> None:
+            super().__init__(supported_integration_patterns={ResourceCondition.Sync})
+
+        def _validate_service_integration_is_supported(self) -> None:
+            # moto knows no SageMaker parameters; each request is checked against botocore's model instead.
+            assert self.resource.api_action in {"createTrainingJob", "createHyperParameterTuningJob"}, \
+                f"the bridge does not answer sagemaker:{self.resource.api_action}"
+
+        def _eval_service_task(self, env, resource_runtime_part, normalised_parameters, state_credentials) -> None:
+            request = resolve_literal_path_keys(normalised_parameters, env.states.get_input())
+            described, outcome = self.bridge.run(self.resource.api_action, request)
+            if outcome.status != "Completed":
+                # Step Functions fails a .sync task whose job failed with States.TaskFailed and the Describe
+                # output as its cause. moto refuses a custom error named States.*, so the failure names
+                # the interpreter's own States.TaskFailed.
+                cause = json.dumps(described, separators=(",", ":"))
+                raise FailureEventException(failure_event=FailureEvent(
+                    env=env,
+                    error_name=StatesErrorName(typ=StatesErrorNameType.StatesTaskFailed),
+                    event_type=HistoryEventType.TaskFailed,
+                    event_details=EventDetails(taskFailedEventDetails=TaskFailedEventDetails(
+                        resourceType="sagemaker", resource=self.resource.api_action + ".sync",
+                        error=TASK_FAILED_ERROR, cause=cause)),
+                ))
+            env.stack.append(described)
+
+        def _eval_integration_pattern(self, env, resource_runtime_part, normalised_parameters,
+                                      state_credentials) -> None:
+            pass  # the job has already ended: its Describe output is on the stack
+
+    return BridgedSageMaker
+
+
+# The error a failed .sync job raises on AWS (Step Functions developer guide, "Run a job (.sync)").
+TASK_FAILED_ERROR = "States.TaskFailed"
+
+
+# ------------------------------------------------------------------------------------------------- patching
+
+
+@contextlib.contextmanager
+def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[None]:
+    """moto's interpreter with Lambda invocations run in-process and SageMaker .sync tasks bridged."""
+    from moto.sagemaker.exceptions import ValidationError
+    from moto.sagemaker.responses import SageMakerResponse
+    from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.error_name import ErrorName
+    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import iteration_worker
+    from moto.stepfunctions.parser.asl.component.state.exec.state_parallel import branches_decl
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils, state_task_factory
+    from moto.stepfunctions.parser.asl.component.state.fail import state_fail
+
+    assert not hasattr(SageMakerResponse, "stop_training_job"), "moto now stops training jobs: drop the stand-in"
+
+    service_class = _bridge_service_class()
+    service_class.bridge = bridge
+    original_client = lambda_eval_utils.boto_client_for
+    original_factory = state_task_factory.state_task_service_for
+
+    def client_for(service: str, *args: Any, **kwargs: Any) -> Any:
+        return lambdas if service == "lambda" else original_client(service, *args, **kwargs)
+
+    def service_for(service_name: str) -> Any:
+        return service_class() if service_name == "sagemaker" else original_factory(service_name)
+
+    def stop(parameter: str) -> Callable[[Any], Any]:
+        # moto has no StopTrainingJob / StopHyperParameterTuningJob. A bridged job has always ended by the time
+        # a stop is asked for, and SageMaker refuses to stop an ended job with a ValidationException.
+        def respond(response: Any) -> Any:
+            name = response._get_param(parameter)
+            bridge.stopped.append(name)
+            raise ValidationError(f"The job {name} has already ended and cannot be stopped")
+        return respond
+
+    class ReraisedErrorName(ErrorName):
+        """An error passed on under its own name: by a Fail state's ErrorPath, by a Parallel whose branch
+        failed, by a Map whose iteration failed. AWS passes a States.TaskFailed on as it is; moto builds these
+        with CustomErrorName, which refuses any name that starts with States. and so crashes the execution."""
+
+    reraisers = (state_fail, branches_decl, iteration_worker)
+
+    lambda_eval_utils.boto_client_for = client_for
+    state_task_factory.state_task_service_for = service_for
+    for module in reraisers:
+        module.CustomErrorName = ReraisedErrorName
+    SageMakerResponse.stop_training_job = stop("TrainingJobName")
+    SageMakerResponse.stop_hyper_parameter_tuning_job = stop("HyperParameterTuningJobName")
+    try:
+        yield
+    finally:
+        lambda_eval_utils.boto_client_for = original_client
+        state_task_factory.state_task_service_for = original_factory
+        del SageMakerResponse.stop_training_job, SageMakerResponse.stop_hyper_parameter_tuning_job
+        for module in reraisers:
+            module.CustomErrorName = CustomErrorName
+
+
+# ------------------------------------------------------------------------------------------------ executions
+
+
+@dataclass
+class Execution:
+    status: str
+    output: Any
+    error: str | None
+    cause: str | None
+    history: list[dict[str, Any]]
+
+    def states_entered(self) -> list[str]:
+        return [e["stateEnteredEventDetails"]["name"] for e in self.history if e["type"].endswith("StateEntered")]
+
+    def runtime_errors(self) -> list[dict[str, Any]]:
+        """Every States.Runtime failure: AWS never catches one, moto's catch-all does, so each is a test failure."""
+        text = [e for e in self.history if "States.Runtime" in json.dumps(e, default=str)]
+        return text
+
+    def assert_no_runtime_error(self) -> None:
+        assert self.runtime_errors() == [], json.dumps(self.runtime_errors(), default=str, indent=1)[:3000]
+
+
+def run(sfn: Any, definition: dict[str, Any], execution_input: Any, *, name: str = "run",
+        timeout: float = 60.0) -> Execution:
+    """Registers ``definition`` and runs one execution of it to its end."""
+    machine = sfn.create_state_machine(name=f"machine-{name}-{time.monotonic_ns()}",
+                                       definition=json.dumps(definition),
+                                       roleArn=f"arn:aws:iam::{ACCOUNT}:role/pipeline")["stateMachineArn"]
+    arn = sfn.start_execution(stateMachineArn=machine, name=name, input=json.dumps(execution_input))["executionArn"]
+    deadline = time.monotonic() + timeout
+    while (described := sfn.describe_execution(executionArn=arn))["status"] == "RUNNING":
+        assert time.monotonic() < deadline, f"execution still running after {timeout} s"
+        time.sleep(0.02)
+    history = sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]
+    output = json.loads(described["output"]) if described.get("output") else None
+    return Execution(status=described["status"], output=output, error=described.get("error"),
+                     cause=described.get("cause"), history=history)
+
+
+def set_endpoint_status(endpoint_name: str, status: str, failure_reason: str | None = None) -> None:
+    """Puts a moto endpoint in ``status``: moto's endpoints are InService from creation and it has no
+    UpdateEndpoint, so a scenario that needs another status sets it on moto's model of the endpoint."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints[endpoint_name]
+    endpoint.endpoint_status = status
+    endpoint.failure_reason = failure_reason

@@ -1,0 +1,142 @@
+"""The synthesized state machines executed in moto's Step Functions interpreter (see harness.py).
+
+A stage is run alone by starting the pipeline's own definition at that stage, with the state the earlier stages
+leave as input; everything after it (the stage's Catch, "Record <stage> failure", "Pipeline failed", "Pipeline
+succeeded") is the synthesized definition's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.pipeline import harness
+from tests.pipeline.conftest import Cloud
+
+PIPELINE = "PipelineStateMachine"
+ENDPOINT = "invmon-dev-counter"
+
+
+def data_bucket(cloud: Cloud) -> str:
+    return cloud.name("AWS::S3::Bucket", "StorageData")
+
+
+def trained(cloud: Cloud, job: str = "invmon-dev-job", accuracy: float = 0.6) -> dict[str, Any]:
+    """What the training stage leaves at $.training: the report Lambda's contract."""
+    return {"jobName": job, "modelArtifact": f"s3://{data_bucket(cloud)}/models/{job}/output/model.tar.gz",
+            "metrics": {"valid_accuracy": accuracy, "valid_rmse": 1.0}}
+
+
+def run_deploy(cloud: Cloud, name: str = "run", accuracy: float = 0.6, **input_: Any) -> harness.Execution:
+    state = {"input": input_, "execution": name, "training": trained(cloud, accuracy=accuracy)}
+    execution = cloud.run(cloud.definition(PIPELINE, start_at="Deploy stage"), state, name=name)
+    execution.assert_no_runtime_error()
+    return execution
+
+
+def after_release(change: Any) -> Any:
+    """An ``InProcessLambda.after`` hook that changes the endpoint once the release Lambda has started it."""
+    def after(invocation: harness.Invocation) -> None:
+        if invocation.function.startswith("deployrelease") and invocation.error is None:
+            change()
+    return after
+
+
+def test_endpoint_out_of_service_fails_the_pipeline_with_the_endpoints_status(cloud: Cloud) -> None:
+    # DescribeEndpoint gives no FailureReason for OutOfService: reading it was a States.Runtime error on AWS.
+    cloud.lambdas.after = after_release(lambda: harness.set_endpoint_status(ENDPOINT, "OutOfService"))
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "EndpointFailed"
+    assert execution.cause == (f"deploy stage failed: Endpoint {ENDPOINT} is OutOfService: SageMaker gives no "
+                               "FailureReason for this status, see the endpoint events")
+    assert execution.states_entered()[-3:] == ["Endpoint failed", "Record deploy failure", "Pipeline failed"]
+
+
+def test_endpoint_failed_fails_the_pipeline_with_its_failure_reason(cloud: Cloud) -> None:
+    cloud.lambdas.after = after_release(
+        lambda: harness.set_endpoint_status(ENDPOINT, "Failed", "the container did not pass the ping check"))
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "EndpointFailed"
+    assert execution.cause == (f"deploy stage failed: Endpoint {ENDPOINT} is Failed: "
+                               "the container did not pass the ping check")
+
+
+def test_first_deploy_creates_the_endpoint_and_records_the_model_in_service(cloud: Cloud) -> None:
+    execution = run_deploy(cloud)
+    assert execution.status == "SUCCEEDED", execution.cause
+    entered = execution.states_entered()
+    path = ["Decide deploy", "Deploy?", "Release model", "Wait for endpoint", "Describe endpoint",
+            "Endpoint ready?", "Finish deploy", "Deploy finished"]
+    assert [s for s in entered if s in path] == path
+    assert entered[-1] == "Pipeline succeeded"
+    assert execution.output["deploy"]["decision"] == "deploy"
+    release = next(i for i in cloud.lambdas.invocations if i.function.startswith("deployrelease"))
+    assert release.result["action"] == "create"
+    endpoint = cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)
+    assert endpoint["EndpointConfigName"] == release.result["endpointConfigName"]
+
+
+def test_redeploy_of_an_equal_model_is_skipped(cloud: Cloud) -> None:
+    assert run_deploy(cloud, name="first").status == "SUCCEEDED"
+    execution = run_deploy(cloud, name="second")
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert "Deploy skipped" in execution.states_entered()
+    assert "Release model" not in execution.states_entered()
+    assert execution.output["deploy"]["decision"] == "skip"
+
+
+def test_an_update_that_rolled_back_fails_the_pipeline_as_rolled_back(cloud: Cloud) -> None:
+    # The endpoint is InService on another config than the one released: the blue/green update rolled back.
+    from moto.sagemaker.models import sagemaker_backends
+
+    def roll_back() -> None:
+        sagemaker_backends[harness.ACCOUNT][harness.REGION].endpoints[ENDPOINT].endpoint_config_name = "previous"
+
+    cloud.lambdas.after = after_release(roll_back)
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "DeploymentRolledBack"
+    assert "Deploy rolled back" in execution.states_entered()
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def ingested(cloud: Cloud) -> dict[str, Any]:
+    manifests = f"s3://{data_bucket(cloud)}/manifests/run"
+    return {"channels": {"train": f"{manifests}/train.manifest", "validation": f"{manifests}/validation.manifest"}}
+
+
+def run_training(cloud: Cloud, **input_: Any) -> harness.Execution:
+    state = {"input": input_, "execution": "run", "ingest": ingested(cloud)}
+    execution = cloud.run(cloud.definition(PIPELINE, start_at="Training stage"), state)
+    execution.assert_no_runtime_error()
+    return execution
+
+
+def test_a_failed_training_job_is_stopped_and_fails_the_pipeline_with_its_reason(cloud: Cloud) -> None:
+    cloud.bridge.outcome = lambda action, request: harness.JobOutcome("Failed", "AlgorithmError: out of memory")
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == harness.TASK_FAILED_ERROR
+    assert "training stage failed:" in execution.cause
+    assert "AlgorithmError: out of memory" in execution.cause
+    entered = execution.states_entered()
+    assert entered.index("TrainModel") < entered.index("StopTrainingJob") < entered.index("TrainingFailed")
+    assert entered[-2:] == ["Record training failure", "Pipeline failed"]
+    assert cloud.bridge.stopped == [request["TrainingJobName"] for _, request in cloud.bridge.requests]
+    ((operation, request),) = cloud.bridge.requests
+    assert operation == "CreateTrainingJob"
+    assert request["EnableManagedSpotTraining"] is True
+
+
+@pytest.mark.parametrize("bad", [{"training": {"instanceCount": "many"}}, {"training": {"nonsense": 1}}])
+def test_a_bad_training_input_fails_before_any_job_starts(cloud: Cloud, bad: dict[str, Any]) -> None:
+    execution = run_training(cloud, **bad)
+    assert execution.status == "FAILED"
+    assert "training stage failed:" in execution.cause
+    assert "TrainModel" not in execution.states_entered()
+    assert cloud.bridge.requests == []

@@ -1,0 +1,114 @@
+"""Self-checks of harness.py: each moto behaviour the harness works around is measured here, so that a moto
+that behaves otherwise fails these tests loudly (and the workaround can go) instead of silently changing what
+the execution tests exercise. Measured on moto 5.2.5."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from tests.pipeline import harness
+
+
+@pytest.fixture
+def sfn() -> Iterator[Any]:
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        yield boto3.client("stepfunctions", region_name=harness.REGION)
+
+
+def register(sfn: Any, definition: dict[str, Any]) -> str:
+    return sfn.create_state_machine(name="probe", definition=json.dumps(definition),
+                                    roleArn=f"arn:aws:iam::{harness.ACCOUNT}:role/probe")["stateMachineArn"]
+
+
+def distributed_map(**fields: Any) -> dict[str, Any]:
+    return {"StartAt": "Map", "States": {"Map": {
+        "Type": "Map", "End": True, "ItemsPath": "$.items",
+        "ItemProcessor": {"ProcessorConfig": {"Mode": "DISTRIBUTED", "ExecutionType": "STANDARD"},
+                          "StartAt": "Item", "States": {"Item": {"Type": "Pass", "End": True}}},
+        **fields}}}
+
+
+def test_moto_rejects_item_batcher_and_an_integer_tolerated_percentage_which_for_moto_rewrites(sfn: Any) -> None:
+    register(sfn, distributed_map())
+    for fields in ({"ItemBatcher": {"MaxItemsPerBatch": 100}}, {"ToleratedFailurePercentage": 5}):
+        with pytest.raises(ClientError, match="ASLParserException"):
+            register(sfn, distributed_map(**fields))
+        register(sfn, harness.for_moto(distributed_map(**fields)))
+
+
+def test_moto_refuses_a_sagemaker_sync_task_that_the_bridge_answers(sfn: Any) -> None:
+    definition = {"StartAt": "Train", "States": {"Train": {
+        "Type": "Task", "End": True, "Resource": "arn:aws:states:::sagemaker:createTrainingJob.sync",
+        "Parameters": {"TrainingJobName": "x"}}}}
+    refused = harness.run(sfn, definition, {})
+    assert refused.status == "FAILED"
+    assert refused.error == "States.Runtime"
+    assert "Unsupported sync callback procedure" in refused.cause
+    with harness.interpreter(harness.InProcessLambda({}), harness.SageMakerBridge()):
+        answered = harness.run(sfn, definition, {})
+    # The bridge took the task, and refused its request by botocore's model (no RoleArn, no resources).
+    assert "CreateTrainingJob request rejected by botocore's model" in answered.cause
+
+
+def test_moto_crashes_on_a_states_error_from_a_branch_and_once_patched_catches_states_runtime(sfn: Any) -> None:
+    # A States.Runtime error in a branch (a Fail state's CausePath that is absent) ends the execution on AWS:
+    # no Catch catches States.Runtime. moto crashes passing a States.* name on; with that patched, its
+    # catch-all catches it. So no execution test may trust a caught failure: each calls
+    # Execution.assert_no_runtime_error, which finds this one.
+    definition = {"StartAt": "Stage", "States": {
+        "Stage": {"Type": "Parallel", "End": True,
+                  "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Caught", "ResultPath": "$.failure"}],
+                  "Branches": [{"StartAt": "Read", "States": {
+                      "Read": {"Type": "Fail", "Error": "X", "CausePath": "$.absent"}}}]},
+        "Caught": {"Type": "Pass", "End": True}}}
+    crashed = harness.run(sfn, definition, {})
+    assert crashed.status == "FAILED"
+    assert "Custom Error Names MUST NOT begin with the prefix 'States.'" in crashed.cause
+    with harness.interpreter(harness.InProcessLambda({}), harness.SageMakerBridge()):
+        caught = harness.run(sfn, definition, {}, name="patched")
+    assert caught.status == "SUCCEEDED"
+    assert caught.output["failure"]["Error"] == "States.Runtime"
+    with pytest.raises(AssertionError):
+        caught.assert_no_runtime_error()
+
+
+def test_moto_has_no_stop_training_job_or_update_endpoint() -> None:
+    from moto.sagemaker.responses import SageMakerResponse
+
+    assert not hasattr(SageMakerResponse, "stop_training_job")
+    assert not hasattr(SageMakerResponse, "stop_hyper_parameter_tuning_job")
+    assert not hasattr(SageMakerResponse, "update_endpoint")
+
+
+def test_moto_leaves_role_arn_path_keys_unresolved_which_the_bridge_resolves(sfn: Any) -> None:
+    state_input = {"request": {"RoleArn": "arn:aws:iam::123456789012:role/r", "Name": "n"}}
+    definition = {"StartAt": "Shape", "States": {"Shape": {
+        "Type": "Pass", "End": True, "Parameters": {"RoleArn.$": "$.request.RoleArn", "Name.$": "$.request.Name"}}}}
+    output = harness.run(sfn, definition, state_input).output
+    assert output == {"RoleArn.$": "$.request.RoleArn", "Name": "n"}
+    assert harness.resolve_literal_path_keys(output, state_input) == {
+        "RoleArn": "arn:aws:iam::123456789012:role/r", "Name": "n"}
+
+
+def test_the_bridge_refuses_a_request_botocores_model_rejects() -> None:
+    with pytest.raises(AssertionError, match="CreateTrainingJob request rejected"):
+        harness.validate_sagemaker_request("CreateTrainingJob", {"TrainingJobName": "x"})
+
+
+def test_waits_and_retries_are_scaled_down_for_moto() -> None:
+    definition = {"StartAt": "Wait", "States": {
+        "Wait": {"Type": "Wait", "Seconds": 60, "Next": "Task"},
+        "Task": {"Type": "Task", "Resource": "arn:aws:states:::lambda:invoke", "End": True,
+                 "Retry": [{"ErrorEquals": ["X"], "IntervalSeconds": 30, "BackoffRate": 2, "MaxAttempts": 3,
+                            "JitterStrategy": "FULL"}]}}}
+    rewritten = harness.for_moto(definition)
+    assert rewritten["States"]["Wait"]["Seconds"] == 0
+    assert rewritten["States"]["Task"]["Retry"] == [
+        {"ErrorEquals": ["X"], "IntervalSeconds": 1, "BackoffRate": 1.0, "MaxAttempts": 3}]
