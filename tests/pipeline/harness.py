@@ -324,6 +324,7 @@ class SageMakerBridge:
                 described["FailureReason"] = outcome.failure_reason
         elif operation == "CreateHyperParameterTuningJob":
             sagemaker.create_hyper_parameter_tuning_job(**request)
+            self._best_trial(sagemaker, request)
             described = sagemaker.describe_hyper_parameter_tuning_job(
                 HyperParameterTuningJobName=request["HyperParameterTuningJobName"])
             described["HyperParameterTuningJobStatus"] = outcome.status
@@ -333,6 +334,30 @@ class SageMakerBridge:
             raise AssertionError(f"the bridge does not answer sagemaker:{action}.sync")
         described.pop("ResponseMetadata", None)
         return json.loads(json.dumps(described, default=str)), outcome
+
+    @staticmethod
+    def _best_trial(sagemaker: Any, request: dict[str, Any]) -> None:
+        """One trial of the tuning job, run as a training job from its TrainingJobDefinition, named as its best
+        job: moto's tuning job names a fixed "FakeTrainingJobName" that DescribeTrainingJob cannot find."""
+        from moto.sagemaker.models import sagemaker_backends
+
+        definition = request["TrainingJobDefinition"]
+        tuning_name = request["HyperParameterTuningJobName"]
+        trial = f"{tuning_name}-001-0000abcd"[:63]
+        copied = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
+                  "StoppingCondition", "EnableManagedSpotTraining", "CheckpointConfig", "EnableNetworkIsolation",
+                  "EnableInterContainerTrafficEncryption", "VpcConfig")
+        sagemaker.create_training_job(TrainingJobName=trial, HyperParameters=definition.get(
+            "StaticHyperParameters", {}), **{k: definition[k] for k in copied if k in definition})
+        arn = sagemaker.describe_training_job(TrainingJobName=trial)["TrainingJobArn"]
+        job = sagemaker_backends[ACCOUNT][REGION].hyper_parameter_tuning_jobs[tuning_name]
+        job.best_training_job = {
+            "TrainingJobName": trial, "TrainingJobArn": arn, "TuningJobName": tuning_name,
+            "TrainingJobStatus": "Completed", "TunedHyperParameters": {},
+            "FinalHyperParameterTuningJobObjectiveMetric": {
+                "MetricName": request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"][
+                    "MetricName"], "Value": 0.5},
+        }
 
 
 def resolve_literal_path_keys(parameters: Any, state_input: Any) -> Any:

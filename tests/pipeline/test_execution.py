@@ -140,3 +140,26 @@ def test_a_bad_training_input_fails_before_any_job_starts(cloud: Cloud, bad: dic
     assert "training stage failed:" in execution.cause
     assert "TrainModel" not in execution.states_entered()
     assert cloud.bridge.requests == []
+
+
+def test_a_completed_training_job_is_recorded_for_the_deploy_stage(cloud: Cloud) -> None:
+    execution = run_training(cloud)
+    assert execution.status == "SUCCEEDED", execution.cause
+    ((operation, request),) = cloud.bridge.requests
+    assert operation == "CreateTrainingJob"
+    training = execution.output["training"]
+    assert training["jobName"] == request["TrainingJobName"]
+    assert training["modelArtifact"].endswith(f"/{request['TrainingJobName']}/output/model.tar.gz")
+    assert execution.states_entered()[-1] == "Pipeline succeeded"
+
+
+def test_tuning_runs_a_tuning_job_and_takes_its_best_job_forward(cloud: Cloud) -> None:
+    execution = run_training(cloud, training={"tuning": {"enabled": True, "maxJobs": 2, "maxParallelJobs": 1}})
+    assert "TuneModel" in execution.states_entered()
+    ((operation, request),) = cloud.bridge.requests
+    assert operation == "CreateHyperParameterTuningJob"
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert request["HyperParameterTuningJobConfig"]["ResourceLimits"]["MaxNumberOfTrainingJobs"] == 2
+    training = execution.output["training"]
+    assert training["jobName"].startswith(request["HyperParameterTuningJobName"] + "-001-")
+    assert training.get("tuningJobName") == request["HyperParameterTuningJobName"], training
