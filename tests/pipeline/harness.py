@@ -31,6 +31,7 @@ import importlib
 import io
 import json
 import os
+import tarfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -235,6 +236,7 @@ class InProcessLambda:
         handler_path, environment = self.functions[name]
         module_name, attribute = handler_path.rsplit(".", 1)
         event = json.loads(Payload or b"{}")
+        complete_result_writer(event, self.invocations)
         invocation = Invocation(function=name, event=event)
         self.invocations.append(invocation)
         saved = dict(os.environ)
@@ -258,6 +260,44 @@ class InProcessLambda:
         if error:
             response["FunctionError"] = error
         return response
+
+
+def complete_result_writer(event: Any, invocations: list[Invocation]) -> None:
+    """Writes what a Distributed Map's ResultWriter exports, before the step that reads it runs.
+
+    moto's ResultWriter writes an empty manifest and no result files. Where an event carries a Map's
+    ``ResultWriterDetails`` (the ingest split step's does, at ``copy``), the manifest there is replaced with
+    AWS's format (Step Functions developer guide, "ResultWriter"): ``ResultFiles`` by status, each file a JSON
+    array of child executions with ``Input``, ``Output`` or ``Error``/``Cause``, and ``Status``; the child
+    executions are the batches that the processor's Lambda ran, each batch's last attempt."""
+    details = ((event.get("copy") or {}).get("ResultWriterDetails") if isinstance(event, dict) else None) or {}
+    if not details.get("Key"):
+        return
+    s3 = boto3.client("s3", region_name=REGION)
+    written = json.loads(s3.get_object(Bucket=details["Bucket"], Key=details["Key"])["Body"].read())
+    assert not written.get("ResultFiles", {}).get("SUCCEEDED"), "moto now writes Map results: drop the stand-in"
+    last_attempt: dict[str, Invocation] = {}
+    for invocation in invocations:
+        if isinstance(invocation.event, dict) and "Items" in invocation.event:
+            last_attempt[json.dumps(invocation.event, sort_keys=True)] = invocation
+    children: dict[str, list[dict[str, Any]]] = {"SUCCEEDED": [], "FAILED": []}
+    for invocation in last_attempt.values():
+        child: dict[str, Any] = {"Input": json.dumps(invocation.event)}
+        if invocation.error is None:
+            children["SUCCEEDED"].append({**child, "Status": "SUCCEEDED", "Output": json.dumps(invocation.result)})
+        else:
+            kind, _, message = invocation.error.partition(": ")
+            children["FAILED"].append({**child, "Status": "FAILED", "Error": kind, "Cause": message})
+    prefix = details["Key"].rsplit("/", 1)[0]
+    files: dict[str, list[dict[str, Any]]] = {"SUCCEEDED": [], "FAILED": [], "PENDING": []}
+    for status, executions in children.items():
+        if executions:
+            key = f"{prefix}/{status}_0.json"
+            body = json.dumps(executions).encode()
+            s3.put_object(Bucket=details["Bucket"], Key=key, Body=body)
+            files[status].append({"Key": key, "Size": len(body)})
+    s3.put_object(Bucket=details["Bucket"], Key=details["Key"], Body=json.dumps(
+        {**written, "DestinationBucket": details["Bucket"], "ResultFiles": files}).encode())
 
 
 def lambda_functions(synthesized: Synthesized, resolver: Resolver) -> dict[str, tuple[str, dict[str, str]]]:
@@ -297,6 +337,8 @@ class JobOutcome:
 
     status: str = "Completed"
     failure_reason: str = ""
+    # What the trainer's metrics.json in output.tar.gz holds (the report Lambda reads it; the gate decides on it).
+    metrics: dict[str, float] = field(default_factory=lambda: {"valid_accuracy": 0.6, "valid_rmse": 1.0})
 
 
 @dataclass
@@ -322,6 +364,8 @@ class SageMakerBridge:
             described["TrainingJobStatus"] = outcome.status
             if outcome.failure_reason:
                 described["FailureReason"] = outcome.failure_reason
+            if outcome.status == "Completed":
+                write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
         elif operation == "CreateHyperParameterTuningJob":
             sagemaker.create_hyper_parameter_tuning_job(**request)
             self._best_trial(sagemaker, request)
@@ -349,7 +393,9 @@ class SageMakerBridge:
                   "EnableInterContainerTrafficEncryption", "VpcConfig")
         sagemaker.create_training_job(TrainingJobName=trial, HyperParameters=definition.get(
             "StaticHyperParameters", {}), **{k: definition[k] for k in copied if k in definition})
-        arn = sagemaker.describe_training_job(TrainingJobName=trial)["TrainingJobArn"]
+        trial_job = sagemaker.describe_training_job(TrainingJobName=trial)
+        arn = trial_job["TrainingJobArn"]
+        write_job_outputs(trial_job["ModelArtifacts"]["S3ModelArtifacts"], JobOutcome().metrics)
         job = sagemaker_backends[ACCOUNT][REGION].hyper_parameter_tuning_jobs[tuning_name]
         job.best_training_job = {
             "TrainingJobName": trial, "TrainingJobArn": arn, "TuningJobName": tuning_name,
@@ -358,6 +404,25 @@ class SageMakerBridge:
                 "MetricName": request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"][
                     "MetricName"], "Value": 0.5},
         }
+
+
+def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
+    """A finished job's model.tar.gz and, beside it, output.tar.gz holding the trainer's metrics.json."""
+    bucket, key = model_artifact.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", region_name=REGION)
+
+    def tarball(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, body in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        return buffer.getvalue()
+
+    s3.put_object(Bucket=bucket, Key=key, Body=tarball({"model.pt": b"weights"}))
+    s3.put_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/output.tar.gz",
+                  Body=tarball({"metrics.json": json.dumps(metrics).encode()}))
 
 
 def resolve_literal_path_keys(parameters: Any, state_input: Any) -> Any:

@@ -7,6 +7,7 @@ succeeded") is the synthesized definition's own.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -163,3 +164,43 @@ def test_tuning_runs_a_tuning_job_and_takes_its_best_job_forward(cloud: Cloud) -
     training = execution.output["training"]
     assert training["jobName"].startswith(request["HyperParameterTuningJobName"] + "-001-")
     assert training.get("tuningJobName") == request["HyperParameterTuningJobName"], training
+
+
+# ------------------------------------------------------------------------------------------ whole pipeline
+
+SOURCE_BUCKET = "aft-vbi-pds"  # the ingest functions' SOURCE_BUCKET: ABID's public bucket, here in moto
+
+
+def publish_abid(cloud: Cloud, sample_dir: Path, images: int) -> list[str]:
+    """The first ``images`` photos of the shipped sample, laid out as ABID's public bucket holds them."""
+    s3 = cloud.client("s3")
+    s3.create_bucket(Bucket=SOURCE_BUCKET)
+    ids = sorted(p.stem for p in (sample_dir / "metadata").glob("*.json"))[:images]
+    for image_id in ids:
+        s3.put_object(Bucket=SOURCE_BUCKET, Key=f"metadata/{image_id}.json",
+                      Body=(sample_dir / "metadata" / f"{image_id}.json").read_bytes())
+        s3.put_object(Bucket=SOURCE_BUCKET, Key=f"bin-images/{image_id}.jpg",
+                      Body=(sample_dir / "bin-images" / f"{image_id}.jpg").read_bytes())
+    return ids
+
+
+def test_the_pipeline_ingests_trains_gates_and_deploys_to_pipeline_succeeded(cloud: Cloud, sample_dir: Path) -> None:
+    ids = publish_abid(cloud, sample_dir, images=12)
+    execution = cloud.run(cloud.definition(PIPELINE), {"dataset": {"selector": "count-range", "limit": len(ids)}})
+    execution.assert_no_runtime_error()
+    assert execution.status == "SUCCEEDED", execution.cause
+    entered = execution.states_entered()
+    # A Distributed Map's iterations are child executions, with their own histories (CopyBatch is not here).
+    for state in ("Prepare", "SelectDataset", "CopyImages", "SplitDataset", "PrepareTraining",
+                  "TrainModel", "RecordTraining", "Decide deploy", "Release model", "Describe endpoint",
+                  "Finish deploy", "Pipeline succeeded"):
+        assert state in entered, state
+    workers = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")]
+    assert sorted(item["image_id"] for w in workers for item in w.event["Items"]) == ids
+    copied = cloud.client("s3").list_objects_v2(Bucket=data_bucket(cloud), Prefix="raw/")
+    assert copied["KeyCount"] == 2 * len(ids)  # each photo and its metadata
+    ((operation, request),) = cloud.bridge.requests
+    assert operation == "CreateTrainingJob"
+    channels = {c["ChannelName"] for c in request["InputDataConfig"]}
+    assert {"train", "validation"} <= channels
+    assert cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
