@@ -351,6 +351,7 @@ class SageMakerBridge:
     outcome: Callable[[str, dict[str, Any]], JobOutcome] = lambda action, request: JobOutcome()
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)  # names given to StopTrainingJob / StopHyperParameterTuningJob
+    updates: list[dict[str, Any]] = field(default_factory=list)  # UpdateEndpoint requests
 
     def run(self, action: str, request: dict[str, Any]) -> tuple[dict[str, Any], JobOutcome]:
         operation = action[0].upper() + action[1:]
@@ -506,7 +507,9 @@ TASK_FAILED_ERROR = "States.TaskFailed"
 @contextlib.contextmanager
 def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[None]:
     """moto's interpreter with Lambda invocations run in-process and SageMaker .sync tasks bridged."""
+    from moto.core.responses import ActionResult
     from moto.sagemaker.exceptions import ValidationError
+    from moto.sagemaker.models import sagemaker_backends
     from moto.sagemaker.responses import SageMakerResponse
     from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
     from moto.stepfunctions.parser.asl.component.common.error_name.error_name import ErrorName
@@ -515,7 +518,8 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
     from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils, state_task_factory
     from moto.stepfunctions.parser.asl.component.state.fail import state_fail
 
-    assert not hasattr(SageMakerResponse, "stop_training_job"), "moto now stops training jobs: drop the stand-in"
+    for action in ("stop_training_job", "stop_hyper_parameter_tuning_job", "update_endpoint"):
+        assert not hasattr(SageMakerResponse, action), f"moto now has {action}: drop its stand-in"
 
     service_class = _bridge_service_class()
     service_class.bridge = bridge
@@ -544,8 +548,18 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
 
     reraisers = (state_fail, branches_decl, iteration_worker)
 
+    def update_endpoint(response: Any) -> Any:
+        # moto has no UpdateEndpoint: the blue/green update completes at once, on the new config.
+        request = {k: response._get_param(k) for k in ("EndpointName", "EndpointConfigName", "DeploymentConfig")}
+        bridge.updates.append(request)
+        endpoint = sagemaker_backends[ACCOUNT][REGION].endpoints[request["EndpointName"]]
+        endpoint.endpoint_config_name = request["EndpointConfigName"]
+        endpoint.endpoint_status = "InService"
+        return ActionResult({"EndpointArn": endpoint.arn})
+
     lambda_eval_utils.boto_client_for = client_for
     state_task_factory.state_task_service_for = service_for
+    SageMakerResponse.update_endpoint = update_endpoint
     for module in reraisers:
         module.CustomErrorName = ReraisedErrorName
     SageMakerResponse.stop_training_job = stop("TrainingJobName")
@@ -556,6 +570,7 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
         lambda_eval_utils.boto_client_for = original_client
         state_task_factory.state_task_service_for = original_factory
         del SageMakerResponse.stop_training_job, SageMakerResponse.stop_hyper_parameter_tuning_job
+        del SageMakerResponse.update_endpoint
         for module in reraisers:
             module.CustomErrorName = CustomErrorName
 

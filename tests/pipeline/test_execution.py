@@ -204,3 +204,30 @@ def test_the_pipeline_ingests_trains_gates_and_deploys_to_pipeline_succeeded(clo
     channels = {c["ChannelName"] for c in request["InputDataConfig"]}
     assert {"train", "validation"} <= channels
     assert cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
+
+
+def test_pipeline_status_reads_a_real_failed_history_as_failed(cloud: Cloud) -> None:
+    # `invmon pipeline status` on the history the interpreter recorded: the stage whose branch ended in a Fail
+    # state is failed although its Catch then exited it, as is the Fail state the pipeline ended in.
+    from invmon.aws import execution_steps
+
+    cloud.lambdas.after = after_release(lambda: harness.set_endpoint_status(ENDPOINT, "OutOfService"))
+    execution = run_deploy(cloud)
+    status = {step.name: step.status for step in execution_steps(execution.history)}
+    assert status["Deploy stage"] == "failed"
+    assert status["Endpoint failed"] == "failed"
+    assert status["Pipeline failed"] == "failed"
+    assert status["Release model"] == "succeeded"
+    assert status["Record deploy failure"] == "succeeded"
+
+
+def test_a_forced_redeploy_updates_the_endpoint_blue_green(cloud: Cloud) -> None:
+    assert run_deploy(cloud, name="first").status == "SUCCEEDED"
+    execution = run_deploy(cloud, name="second", deploy={"force": True})
+    assert execution.status == "SUCCEEDED", execution.cause
+    releases = [i.result for i in cloud.lambdas.invocations if i.function.startswith("deployrelease")]
+    assert [r["action"] for r in releases] == ["create", "update"]
+    (update,) = cloud.bridge.updates
+    assert update["EndpointConfigName"] == releases[1]["endpointConfigName"]
+    assert "BlueGreenUpdatePolicy" in update["DeploymentConfig"]
+    assert "Deploy finished" in execution.states_entered()
