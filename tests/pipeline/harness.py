@@ -32,6 +32,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -230,6 +231,8 @@ class InProcessLambda:
     invocations: list[Invocation] = field(default_factory=list)
     # Called after each invocation: a scenario changes the world there (an endpoint's status, say).
     after: Callable[[Invocation], None] = lambda invocation: None
+    # A Map runs its iterations in threads, and each invocation swaps the process environment: one at a time.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def invoke(self, FunctionName: str, Payload: bytes | str | None = None, **_: Any) -> dict[str, Any]:
         name = FunctionName.rsplit(":function:", 1)[-1].split(":")[0]
