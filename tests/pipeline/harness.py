@@ -342,6 +342,8 @@ class JobOutcome:
     failure_reason: str = ""
     # What the trainer's metrics.json in output.tar.gz holds (the report Lambda reads it; the gate decides on it).
     metrics: dict[str, float] = field(default_factory=lambda: {"valid_accuracy": 0.6, "valid_rmse": 1.0})
+    # A completed transform job's answer for each input key (written to S3OutputPath/<key>.out).
+    answer: Callable[[str], Any] = lambda key: {}
 
 
 @dataclass
@@ -378,6 +380,14 @@ class SageMakerBridge:
             described["HyperParameterTuningJobStatus"] = outcome.status
             if outcome.failure_reason:
                 described["FailureReason"] = outcome.failure_reason
+        elif operation == "CreateTransformJob":
+            sagemaker.create_transform_job(**request)
+            described = sagemaker.describe_transform_job(TransformJobName=request["TransformJobName"])
+            described["TransformJobStatus"] = outcome.status
+            if outcome.failure_reason:
+                described["FailureReason"] = outcome.failure_reason
+            if outcome.status == "Completed":
+                write_transform_outputs(request, outcome.answer)
         else:
             raise AssertionError(f"the bridge does not answer sagemaker:{action}.sync")
         described.pop("ResponseMetadata", None)
@@ -429,6 +439,21 @@ def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
                   Body=tarball({"metrics.json": json.dumps(metrics).encode()}))
 
 
+def write_transform_outputs(request: dict[str, Any], answer: Callable[[str], Any]) -> None:
+    """What Batch Transform writes for a ManifestFile input: S3OutputPath/<key relative to the manifest's
+    prefix>.out for each listed object (SageMaker developer guide, "Batch transform")."""
+    s3 = boto3.client("s3", region_name=REGION)
+    source = request["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "ManifestFile", "the bridge writes outputs for a ManifestFile input only"
+    bucket, key = source["S3Uri"].removeprefix("s3://").split("/", 1)
+    header, *keys = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    prefix = header["prefix"].removeprefix(f"s3://{bucket}/")
+    out_bucket, out_prefix = request["TransformOutput"]["S3OutputPath"].removeprefix("s3://").split("/", 1)
+    for relative in keys:
+        s3.put_object(Bucket=out_bucket, Key=f"{out_prefix.rstrip('/')}/{relative}.out",
+                      Body=json.dumps(answer(prefix + relative)).encode())
+
+
 def resolve_literal_path_keys(parameters: Any, state_input: Any) -> Any:
     """moto 5.2.5 leaves some ``"Key.$"`` entries (``RoleArn.$``) unresolved; resolve them as AWS does."""
     from jsonpath_ng import parse  # moto[stepfunctions] depends on it
@@ -472,7 +497,8 @@ def _bridge_service_class() -> type:
 
         def _validate_service_integration_is_supported(self) -> None:
             # moto knows no SageMaker parameters; each request is checked against botocore's model instead.
-            assert self.resource.api_action in {"createTrainingJob", "createHyperParameterTuningJob"}, \
+            assert self.resource.api_action in {"createTrainingJob", "createHyperParameterTuningJob",
+                                                "createTransformJob"}, \
                 f"the bridge does not answer sagemaker:{self.resource.api_action}"
 
         def _eval_service_task(self, env, resource_runtime_part, normalised_parameters, state_credentials) -> None:

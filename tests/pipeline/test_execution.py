@@ -231,3 +231,52 @@ def test_a_forced_redeploy_updates_the_endpoint_blue_green(cloud: Cloud) -> None
     assert update["EndpointConfigName"] == releases[1]["endpointConfigName"]
     assert "BlueGreenUpdatePolicy" in update["DeploymentConfig"]
     assert "Deploy finished" in execution.states_entered()
+
+
+# -------------------------------------------------------------------------------------------- bulk count
+
+BULK = "CountBulkStateMachine"
+
+
+def prediction(count: int) -> dict[str, Any]:
+    """One answer of the serving contract (ml/inference.py) for a photo of ``count`` objects."""
+    return {"count": count, "confidence": 0.9, "classes": [count, count + 1], "probabilities": [0.9, 0.1],
+            "model": "counter"}
+
+
+def upload_photos(cloud: Cloud, sample_dir: Path, count: int) -> list[str]:
+    s3 = cloud.client("s3")
+    keys = []
+    for photo in sorted((sample_dir / "bin-images").glob("*.jpg"))[:count]:
+        keys.append(f"incoming/{photo.name}")
+        s3.put_object(Bucket=data_bucket(cloud), Key=keys[-1], Body=photo.read_bytes())
+    return keys
+
+
+def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: Cloud, sample_dir: Path) -> None:
+    assert run_deploy(cloud).status == "SUCCEEDED"
+    keys = upload_photos(cloud, sample_dir, 3)
+    cloud.bridge.outcome = lambda action, request: harness.JobOutcome(answer=lambda key: prediction(4))
+    execution = cloud.run(cloud.definition(BULK), {}, name="bulk")
+    execution.assert_no_runtime_error()
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert execution.states_entered()[-1] == "Bulk count done"
+    (_, request), = [r for r in cloud.bridge.requests if r[0] == "CreateTransformJob"]
+    assert request["ModelName"] == cloud.client("sagemaker").describe_endpoint_config(
+        EndpointConfigName=cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)[
+            "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
+    table = cloud.name("AWS::DynamoDB::Table", "CountCounts")
+    items = cloud.client("dynamodb").scan(TableName=table)["Items"]
+    assert sorted(item["count"]["N"] for item in items) == ["4"] * len(keys)
+
+
+def test_a_failed_transform_ends_the_bulk_count_incomplete(cloud: Cloud, sample_dir: Path) -> None:
+    assert run_deploy(cloud).status == "SUCCEEDED"
+    upload_photos(cloud, sample_dir, 2)
+    cloud.bridge.outcome = lambda action, request: harness.JobOutcome("Failed", "ClientError: model fault")
+    execution = cloud.run(cloud.definition(BULK), {}, name="bulk")
+    execution.assert_no_runtime_error()
+    assert execution.status == "FAILED"
+    assert execution.error == "TransformFailed"
+    entered = execution.states_entered()
+    assert entered.index("Transform failed") < entered.index("Load results")
