@@ -280,3 +280,30 @@ def test_a_failed_transform_ends_the_bulk_count_incomplete(cloud: Cloud, sample_
     assert execution.error == "TransformFailed"
     entered = execution.states_entered()
     assert entered.index("Transform failed") < entered.index("Load results")
+
+
+def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
+        cloud: Cloud, sample_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One batch of twelve (8 %, above the tolerated 5 %) fails on every attempt. On AWS the Map fails
+    # (States.ExceedToleratedFailureThreshold) and its Catch hands that to the split step; moto ignores
+    # ToleratedFailurePercentage and lets the Map succeed, so the split step finds the failed batch in the
+    # results instead. Either way the stage fails and training never starts, which is what is asserted.
+    from lambdas.ingest import worker
+
+    ids = publish_abid(cloud, sample_dir, images=12)
+    real = worker.process_batch
+
+    def flaky(items: list[dict[str, Any]], **kwargs: Any) -> Any:
+        if any(item["image_id"] == ids[0] for item in items):
+            raise worker.TransientCopyError("throttled")
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(worker, "process_batch", flaky)
+    execution = cloud.run(cloud.definition(PIPELINE), {"dataset": {"selector": "count-range", "limit": len(ids)}})
+    execution.assert_no_runtime_error()
+    attempts = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")
+                and i.event["Items"][0]["image_id"] == ids[0]]
+    assert len(attempts) == 5  # the first try and the Retry's MaxAttempts (4) more
+    assert execution.status == "FAILED"
+    assert execution.cause.startswith("ingest stage failed:")
+    assert "Training stage" not in execution.states_entered()
