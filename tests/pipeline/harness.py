@@ -346,6 +346,13 @@ class JobOutcome:
     answer: Callable[[str], Any] = lambda key: {}
 
 
+# The jobs the bridge runs: boto3's name for the kind of job, and the request's name field (whose "...Name"
+# becomes "...Status" in the Describe output).
+_JOBS = {"CreateTrainingJob": ("training", "TrainingJobName"),
+         "CreateHyperParameterTuningJob": ("hyper_parameter_tuning", "HyperParameterTuningJobName"),
+         "CreateTransformJob": ("transform", "TransformJobName")}
+
+
 @dataclass
 class SageMakerBridge:
     """Answers ``arn:aws:states:::sagemaker:<action>.sync`` tasks. The job is created in moto's SageMaker (so
@@ -364,32 +371,20 @@ class SageMakerBridge:
         self.requests.append((operation, request))
         sagemaker = boto3.client("sagemaker", region_name=REGION)
         outcome = self.outcome(action, request)
-        if operation == "CreateTrainingJob":
-            sagemaker.create_training_job(**request)
-            described = sagemaker.describe_training_job(TrainingJobName=request["TrainingJobName"])
-            described["TrainingJobStatus"] = outcome.status
-            if outcome.failure_reason:
-                described["FailureReason"] = outcome.failure_reason
-            if outcome.status == "Completed":
-                write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
-        elif operation == "CreateHyperParameterTuningJob":
-            sagemaker.create_hyper_parameter_tuning_job(**request)
-            self._best_trial(sagemaker, request)
-            described = sagemaker.describe_hyper_parameter_tuning_job(
-                HyperParameterTuningJobName=request["HyperParameterTuningJobName"])
-            described["HyperParameterTuningJobStatus"] = outcome.status
-            if outcome.failure_reason:
-                described["FailureReason"] = outcome.failure_reason
-        elif operation == "CreateTransformJob":
-            sagemaker.create_transform_job(**request)
-            described = sagemaker.describe_transform_job(TransformJobName=request["TransformJobName"])
-            described["TransformJobStatus"] = outcome.status
-            if outcome.failure_reason:
-                described["FailureReason"] = outcome.failure_reason
-            if outcome.status == "Completed":
-                write_transform_outputs(request, outcome.answer)
-        else:
+        if operation not in _JOBS:
             raise AssertionError(f"the bridge does not answer sagemaker:{action}.sync")
+        kind, name_key = _JOBS[operation]
+        getattr(sagemaker, f"create_{kind}_job")(**request)
+        if operation == "CreateHyperParameterTuningJob":
+            self._best_trial(sagemaker, request)
+        described = getattr(sagemaker, f"describe_{kind}_job")(**{name_key: request[name_key]})
+        described[name_key.removesuffix("Name") + "Status"] = outcome.status
+        if outcome.failure_reason:
+            described["FailureReason"] = outcome.failure_reason
+        if outcome.status == "Completed" and operation == "CreateTrainingJob":
+            write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
+        if outcome.status == "Completed" and operation == "CreateTransformJob":
+            write_transform_outputs(request, outcome.answer)
         described.pop("ResponseMetadata", None)
         return json.loads(json.dumps(described, default=str)), outcome
 
