@@ -285,9 +285,9 @@ def test_a_failed_transform_ends_the_bulk_count_incomplete(cloud: Cloud, sample_
 def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
         cloud: Cloud, sample_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # One batch of twelve (8 %, above the tolerated 5 %) fails on every attempt. On AWS the Map fails
-    # (States.ExceedToleratedFailureThreshold) and its Catch hands that to the split step; moto ignores
-    # ToleratedFailurePercentage and lets the Map succeed, so the split step finds the failed batch in the
-    # results instead. Either way the stage fails and training never starts, which is what is asserted.
+    # (States.ExceedToleratedFailureThreshold) and its Catch hands that to the split step; moto lets a
+    # distributed Map succeed whatever fails in it (test_harness measures that), so the split step finds the
+    # failed batch in the results instead. Either way the stage fails and training never starts, which is what is asserted.
     from lambdas.ingest import worker
 
     ids = publish_abid(cloud, sample_dir, images=12)
