@@ -287,7 +287,8 @@ def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
     # One batch of twelve (8 %, above the tolerated 5 %) fails on every attempt. On AWS the Map fails
     # (States.ExceedToleratedFailureThreshold) and its Catch hands that to the split step; moto lets a
     # distributed Map succeed whatever fails in it (test_harness measures that), so the split step finds the
-    # failed batch in the results instead. Either way the stage fails and training never starts, which is what is asserted.
+    # failed batch in the results instead. Either way the stage fails and training never starts, which is what
+    # is asserted.
     from lambdas.ingest import worker
 
     ids = publish_abid(cloud, sample_dir, images=12)
