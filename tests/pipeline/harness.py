@@ -6,19 +6,28 @@ with its references resolved to the names the test gives the resources, register
 handlers in-process with each function's template environment; SageMaker ``.sync`` tasks are answered by
 ``SageMakerBridge`` with the outcome the test asks for, after checking the request against botocore's model.
 
-Every place where moto's interpreter differs from AWS is handled here and nowhere else, and ``self_check``
-measures each of those differences so that a moto that behaves otherwise fails loudly instead of silently
-changing what the tests exercise. Measured on moto 5.2.5:
+Every place where moto's interpreter differs from AWS is handled here and nowhere else, and each difference is
+measured (by test_harness.py, or by an assertion where the stand-in is installed) so that a moto that behaves
+otherwise fails loudly instead of silently changing what the tests exercise. Measured on moto 5.2.5 (those
+marked * in test_harness.py):
 
-- a SageMaker ``.sync`` task is refused (``sagemaker`` is among the interpreter's unsupported services) before
-  any mock is consulted: ``SageMakerBridge`` replaces the service for ``sagemaker`` resources;
+- * its ASL grammar rejects ``ItemBatcher`` and an integer ``ToleratedFailurePercentage``: ``for_moto`` makes
+  each item a batch of one in the batch's shape, and the percentage a float;
+- * a SageMaker ``.sync`` task fails at run time ("Unsupported sync callback procedure") before any mock is
+  consulted: ``SageMakerBridge`` replaces the service for ``sagemaker`` resources;
 - with no Docker engine moto cannot run Lambda code (with ``use_docker: False`` it echoes the event back):
   the interpreter's Lambda client is replaced with ``InProcessLambda``;
-- ``"RoleArn.$"`` inside Parameters stays a literal key (the grammar takes ``RoleArn`` as a keyword): the bridge
-  resolves such keys against the state's input before validating the request;
-- an error raised with a name that starts with ``States.`` crashes the interpreter, and a catch-all there also
+- * ``"RoleArn.$"`` inside Parameters stays a literal key: the bridge resolves such keys against the state's
+  input before validating the request against botocore's model;
+- * an error named ``States.*`` passed on by a Fail state, a Parallel or a Map crashes the execution (moto's
+  CustomErrorName refuses the prefix): ``interpreter`` passes such names on as AWS does; and then a catch-all
   catches ``States.Runtime``, which AWS never does: ``Execution.assert_no_runtime_error`` fails a test whose
   history holds one;
+- * a distributed Map succeeds whatever fails in it (no tolerance check), and its ResultWriter writes an empty
+  manifest and no result files: ``complete_result_writer`` writes them from the batches the Lambda ran;
+- * moto's SageMaker has no StopTrainingJob, StopHyperParameterTuningJob or UpdateEndpoint: stand-ins while
+  ``interpreter`` is active; its tuning jobs name a fixed "FakeTrainingJobName" best job, which the bridge
+  replaces with a real trial; its endpoints are InService at once (``set_endpoint_status`` changes that);
 - Wait and Retry delays are real seconds: ``for_moto`` scales them down.
 """
 
