@@ -120,40 +120,6 @@ def consignment_table(decisions: Sequence[str], groups: torch.Tensor) -> dict:
     return table
 
 
-def operating_point(probabilities: torch.Tensor, truth: torch.Tensor, answer: tuple[torch.Tensor, torch.Tensor],
-                    targets: Targets = Targets()) -> dict:
-    """Everything ``model-config.json`` carries about how to decide with this model.
-
-    ``probabilities`` (N, classes) and ``truth`` (N,) are count classes of the validation photos; ``answer`` is
-    (confidence, class) as the model serves (its config's answer rule)."""
-    confidence, answered = answer
-    correct = answered == truth
-    count = _widest_threshold(confidence, correct, targets.count_precision, targets.min_support, descending=True)
-
-    photos, expected, groups = simulate_consignments(truth, probabilities.shape[1], targets.seed)
-    p_expected = probabilities[photos, expected]
-    is_match = groups == 0
-    match = _widest_threshold(p_expected, is_match, targets.match_precision, targets.min_support, descending=True)
-    mismatch = _widest_threshold(p_expected, ~is_match, targets.mismatch_precision, targets.min_support,
-                                 descending=False)
-    # A pair cannot be both: where the two ranges would meet, match is decided first (as in the Lambda).
-    mismatch_threshold = min(mismatch["threshold"], match["threshold"])
-    decisions = decide(p_expected, match["threshold"], mismatch_threshold)
-    counted = confidence >= count["threshold"]
-    return {
-        "count_threshold": round(count["threshold"], 6),
-        "match_threshold": round(match["threshold"], 6),
-        "mismatch_threshold": round(mismatch_threshold, 6),
-        "targets": asdict(targets),
-        "measured_on": {"photos": len(truth), "consignment_pairs": len(decisions)},
-        "count": {"reached": count["reached"], "coverage": round(count["coverage"], 4),
-                  "precision": round(float(correct[counted].float().mean()), 4) if counted.any() else None},
-        "consignment": {"match_reached": match["reached"], "mismatch_reached": mismatch["reached"]}
-        | consignment_table(decisions, groups),
-        "accuracy_coverage": accuracy_coverage_curve(confidence, correct),
-    }
-
-
 def apply(point: dict, probabilities: torch.Tensor, truth: torch.Tensor,
           answer: tuple[torch.Tensor, torch.Tensor], seed: int = 0) -> dict:
     """How a model's own thresholds (``point``, from its config) decide on other photos: the counted share and
@@ -168,6 +134,39 @@ def apply(point: dict, probabilities: torch.Tensor, truth: torch.Tensor,
                   "precision": round(float((answered == truth)[counted].float().mean()), 4) if counted.any() else None},
         "consignment": consignment_table(decisions, groups),
         "accuracy_coverage": accuracy_coverage_curve(confidence, answered == truth) if len(truth) else [],
+    }
+
+
+def operating_point(probabilities: torch.Tensor, truth: torch.Tensor, answer: tuple[torch.Tensor, torch.Tensor],
+                    targets: Targets = Targets()) -> dict:
+    """Everything ``model-config.json`` carries about how to decide with this model.
+
+    ``probabilities`` (N, classes) and ``truth`` (N,) are count classes of the validation photos; ``answer`` is
+    (confidence, class) as the model serves (its config's answer rule)."""
+    confidence, answered = answer
+    count = _widest_threshold(confidence, answered == truth, targets.count_precision, targets.min_support,
+                              descending=True)
+    photos, expected, groups = simulate_consignments(truth, probabilities.shape[1], targets.seed)
+    p_expected = probabilities[photos, expected]
+    is_match = groups == 0
+    match = _widest_threshold(p_expected, is_match, targets.match_precision, targets.min_support, descending=True)
+    mismatch = _widest_threshold(p_expected, ~is_match, targets.mismatch_precision, targets.min_support,
+                                 descending=False)
+    point = {
+        "count_threshold": round(count["threshold"], 6),
+        "match_threshold": round(match["threshold"], 6),
+        # A pair cannot be both: where the two ranges would meet, match is decided first (as in the Lambda).
+        "mismatch_threshold": round(min(mismatch["threshold"], match["threshold"]), 6),
+    }
+    # What those thresholds then decide on the same photos: the figures the targets were met with.
+    applied = apply(point, probabilities, truth, answer, targets.seed)
+    return point | {
+        "targets": asdict(targets),
+        "measured_on": {"photos": len(truth), "consignment_pairs": applied["consignment"]["pairs"]},
+        "count": {"reached": count["reached"]} | applied["count"],
+        "consignment": {"match_reached": match["reached"], "mismatch_reached": mismatch["reached"]}
+        | applied["consignment"],
+        "accuracy_coverage": applied["accuracy_coverage"],
     }
 
 
