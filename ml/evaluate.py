@@ -22,7 +22,7 @@ import torch
 from ml import data as mldata
 from ml import operating, plots
 from ml.model import load_model
-from ml.train import count_metrics, predict_logits, targets_for
+from ml.train import class_truth, count_metrics, predict_logits
 
 COVERAGE_LEVELS = (1.0, 0.9, 0.8, 0.7, 0.5, 0.3)
 
@@ -75,12 +75,10 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
     logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
     probabilities = logits.softmax(1)
     quantities = cached.quantities
-    max_count = config.num_classes - 1 - int(config.overflow)
     classes = config.classes
     overflow_class = classes[-1] if config.overflow else None
 
-    covered = quantities <= max_count if not config.overflow else torch.ones_like(quantities, dtype=torch.bool)
-    truth_full = targets_for(quantities[covered], max_count, config.overflow)
+    covered, truth_full = class_truth(quantities, config)
     # Scored as served: the answer rule of the model's config (which classes may be the count).
     confidence_full, pred_full = config.answer(probabilities[covered])
 

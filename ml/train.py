@@ -417,18 +417,23 @@ def count_metrics(pred: torch.Tensor, truth: torch.Tensor, prefix: str = "") -> 
     }
 
 
+def class_truth(quantities: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which photos the model's classes cover, their true class). With an overflow class every photo is covered,
+    counts above the last exact class folded into it; without one, photos beyond the last class have no right
+    answer in this model and are left out."""
+    max_count = config.num_classes - 1 - int(config.overflow)
+    covered = torch.ones_like(quantities, dtype=torch.bool) if config.overflow else quantities <= max_count
+    return covered, targets_for(quantities[covered], max_count, config.overflow)
+
+
 def validation_metrics(logits: torch.Tensor, quantities: torch.Tensor, config: ModelConfig,
                        eval_range: tuple[int, int]) -> dict[str, float]:
     """Headline figures on the eval range (the served answer, and the argmax restricted to the range),
     plus the figures over every photo the class range covers."""
-    max_count = config.num_classes - 1 - int(config.overflow)
-    if not config.overflow:
-        # Photos beyond the last class have no right answer in this model; the eval range figures still
-        # cover them if the range asks for them (they count as wrong).
-        covered = quantities <= max_count
-        logits_all, truth_all = logits[covered], quantities[covered]
-    else:
-        logits_all, truth_all = logits, targets_for(quantities, max_count, True)
+    # Photos beyond the last class of a model without an overflow class are left out of the loss and the full
+    # range; the eval range figures still cover them if the range asks for them (they count as wrong).
+    covered, truth_all = class_truth(quantities, config)
+    logits_all = logits[covered]
     pred_all = config.answer(logits)[1]
     lo, hi = eval_range
     inside = (quantities >= lo) & (quantities <= hi)
@@ -748,9 +753,7 @@ def measure_operating_point(model_dir: Path, valid: mldata.CachedImages, device:
     The saved weights, not the ones in memory, are measured: they are what serves (the kept epoch, in fp16)."""
     network, config = load_model(model_dir, device)
     probabilities = predict_logits(network, valid.images, config, device, tta=config.tta).softmax(1)
-    max_count = config.num_classes - 1 - int(config.overflow)
-    covered = valid.quantities <= max_count if not config.overflow else torch.ones(len(valid.records), dtype=bool)
-    truth = targets_for(valid.quantities[covered], max_count, config.overflow)
+    covered, truth = class_truth(valid.quantities, config)
     probabilities = probabilities[covered]
     targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
                                 mismatch_precision=args.mismatch_precision)
