@@ -728,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
             "train_images": len(train.records), "train_rejected": len(train.rejected),
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("hosts",)},
         }
+        if valid is not None and len(valid.records):
+            point = measure_operating_point(model_dir, valid, device, args)
+            final["operating_point"] = operating.summary_metrics(point)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
         (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
@@ -735,10 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         print("final: " + "; ".join(f"{k}={v:.4f}" for k, v in best.items()
                                     if isinstance(v, float) and k.startswith("valid_") and not k.endswith("_n"))
               + ";", flush=True)
-        if valid is not None and len(valid.records):
-            point = measure_operating_point(model_dir, valid, device, args)
-            final["operating_point"] = operating.summary_metrics(point)
-            (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
+        if "operating_point" in final:
             print("; ".join(f"{k}={v:.4f}" for k, v in final["operating_point"].items()) + ";", flush=True)
     if is_distributed():
         dist.barrier()
