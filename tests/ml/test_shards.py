@@ -1,0 +1,57 @@
+"""The shard format: WebDataset's tar convention, deterministic bytes, samples read back whole."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from ml import shards
+from ml.shards import Sample
+
+
+def _samples() -> list[Sample]:
+    return [Sample("00012", b"\xff\xd8photo-12", b'{"EXPECTED_QUANTITY": 3}'),
+            Sample("00007", b"\xff\xd8photo-7", b'{"EXPECTED_QUANTITY": 0}')]
+
+
+def test_a_shard_reads_back_the_same_samples_in_the_same_order() -> None:
+    data = shards.pack(_samples())
+    assert list(shards.read_shard(io.BytesIO(data))) == _samples()
+
+
+def test_the_same_samples_always_pack_to_the_same_bytes() -> None:
+    assert shards.digest(shards.pack(_samples())) == shards.digest(shards.pack(_samples()))
+
+
+def test_members_follow_the_webdataset_key_dot_extension_convention() -> None:
+    with tarfile.open(fileobj=io.BytesIO(shards.pack(_samples()))) as tar:
+        names = tar.getnames()
+        assert names == ["00012.jpg", "00012.json", "00007.jpg", "00007.json"]
+        assert {member.mtime for member in tar.getmembers()} == {0}
+
+
+def test_a_sample_missing_a_member_is_yielded_with_the_reason_instead_of_dropped() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("00099.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    (sample,) = shards.read_shard(io.BytesIO(buffer.getvalue()))
+    assert sample.key == "00099" and sample.metadata is None
+    assert sample.missing() == "the shard has no 00099.json"
+
+
+@pytest.mark.parametrize("key", ["", "a.b", "dir/00001"])
+def test_a_key_that_would_break_the_grouping_is_refused(key: str) -> None:
+    with pytest.raises(ValueError, match="plain name"):
+        shards.pack([Sample(key, b"x", b"{}")])
+
+
+def test_a_channel_with_tar_files_is_a_shard_channel(tmp_path) -> None:
+    assert not shards.is_shard_channel(tmp_path)
+    (tmp_path / shards.shard_name("train", 1)).write_bytes(shards.pack(_samples()))
+    (tmp_path / shards.shard_name("train", 0)).write_bytes(shards.pack(_samples()[:1]))
+    assert [p.name for p in shards.shard_files(tmp_path)] == ["train-000000.tar", "train-000001.tar"]
+    assert shards.is_shard_channel(tmp_path)
