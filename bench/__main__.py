@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only serving,training,coldstart,ingest,countfaults]``: run the benchmarks and write
+"""``python -m bench [--quick] [--only serving,training,coldstart,ingest,countfaults,data]``: run the benchmarks and write
 ``bench/results/<name>.json``, ``summary.json`` and ``README.md`` (the table, with the machine it came from).
 
 Our served model is ``models/abid-effnet-lite0`` (``--model-dir``); without one, a tiny model is trained on the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import common, table
 
-BENCHMARKS = ("serving", "training", "coldstart", "ingest", "countfaults")
+BENCHMARKS = ("serving", "training", "coldstart", "ingest", "countfaults", "data")
 
 
 def tiny_model(workdir: Path) -> Path:
