@@ -177,15 +177,24 @@ def pipeline(case: str, bucket: str, keys: list[str], photos: int) -> dict[str, 
                 _decode(key, jpg, meta)
                 done += 1
         else:
+            def decode_shard(handle: Any) -> bool:
+                """Decode a shard's photos until ``photos`` are done; True when they are."""
+                nonlocal done
+                for sample in shards.read_shard(handle):
+                    _decode(sample.key, sample.image, sample.metadata)
+                    done += 1
+                    if done >= photos:
+                        return True
+                return False
+
             for key in keys:
-                handle = open(root / key, "rb") if source == "disk" else s3.get_object(Bucket=bucket, Key=key)["Body"]
-                with handle:
-                    for sample in shards.read_shard(handle):
-                        _decode(sample.key, sample.image, sample.metadata)
-                        done += 1
-                        if done >= photos:
-                            break
-                if done >= photos:
+                if source == "disk":
+                    with open(root / key, "rb") as handle:
+                        enough = decode_shard(handle)
+                else:
+                    with s3.get_object(Bucket=bucket, Key=key)["Body"] as handle:
+                        enough = decode_shard(handle)
+                if enough:
                     break
         seconds = time.perf_counter() - started
     return {"case": case, "photos": done, "seconds": round(seconds, 3), "photos_per_s": round(done / seconds, 1)}
@@ -268,8 +277,8 @@ def recommend(rates: dict[str, float], staging_minutes: float, hosts: int,
         mode = "FastFile"
         why = (f"one loader worker streaming shards from the stand-in reads {streamed:,.0f} photos/s against "
                f"{disk:,.0f} from local disk ({keeps:.0%}; median of {rounds} runs in turns, at or above the "
-               f"{FASTFILE_KEEPS:.0%} threshold): a shard is one sequential GET and decoding dominates, so streaming costs "
-               f"little, while File mode would stage ~{staging_minutes:.1f} min per host before the first step "
+               f"{FASTFILE_KEEPS:.0%} threshold): a shard is one sequential GET and decoding dominates, so streaming "
+               f"costs little, while File mode would stage ~{staging_minutes:.1f} min per host before the first step "
                "and again after every spot interruption. Per-object channels are the opposite case: streamed "
                f"they keep {per_object_streamed:.0%} of their disk rate (two GETs per photo), so they stay File")
     else:

@@ -288,8 +288,10 @@ def _data(data: dict[str, Any] | None) -> list[str]:
              f"{data['photo_bytes_mean']:,} B per photo, {data['metadata_bytes_mean']:,} B per metadata document; "
              f"{data['shards']} shards of {data['shard_photos']:,} photos ({data['shard_bytes_mean'] / 1e6:.1f} MB "
              f"each). Staging: {data['concurrency_note']}.", ""]
+    layouts = (("one object per photo", staging["per_object"]),
+               (f"shards (median of {len(staging['shards'].get('runs_seconds', [1]))})", staging["shards"]))
     rows = [[name, row["objects"], row["seconds"], row["photos_per_s"], row["objects_per_s"], row["mb_per_s"]]
-            for name, row in (("one object per photo", staging["per_object"]), ("shards (median of 3)", staging["shards"]))]
+            for name, row in layouts]
     lines += _table([f"stage {staging['photos']:,} photos", "objects", "seconds", "photos/s", "objects/s", "MB/s"],
                     rows)
     met = "met" if staging["goal_met"] else "NOT met"
@@ -302,9 +304,10 @@ def _data(data: dict[str, Any] | None) -> list[str]:
                      for c in data["pipeline"]["cases"]])
     replicated, sharded = full["per_object_fully_replicated"], full["shards_sharded_by_s3_key"]
     lines += ["", f"Extrapolated to {full['photos']:,} photos on {full['hosts']} hosts (measured "
-              f"{full['measured_fixed_ms_per_object']} ms fixed per object and {full['measured_byte_rate_mb_per_s']} MB/s; "
-              f"{full['assumption']}): one object per photo, FullyReplicated: {replicated['objects_per_host']:,} "
-              f"objects and {replicated['gb_per_host']} GB per host, **{replicated['minutes_per_host']} min** per host; "
+              f"{full['measured_fixed_ms_per_object']} ms fixed per object and "
+              f"{full['measured_byte_rate_mb_per_s']} MB/s; {full['assumption']}): one object per photo, "
+              f"FullyReplicated: {replicated['objects_per_host']:,} objects and {replicated['gb_per_host']} GB per "
+              f"host, **{replicated['minutes_per_host']} min** per host; "
               f"shards, ShardedByS3Key: {sharded['shards_per_host']} of {sharded['shards']} shards and "
               f"{sharded['gb_per_host']} GB per host, **{sharded['minutes_per_host']} min** per host "
               f"({full['ratio']}x).", "",
