@@ -483,6 +483,12 @@ def test_the_whole_counting_split_is_both_challenge_lists_and_travels_as_a_file_
     # A state's input or output is at most 262,144 bytes (Step Functions API, StateEnteredEventDetails.input):
     # the plan passed on carries the selection's key, never its ids.
     assert len(json.dumps(plan).encode()) < 2_000
+    # Each child execution gets one batch of ingestBatchSize (100) items, shaped as the Map's ItemSelector
+    # shapes them; a batch is bounded by the same 256 KiB (CDK ItemBatcher docs: "under the 256KB limit").
+    ids = csv_bytes.decode().splitlines()[1:101]
+    batch = {"Items": [{"image_id": i, **{f: plan[k] for f, k in worker.ITEM_FROM_PLAN.items()}} for i in ids],
+             "BatchInput": {}}
+    assert len(json.dumps(batch).encode()) < 262_144 // 10
 
 
 def test_all_selector_lists_the_source_and_keeps_every_count(s3, sample_dir):
