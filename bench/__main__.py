@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--only serving,training,coldstart,ingest,countfaults]``: run the benchmarks and write
-``bench/results/<name>.json``, ``summary.json`` and ``README.md`` (the table, with the machine it came from).
+"""``python -m bench [--quick] [--only serving,training,coldstart,ingest,countfaults,data]``: run the benchmarks
+and write ``bench/results/<name>.json``, ``summary.json`` and ``README.md`` (the table, with the machine it came
+from).
 
 Our served model is ``models/abid-effnet-lite0`` (``--model-dir``); without one, a tiny model is trained on the
 shipped sample first so that the harness still runs, and the results say so (its speed is the served
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from bench import common, table
 
-BENCHMARKS = ("serving", "training", "coldstart", "ingest", "countfaults")
+BENCHMARKS = ("serving", "training", "coldstart", "ingest", "countfaults", "data")
 
 
 def tiny_model(workdir: Path) -> Path:

@@ -85,6 +85,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         copying = [v for v in ingest["variants"] if v.get("objects_copied", 1)]
         best = max(copying, key=lambda v: v.get("images_per_s", 0), default=None)
         out["ingest"] = {"best_variant": best.get("variant"), "images_per_s": best.get("images_per_s")} if best else {}
+    data = results.get("data")
+    if data and "staging" in data:
+        out["data"] = {"staging_speedup": data["staging"]["speedup"], "goal": data["staging"]["goal"],
+                       "goal_met": data["staging"]["goal_met"],
+                       "shard_input_mode": data["recommendation"]["shard_channels"]}
     faults = results.get("countfaults")
     if faults:
         out["countfaults"] = {k: faults.get(k) for k in ("stall_share", "records_per_s", "lost_share")}
@@ -110,6 +115,7 @@ def render(results: dict[str, Any], machine: dict[str, Any], run: dict[str, Any]
     lines += _coldstart(results.get("coldstart"))
     lines += _ingest(results.get("ingest"))
     lines += _countfaults(results.get("countfaults"))
+    lines += _data(results.get("data"))
     for name, error in (run.get("errors") or {}).items():
         lines += [f"**{name} failed:** `{error.splitlines()[0][:200] if error else ''}` (see {name}.json)", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -270,4 +276,41 @@ def _countfaults(faults: dict[str, Any] | None) -> list[str]:
                "invocations_past_timeout", "deliveries", "longest_invocation_s")
     lines += _table(["figure", "value"], [[name, faults.get(name)] for name in figures])
     lines.append("")
+    return lines
+
+
+def _data(data: dict[str, Any] | None) -> list[str]:
+    if not data or "staging" not in data:
+        return []
+    staging, full = data["staging"], data["extrapolation"]
+    lines = ["## Training data: one object per photo against shards", "",
+             f"From `bench/data.py`: {data['stand_in']}. Photos: {data['photos_from']}; mean "
+             f"{data['photo_bytes_mean']:,} B per photo, {data['metadata_bytes_mean']:,} B per metadata document; "
+             f"{data['shards']} shards of {data['shard_photos']:,} photos ({data['shard_bytes_mean'] / 1e6:.1f} MB "
+             f"each). Staging: {data['concurrency_note']}.", ""]
+    layouts = (("one object per photo", staging["per_object"]),
+               (f"shards (median of {len(staging['shards'].get('runs_seconds', [1]))})", staging["shards"]))
+    rows = [[name, row["objects"], row["seconds"], row["photos_per_s"], row["objects_per_s"], row["mb_per_s"]]
+            for name, row in layouts]
+    lines += _table([f"stage {staging['photos']:,} photos", "objects", "seconds", "photos/s", "objects/s", "MB/s"],
+                    rows)
+    met = "met" if staging["goal_met"] else "NOT met"
+    lines += ["", f"Shards stage **{staging['speedup']}x** faster (goal >= {staging['goal']}x: **{met}**).", "",
+              f"Input pipeline, {data['pipeline']['worker']}: read + `ml.data.decode` to "
+              f"{data['pipeline']['image_size']} px:", ""]
+    lines += _table(["source", "photos", "photos/s (median)", "every run, in turns"],
+                    [[c["case"], c["photos"], c["photos_per_s"],
+                      ", ".join(f"{v:,.0f}" for v in c.get("runs_photos_per_s", [c["photos_per_s"]]))]
+                     for c in data["pipeline"]["cases"]])
+    replicated, sharded = full["per_object_fully_replicated"], full["shards_sharded_by_s3_key"]
+    lines += ["", f"Extrapolated to {full['photos']:,} photos on {full['hosts']} hosts (measured "
+              f"{full['measured_fixed_ms_per_object']} ms fixed per object and "
+              f"{full['measured_byte_rate_mb_per_s']} MB/s; {full['assumption']}): one object per photo, "
+              f"FullyReplicated: {replicated['objects_per_host']:,} objects and {replicated['gb_per_host']} GB per "
+              f"host, **{replicated['minutes_per_host']} min** per host; "
+              f"shards, ShardedByS3Key: {sharded['shards_per_host']} of {sharded['shards']} shards and "
+              f"{sharded['gb_per_host']} GB per host, **{sharded['minutes_per_host']} min** per host "
+              f"({full['ratio']}x).", "",
+              f"InputMode for shard channels: **{data['recommendation']['shard_channels']}**: "
+              f"{data['recommendation']['why']}.", ""]
     return lines

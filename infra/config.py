@@ -299,7 +299,7 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "project": ("project", _pattern(r"[a-z][a-z0-9-]{1,30}", "a lower-case name such as invmon")),
     "stage": ("stage", _choice("dev", "prod")),
     "source_bucket": ("sourceBucket", _BUCKET),
-    "dataset_selector": ("datasetSelector", _choice("file-list", "count-range", "challenge", "manifest")),
+    "dataset_selector": ("datasetSelector", _choice("file-list", "count-range", "challenge", "manifest", "all")),
     "ingest_max_concurrency": ("ingestMaxConcurrency", _int(1, 1000)),
     "ingest_batch_size": ("ingestBatchSize", _int(1, 1000)),
     "ingest_tolerated_failure_percent": ("ingestToleratedFailurePercent", _int(0, 100)),

@@ -17,7 +17,11 @@ from aws_lambda_powertools.utilities.parser import BaseModel, ValidationError, p
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-SELECTORS = ("file-list", "count-range", "challenge", "manifest")
+# file-list: the classic 10,441 list; count-range: every listed photo whose count is in [minCount, maxCount];
+# challenge: the ABID counting challenge's train, validation or "all" (both, 360,767 photos of 0-5 objects);
+# manifest: a user's list; all: every photo whose metadata the source bucket lists (~536,000), any count.
+SELECTORS = ("file-list", "count-range", "challenge", "manifest", "all")
+CHALLENGE_SPLITS = ("train", "validation", "all")
 _S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(.+)")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 
@@ -31,10 +35,10 @@ class DatasetRequest(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
-    selector: Literal["file-list", "count-range", "challenge", "manifest"] | None = None
+    selector: Literal["file-list", "count-range", "challenge", "manifest", "all"] | None = None
     min_count: int | None = Field(default=None, ge=0)
     max_count: int | None = Field(default=None, ge=0)
-    challenge_split: Literal["train", "validation"] | None = None
+    challenge_split: Literal["train", "validation", "all"] | None = None
     manifest_uri: str | None = None
     source_bucket: str | None = None
     limit: int | None = Field(default=None, ge=1)

@@ -55,11 +55,18 @@ def file_list_ids() -> list[str]:
     return list(abid.ids_from_file_list(json.loads((LISTS_DIR / "file_list.json").read_text())))
 
 
+CHALLENGE_LISTS = {"train": "counting_train.json.gz", "validation": "counting_val.json.gz"}
+
+
 def challenge_ids(split: str) -> list[str]:
-    """The ABID counting challenge's train (324,735) or validation (36,032) images, shipped gzipped."""
-    name = {"train": "counting_train.json.gz", "validation": "counting_val.json.gz"}[split]
-    with gzip.open(LISTS_DIR / name, "rt") as handle:
-        return list(abid.ids_from_challenge(json.load(handle)))
+    """The ABID counting challenge's train (324,735) or validation (36,032) images, shipped gzipped; ``all`` is
+    both (360,767: the whole counting split, every photo of 0-5 objects the challenge lists)."""
+    names = list(CHALLENGE_LISTS.values()) if split == "all" else [CHALLENGE_LISTS[split]]
+    ids: list[str] = []
+    for name in names:
+        with gzip.open(LISTS_DIR / name, "rt") as handle:
+            ids.extend(abid.ids_from_challenge(json.load(handle)))
+    return ids
 
 
 def manifest_ids(s3: Any, uri: str, data_bucket: str) -> list[str]:
@@ -91,7 +98,14 @@ def manifest_ids(s3: Any, uri: str, data_bucket: str) -> list[str]:
 
 
 def listed_metadata_ids(s3: Any, bucket: str, *, page_size: int = 1000) -> Iterator[str]:
-    """Every image id under metadata/ of the source bucket, one ListObjectsV2 page (1,000 keys) at a time."""
+    """Every image id under metadata/ of the source bucket, one ListObjectsV2 page (1,000 keys) at a time.
+
+    ListObjectsV2 "returns some or all (up to 1,000) of the objects in a bucket" per request
+    (https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListObjectsV2.html), so ABID's ~536,434 metadata keys
+    are ~537 sequential requests: at 0.1-0.3 s a page (an assumption: S3 does not publish list latency) that is
+    1-3 minutes, inside the select function's 15-minute timeout (infra/ingest.py; Lambda's maximum, 900 s).
+    The ids (~6 bytes each) and their sort by hash fit the 1 GB function many times over.
+    """
     paginator = s3.get_paginator("list_objects_v2")
     pages = paginator.paginate(
         Bucket=bucket, Prefix=f"{abid.METADATA_DIR}/", PaginationConfig={"PageSize": page_size}
@@ -112,7 +126,7 @@ def candidate_ids(plan: Plan, s3: Any, data_bucket: str) -> list[str]:
         return challenge_ids(plan.challenge_split or "train")
     if plan.selector == "manifest":
         return manifest_ids(s3, plan.manifest_uri or "", data_bucket)
-    # count-range: every image is a candidate; the copy workers read each metadata document and keep only
+    # count-range and all: every image is a candidate; the copy workers read each metadata document and keep only
     # those in range, so the whole-dataset scan is the Distributed Map itself, not this function.
     try:
         return list(listed_metadata_ids(s3, plan.source_bucket))
@@ -134,6 +148,9 @@ def order_and_limit(ids: list[str], *, seed: str, limit: int | None) -> list[str
 
 
 def selection_csv(ids: list[str]) -> str:
+    # One id a line: the whole bucket (~536,434 ids) is under 4 MB. The Distributed Map reads this file from S3
+    # itself (ItemReader), so its size never passes through a state's 256 KiB payload; only each batch of
+    # ingestBatchSize items does (100 items of ~100 bytes), and this function's output (the plan, no ids).
     return SELECTION_HEADER + "\n" + "".join(f"{image_id}\n" for image_id in ids)
 
 

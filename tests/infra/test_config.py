@@ -133,3 +133,18 @@ def test_the_pipeline_prefixes_incoming_must_avoid_are_the_storage_layouts():
 
     assert set(PIPELINE_PREFIXES) == {storage.RAW_PREFIX, storage.MANIFEST_PREFIX, storage.MODEL_PREFIX,
                                       storage.CHECKPOINT_PREFIX, storage.REPORT_PREFIX}
+
+
+def test_every_selector_the_select_step_knows_can_be_the_deployed_default():
+    from lambdas.ingest.request import SELECTORS
+
+    assert "all" in SELECTORS
+    for selector in SELECTORS:
+        assert load_settings({"datasetSelector": selector}).dataset_selector == selector
+    with pytest.raises(ConfigError, match="datasetSelector: expected one of"):
+        load_settings({"datasetSelector": "everything"})
+
+
+def test_the_full_run_instance_type_can_also_be_the_deployed_default():
+    # full-run.json names it per execution; -c trainingInstanceType=ml.g5.2xlarge makes it every run's.
+    assert load_settings({"trainingInstanceType": "ml.g5.2xlarge"}).training_instance_type == "ml.g5.2xlarge"

@@ -336,7 +336,7 @@ def test_limit_takes_a_repeatable_sample_that_depends_on_the_seed(s3):
     assert sorted(first) != sorted(select.file_list_ids())[:50]
 
 
-@pytest.mark.parametrize(("split_name", "expected"), [("train", 324735), ("validation", 36032)])
+@pytest.mark.parametrize(("split_name", "expected"), [("train", 324735), ("validation", 36032), ("all", 360767)])
 def test_challenge_selector_uses_the_shipped_split(s3, split_name, expected):
     plan = select.handler(
         {"input": {"dataset": {"selector": "challenge", "challengeSplit": split_name}}, "execution": split_name},
@@ -349,6 +349,9 @@ def test_challenge_selector_uses_the_shipped_split(s3, split_name, expected):
     ("dataset", "field"),
     [
         ({"selector": "everything"}, "selector"),
+        ({"selector": "all", "minCount": 1}, "minCount"),  # all means any count: bounds belong to count-range
+        ({"selector": "all", "challengeSplit": "all"}, "challengeSplit"),
+        ({"selector": "challenge", "challengeSplit": "test"}, "challengeSplit"),
         ({"selector": "count-range", "minCount": -1}, "minCount"),
         ({"selector": "count-range", "minCount": 4, "maxCount": 2}, "minCount"),
         ({"selector": "manifest"}, "manifestUri"),
@@ -463,3 +466,47 @@ def test_a_missing_source_bucket_fails_each_image_instead_of_being_retried(s3):
                                   data_bucket=DATA, default_source=SOURCE)
     assert result.failures == [{"imageId": "01046", "key": "metadata/01046.json",
                                 "reason": "source bucket s3://no-such-bucket-16 does not exist"}]
+
+
+# --- issue 19: selectors for a full run ----------------------------------------------------------------------
+
+
+def test_the_whole_counting_split_is_both_challenge_lists_and_travels_as_a_file_not_a_payload(s3):
+    plan = select.handler({"input": {"dataset": {"selector": "challenge", "challengeSplit": "all"}},
+                           "execution": "full"}, CONTEXT)
+    train, validation = select.challenge_ids("train"), select.challenge_ids("validation")
+    assert not set(train) & set(validation)  # disjoint lists, so "all" is their sum
+    assert plan["selected"] == len(train) + len(validation) == 360_767
+    csv_bytes = s3.get_object(Bucket=DATA, Key=plan["selectionKey"])["Body"].read()
+    assert len(csv_bytes.splitlines()) == 360_768  # header + one id a line
+    assert len(csv_bytes) < 4 * 2**20  # read from S3 by the Map's ItemReader, never carried in a state
+    # A state's input or output is at most 262,144 bytes (Step Functions API, StateEnteredEventDetails.input):
+    # the plan passed on carries the selection's key, never its ids.
+    assert len(json.dumps(plan).encode()) < 2_000
+    # Each child execution gets one batch of ingestBatchSize (100) items, shaped as the Map's ItemSelector
+    # shapes them; a batch is bounded by the same 256 KiB (CDK ItemBatcher docs: "under the 256KB limit").
+    ids = csv_bytes.decode().splitlines()[1:101]
+    batch = {"Items": [{"image_id": i, **{f: plan[k] for f, k in worker.ITEM_FROM_PLAN.items()}} for i in ids],
+             "BatchInput": {}}
+    assert len(json.dumps(batch).encode()) < 262_144 // 10
+
+
+def test_all_selector_lists_the_source_and_keeps_every_count(s3, sample_dir):
+    labels = sample_labels(sample_dir)
+    assert max(labels.values()) > 5  # the sample has bins the 0-5 split leaves out
+
+    plan, outputs, result = ingest(s3, {"selector": "all"}, "everything")
+
+    assert plan["selector"] == "all" and (plan["minCount"], plan["maxCount"]) == (None, None)
+    assert plan["selected"] == len(labels)
+    assert totals(outputs) == {"copied": 2 * len(labels), "unchanged": 0, "filtered": 0}
+    records = abid.parse_records_jsonl(s3.get_object(Bucket=DATA, Key=result["recordsKey"])["Body"].read().decode())
+    assert {r.image_id: r.quantity for r in records} == labels
+
+
+def test_all_selector_is_a_deployable_default(s3, monkeypatch):
+    monkeypatch.setenv("DATASET_SELECTOR", "all")
+    plan = select.handler({"input": {"dataset": {"limit": 5}}, "execution": "default-all"}, CONTEXT)
+    assert plan["selector"] == "all" and plan["selected"] == 5
+    with pytest.raises(InvalidDatasetRequest, match="maxCount only applies to selector 'count-range'"):
+        select.handler({"input": {"dataset": {"maxCount": 5}}, "execution": "x"}, CONTEXT)
