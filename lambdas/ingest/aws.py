@@ -29,4 +29,5 @@ def data_bucket() -> str:
     try:
         return os.environ["DATA_BUCKET"]
     except KeyError:
-        raise RuntimeError("DATA_BUCKET is not set: the ingest and pack functions need the data bucket's name") from None
+        raise RuntimeError("DATA_BUCKET is not set: the ingest and pack functions need the data bucket's "
+                           "name") from None

@@ -40,7 +40,8 @@ def s3(sample_dir: Path, monkeypatch: pytest.MonkeyPatch):
             image_id = path.stem
             image, metadata = layout.raw_keys(image_id)
             client.put_object(Bucket=DATA, Key=metadata, Body=path.read_bytes())
-            client.put_object(Bucket=DATA, Key=image, Body=(sample_dir / abid.IMAGE_DIR / f"{image_id}.jpg").read_bytes())
+            photo = sample_dir / abid.IMAGE_DIR / f"{image_id}.jpg"
+            client.put_object(Bucket=DATA, Key=image, Body=photo.read_bytes())
             records.append(abid.parse_metadata(image_id, path.read_bytes()))
         parts = abid.stratified_split(records, validation_fraction=0.2, test_fraction=0.2)
         for split, part in parts.items():
@@ -218,7 +219,7 @@ def test_a_shard_whose_packer_kept_failing_reports_each_of_its_photos(s3, monkey
 def test_a_failed_pack_map_reports_every_planned_photo_and_fails(s3) -> None:
     planned = plan.handler(ingest_result(), CONTEXT)
     error = {"Error": "States.ItemReaderFailed", "Cause": "Access denied"}
-    with pytest.raises(finish.PackMapFailed, match="pack map failed: States.ItemReaderFailed: Access denied"):
+    with pytest.raises(finish.PackMapFailed, match=r"pack map failed: States\.ItemReaderFailed: Access denied"):
         finish.handler({**planned, "packError": error}, CONTEXT)
     assert read_json(s3, layout.report_key(RUN))["failed"] == 60
 
