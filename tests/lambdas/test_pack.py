@@ -18,10 +18,11 @@ from moto import mock_aws
 from lambdas.ingest import aws
 from lambdas.pack import finish, layout, packer, plan
 from ml import abid, shards
-from tests.lambdas.test_ingest import CONTEXT
+from tests.lambdas.conftest import FakeLambdaContext
 
 RUN = "run-1"
 DATA = ""  # set per test by the s3 fixture
+CONTEXT = FakeLambdaContext(function_name="pack-test")
 
 
 @pytest.fixture
