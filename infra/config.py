@@ -17,7 +17,7 @@ from typing import Any
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 # The data bucket's prefixes that the pipeline writes (infra/storage.py names each; a test keeps the two equal,
 # because importing infra.storage here would start the CDK's runtime for every tool that reads settings).
-PIPELINE_PREFIXES = ("raw/", "manifests/", "models/", "checkpoints/", "reports/")
+PIPELINE_PREFIXES = ("raw/", "manifests/", "shards/", "models/", "checkpoints/", "reports/")
 
 
 class ConfigError(ValueError):
@@ -126,6 +126,14 @@ def _training_instance_type(value: Any) -> str:
     except TrainingInputError as error:
         raise ValueError(str(error).removeprefix("instanceType: ")) from None
     return instance_type
+
+
+def _photos_per_shard(value: Any) -> int:
+    """Photos per shard, up to the most whose packer result still fits a Step Functions state (the bound the
+    plan step enforces on every execution: lambdas/pack/plan.py)."""
+    from lambdas.pack.plan import MAX_PHOTOS_PER_SHARD
+
+    return _int(1, MAX_PHOTOS_PER_SHARD)(value)
 
 
 def _rate_or_cron(value: Any) -> str:
@@ -243,6 +251,10 @@ class Settings:
     ingest_tolerated_failure_percent: int
     split_validation_fraction: float
     split_test_fraction: float
+    # pack (infra/pack.py)
+    pack_photos_per_shard: int
+    pack_max_concurrency: int
+    packer_memory_mb: int
     # training
     training_instance_type: str
     training_instance_count: int
@@ -254,6 +266,9 @@ class Settings:
     training_network_isolation: bool
     training_debugger: bool
     training_profiler: bool
+    # How the training job reads its channels (lambdas/training/request.py)
+    training_input_mode: str
+    training_data_distribution: str
     framework_version: str
     python_version: str
     # tuning
@@ -305,6 +320,10 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "ingest_tolerated_failure_percent": ("ingestToleratedFailurePercent", _int(0, 100)),
     "split_validation_fraction": ("splitValidationFraction", _float(0.01, 0.5)),
     "split_test_fraction": ("splitTestFraction", _float(0.0, 0.5)),
+    "pack_photos_per_shard": ("packPhotosPerShard", _photos_per_shard),
+    "pack_max_concurrency": ("packMaxConcurrency", _int(1, 1000)),
+    # Lambda gives a function between 128 MB and 10,240 MB (Lambda developer guide, "Lambda quotas").
+    "packer_memory_mb": ("packerMemoryMb", _int(128, 10240)),
     "training_instance_type": ("trainingInstanceType", _training_instance_type),
     "training_instance_count": ("trainingInstanceCount", _int(1, 20)),
     "training_use_spot": ("trainingUseSpot", _bool),
@@ -315,6 +334,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "training_network_isolation": ("trainingNetworkIsolation", _bool),
     "training_debugger": ("trainingDebugger", _bool),
     "training_profiler": ("trainingProfiler", _bool),
+    "training_input_mode": ("trainingInputMode", _choice("File", "FastFile")),
+    "training_data_distribution": ("trainingDataDistribution", _choice("ShardedByS3Key", "FullyReplicated")),
     "framework_version": ("frameworkVersion", _pattern(r"\d+\.\d+(\.\d+)?", "a PyTorch version such as 2.3")),
     "python_version": ("pythonVersion", _pattern(r"py3\d+", "a Python tag such as py311")),
     "tuning_enabled": ("tuningEnabled", _bool),

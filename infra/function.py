@@ -19,9 +19,9 @@ RUNTIME = lambda_.Runtime.PYTHON_3_14
 # Powertools for AWS Lambda (Python) v3, the public layer that AWS publishes in every commercial region.
 POWERTOOLS_LAYER = "arn:{partition}:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-python314-arm64:38"
 
-# One code asset for every function: the lambdas package plus the torch-free ABID module it shares with the
-# trainer, and the trainer's source as text (the prepare step reads its argument parser without importing torch:
-# lambdas/training/arguments.py). Everything else in the repository stays out of the zip. CDK matches these
+# One code asset for every function: the lambdas package plus the torch-free ABID and shard modules it shares
+# with the trainer, and the trainer's source as text (the prepare step reads its argument parser without importing
+# torch: lambdas/training/arguments.py). Everything else in the repository stays out of the zip. CDK matches these
 # globs with minimatch's default of dot=false, so "*" leaves dot-files in (.venv/.installed-stamp, .git, .ci were
 # staged): ".*" patterns exclude them, since a stray one changes the asset hash and redeploys every function.
 TRAINER_SOURCES = ("ml/train.py", "ml/model.py", "ml/pretrained.py")
@@ -32,6 +32,7 @@ _ASSET_EXCLUDE = [
     "!ml",
     "!ml/__init__.py",
     "!ml/abid.py",
+    "!ml/shards.py",
     *(f"!{path}" for path in TRAINER_SOURCES),
     ".*",
     "**/.*",

@@ -12,12 +12,13 @@ from infra.deploy import Deploy
 from infra.ingest import Ingest
 from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
+from infra.pack import Pack
 from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
 from infra.studio import Studio
 from infra.training import Training, stage_timeout_seconds
 
-# Ingest and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
+# Ingest, pack and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
 # bake time); the training stage's own worst case comes from the settings.
 OTHER_STAGES_HOURS = 12
 
@@ -32,6 +33,7 @@ class InvmonStack(Stack):
         self.storage = Storage(self, "Storage", settings=settings)
         data = {"settings": settings, "data_bucket": self.storage.data, "data_key": self.storage.key}
         self.ingest = Ingest(self, "Ingest", **data)
+        self.pack = Pack(self, "Pack", **data)
         self.training = Training(self, "Training", **data)
         self.deploy = Deploy(self, "Deploy", **data, sagemaker_role=self.training.role)
         self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name,
@@ -45,6 +47,7 @@ class InvmonStack(Stack):
             settings=settings,
             stages=[
                 Stage("ingest", self.ingest.stage),
+                Stage("pack", self.pack.stage),
                 Stage("training", self.training.stage),
                 Stage("deploy", self.deploy.stage),
             ],
@@ -52,13 +55,14 @@ class InvmonStack(Stack):
         )
         # Each stage suppresses the wildcards it grants the pipeline's role; '*' (tracing, log delivery) is
         # the pipeline's own.
-        for domain in (self.ingest, self.training, self.deploy):
+        for domain in (self.ingest, self.pack, self.training, self.deploy):
             domain.add_nag_evidence(self.pipeline.state_machine)
         suppress(self.pipeline.state_machine,
                  wildcard_suppression(self.pipeline.state_machine, STATE_MACHINE_REASON, resources=["*"]))
 
         functions = [
             self.ingest.select.function, self.ingest.worker.function, self.ingest.split.function,
+            *self.pack.functions,
             self.training.prepare.function, self.training.report.function,
             self.deploy.gate.function, self.deploy.release.function, self.deploy.finish.function,
             self.count.function, self.costs.report.function,
@@ -87,7 +91,7 @@ class InvmonStack(Stack):
                                   f"{self.studio.user.user_profile_name}")
 
         for component, construct in (
-            ("storage", self.storage), ("ingest", self.ingest), ("training", self.training),
+            ("storage", self.storage), ("ingest", self.ingest), ("pack", self.pack), ("training", self.training),
             ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
             ("pipeline", self.pipeline), ("observability", self.observability),
         ):

@@ -1,4 +1,4 @@
-"""Buckets: the data bucket (dataset, manifests, models, checkpoints, reports, incoming photos) and its
+"""Buckets: the data bucket (dataset, manifests, shards, models, checkpoints, reports, incoming photos) and its
 access-log bucket. Private, KMS-encrypted, TLS only, versioned."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from infra.config import Settings
 # Every prefix of the data bucket has one owner; grants are written against these, never the whole bucket.
 RAW_PREFIX = "raw/"
 MANIFEST_PREFIX = "manifests/"
+SHARD_PREFIX = "shards/"
 MODEL_PREFIX = "models/"
 CHECKPOINT_PREFIX = "checkpoints/"
 REPORT_PREFIX = "reports/"

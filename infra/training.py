@@ -1,7 +1,8 @@
 """Training: the SageMaker execution role, the trainer's source as an asset, the prepare/report Lambdas and
 the training stage of the pipeline (a single job or a tuning job, waited on with ``.sync``).
 
-Stage contract: reads ``$.input.training`` (optional) and ``$.ingest.channels``; writes ``$.training`` (see
+Stage contract: reads ``$.input.training`` (optional) and ``$.pack.channels`` (the shard prefixes of
+infra/pack.py); writes ``$.training`` (see
 lambdas/training/report.py) and leaves the prepared request at ``$.trainingRequest`` for the record.
 """
 
@@ -29,7 +30,7 @@ from infra.config import Settings
 from infra.function import PROJECT_ROOT, PythonFunction
 from infra.images import debugger_image_for_stack_region, image_for_stack_region
 from infra.nag import suppress, wildcard_suppression
-from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX
+from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX, SHARD_PREFIX
 from lambdas.training.prepare import DEPLOYMENT_ENV
 from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
 from ml.pretrained import weights_path
@@ -128,7 +129,8 @@ class TrainingStage(sfn.StateMachineFragment):
             lambda_function=training.prepare.function,
             payload=sfn.TaskInput.from_object({
                 "input": sfn.JsonPath.object_at("$.input"),
-                "channels": sfn.JsonPath.object_at("$.ingest.channels"),
+                "channels": sfn.JsonPath.object_at("$.pack.channels"),
+                "shards": sfn.JsonPath.object_at("$.pack.shards"),
                 "execution": sfn.JsonPath.execution_name,
                 "startedAt": sfn.JsonPath.string_at("$$.Execution.StartTime"),
             }),
@@ -325,6 +327,8 @@ class Training(Construct):
             "volumeSizeGb": settings.training_volume_size_gb,
             "networkIsolation": settings.training_network_isolation,
             "epochs": settings.training_epochs,
+            "inputMode": settings.training_input_mode,
+            "dataDistribution": settings.training_data_distribution,
             "hyperparameters": dict(settings.training_hyperparameters),
             "tuning": {
                 "enabled": settings.tuning_enabled,
@@ -413,7 +417,9 @@ class Training(Construct):
         # only to a deployment that opts into Debugger (closed to new customers; off by default).
         debugger = settings.training_debugger or settings.training_profiler
         debug_output = [TRAINING_REPORT_PREFIX] if debugger else []
-        readable = [RAW_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
+        # shards/ holds the channels the pipeline passes; raw/ and manifests/ stay readable for a ManifestFile
+        # channel that a user passes instead.
+        readable = [RAW_PREFIX, MANIFEST_PREFIX, SHARD_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         role.add_to_policy(iam.PolicyStatement(
             sid="ReadChannelsCheckpointsAndRuleInputs",
@@ -481,8 +487,8 @@ class Training(Construct):
             role,
             wildcard_suppression(
                 role, "Channels, checkpoints, model artifacts and Debugger output are many objects per job, so "
-                "object access is granted per prefix of the data bucket (raw/, manifests/, models/, checkpoints/, "
-                "reports/training/), never on the whole bucket.",
+                "object access is granted per prefix of the data bucket (raw/, manifests/, shards/, models/, "
+                "checkpoints/, reports/training/), never on the whole bucket.",
                 resources=[bucket.arn_for_objects(f"{prefix}*") for prefix in readable],
             ),
             wildcard_suppression(

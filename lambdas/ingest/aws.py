@@ -1,4 +1,4 @@
-"""The S3 client the ingest functions share: one per process, created on first use."""
+"""The S3 client the ingest and pack functions share: one per process, created on first use."""
 
 from __future__ import annotations
 
@@ -29,4 +29,5 @@ def data_bucket() -> str:
     try:
         return os.environ["DATA_BUCKET"]
     except KeyError:
-        raise RuntimeError("DATA_BUCKET is not set: the ingest functions need the data bucket's name") from None
+        raise RuntimeError("DATA_BUCKET is not set: the ingest and pack functions need the data bucket's "
+                           "name") from None

@@ -25,6 +25,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from lambdas import map_results
 from lambdas.ingest import aws
 from lambdas.ingest.request import Plan
 from ml import abid
@@ -44,40 +45,17 @@ class EmptyDataset(RuntimeError):
     """No image survived ingestion, so there is nothing to train on."""
 
 
-def _json_documents(text: str) -> list[Any]:
-    """A ResultWriter file: a JSON array (OutputType JSON, the default) or JSON lines (OutputType JSONL)."""
-    stripped = text.strip()
-    if not stripped:
-        return []
-    if stripped.startswith("["):
-        return json.loads(stripped)
-    return [json.loads(line) for line in stripped.splitlines() if line.strip()]
-
-
-def _maybe_json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def read_map_results(s3: Any, bucket: str, manifest_key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(worker results of succeeded batches, failed batches as {"items": [...], "reason": str})."""
-    manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
-    files = manifest.get("ResultFiles", {})
     results: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for status in ("SUCCEEDED", "FAILED", "PENDING"):
-        for entry in files.get(status, []):
-            text = s3.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read().decode()
-            for execution in _json_documents(text):
-                output = _maybe_json(execution.get("Output")) if "Output" in execution else execution
-                if status == "SUCCEEDED" and isinstance(output, dict) and "records" in output:
-                    results.append(output)
-                    continue
-                batch = _maybe_json(execution.get("Input")) or {}
-                reason = (
-                    f"copy batch {execution.get('Status', status).lower()}: "
-                    f"{execution.get('Error') or 'no error name'}: {execution.get('Cause') or 'no cause given'}"
-                )
-                failed.append({"items": batch.get("Items", []) if isinstance(batch, dict) else [], "reason": reason})
+    for child in map_results.read_children(s3, bucket, manifest_key):
+        if child.listed == "SUCCEEDED" and isinstance(child.output, dict) and "records" in child.output:
+            results.append(child.output)
+            continue
+        batch = child.input or {}
+        failed.append({"items": batch.get("Items", []) if isinstance(batch, dict) else [],
+                       "reason": child.failure_reason("copy batch")})
     return results, failed
 
 

@@ -2,7 +2,8 @@
 
 Input (built by the state machine)::
 
-    {"input": <execution input>, "channels": <$.ingest.channels>, "execution": <name>, "startedAt": <ISO>}
+    {"input": <execution input>, "channels": <$.pack.channels>, "shards": <$.pack.shards>, "execution": <name>,
+     "startedAt": <ISO>}
 
 Output: ``{"mode": "training"|"tuning", "jobName", "timeoutSeconds", "request", "notes"}``. A bad input
 fails this step with ``TrainingInputError`` and a message naming the field; no job has started then.
@@ -32,6 +33,7 @@ class PrepareEvent(BaseModel):
 
     input: dict[str, Any] | None = None
     channels: Any = None
+    shards: dict[str, int] | None = None
     execution: str
     startedAt: str
 
@@ -47,7 +49,8 @@ def prepare(event: PrepareEvent, config: Deployment) -> dict[str, Any]:
     if not isinstance(execution_input, dict):
         raise TrainingInputError(f"input: expected an object, got {execution_input!r}")
     overrides = parse_input(execution_input.get("training"))
-    return build(config, overrides, event.channels, execution=event.execution, started_at=event.startedAt)
+    return build(config, overrides, event.channels, execution=event.execution, started_at=event.startedAt,
+                 shards=event.shards)
 
 
 @logger.inject_lambda_context

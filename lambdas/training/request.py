@@ -127,6 +127,9 @@ class Deployment(_Camel):
     network_isolation: bool
     epochs: int
     hyperparameters: dict[str, str | int | float | bool] = {}
+    # How the data channels are read (trainingInputMode, trainingDataDistribution; see _channels).
+    input_mode: Literal["File", "FastFile"]
+    data_distribution: Literal["ShardedByS3Key", "FullyReplicated"]
     tuning: TuningDefaults
 
 
@@ -344,24 +347,49 @@ def check(plan: Plan, deployment: Deployment) -> None:
         )
 
 
+# A channel the pipeline passes is a split's shard prefix (lambdas/pack/finish.py); a user may still pass a
+# SageMaker manifest (lambdas/ingest/split.py writes one per split).
+_SHARD_PREFIX_URI = r"shards/\S+/"
+_MANIFEST_URI = r"manifests/\S+\.manifest"
+
+
 def check_channels(channels: Any, bucket: str) -> dict[str, str]:
-    """``$.ingest.channels`` -> {channel: manifest URI}; train and validation are required, all must be
-    manifests written by the ingest stage into the data bucket."""
+    """``$.pack.channels`` -> {channel: URI}; train and validation are required, each must be a shard prefix
+    (``s3://<bucket>/shards/.../``) or a manifest (``s3://<bucket>/manifests/....manifest``) of the data bucket,
+    which the training role can read."""
     if not isinstance(channels, dict):
-        raise TrainingInputError(f"ingest.channels: expected an object of manifest URIs, got {channels!r}")
+        raise TrainingInputError(f"pack.channels: expected an object of shard prefixes, got {channels!r}")
     unknown = sorted(set(channels) - set(DATA_CHANNELS))
     if unknown:
-        raise TrainingInputError(f"ingest.channels.{unknown[0]}: not a training channel (expected "
+        raise TrainingInputError(f"pack.channels.{unknown[0]}: not a training channel (expected "
                                  f"{', '.join(DATA_CHANNELS)})")
     for name in REQUIRED_CHANNELS:
         if not channels.get(name):
-            raise TrainingInputError(f"ingest.channels.{name}: missing; the trainer needs it")
+            raise TrainingInputError(f"pack.channels.{name}: missing; the trainer needs it")
+    bucket_uri = rf"s3://{re.escape(bucket)}/"
     for name, uri in channels.items():
-        if not isinstance(uri, str) or not re.fullmatch(rf"s3://{re.escape(bucket)}/manifests/\S+", uri):
+        if not isinstance(uri, str) or not re.fullmatch(rf"{bucket_uri}({_SHARD_PREFIX_URI}|{_MANIFEST_URI})", uri):
             raise TrainingInputError(
-                f"ingest.channels.{name}: expected a manifest under s3://{bucket}/manifests/, got {uri!r}"
+                f"pack.channels.{name}: expected a shard prefix s3://{bucket}/shards/.../ or a manifest "
+                f"s3://{bucket}/manifests/....manifest, got {uri!r}"
             )
     return {name: channels[name] for name in DATA_CHANNELS if channels.get(name)}
+
+
+def check_shard_hosts(plan: Plan, deployment: Deployment, channels: dict[str, str],
+                      shards: dict[str, int] | None) -> None:
+    """With ShardedByS3Key each instance gets its own share of the train channel's objects; more instances than
+    shards leaves some with nothing ("Don't choose more ML compute instances for training than available S3
+    objects. If you do, some nodes won't get any data": SageMaker API reference, S3DataSource)."""
+    count = (shards or {}).get("train")
+    if deployment.data_distribution != "ShardedByS3Key" or count is None or not channels["train"].endswith("/"):
+        return
+    if plan.instance_count > count:
+        raise TrainingInputError(
+            f"training.instanceCount: {plan.instance_count} instances but the train channel holds {count} shards; "
+            "with ShardedByS3Key each instance reads its own shards, so some would get none: use at most "
+            f"{count} instances, or pack smaller shards (packPhotosPerShard)"
+        )
 
 
 # --- names -------------------------------------------------------------------------------------------
@@ -411,25 +439,51 @@ def _container_hyperparameters(deployment: Deployment) -> dict[str, str]:
     })
 
 
+def data_type(uri: str) -> Literal["S3Prefix", "ManifestFile"]:
+    """A prefix (ending in '/', the pack stage's shards) is read as S3Prefix: every object under it; a
+    ``.manifest`` is read as ManifestFile: the keys it lists (SageMaker API reference, S3DataSource.S3DataType)."""
+    if uri.endswith("/"):
+        return "S3Prefix"
+    if uri.endswith(".manifest"):
+        return "ManifestFile"
+    raise TrainingInputError(f"pack.channels: {uri!r} is neither a prefix ending in '/' nor a .manifest")
+
+
 def _channels(deployment: Deployment, plan: Plan, channels: dict[str, str]) -> list[dict[str, Any]]:
-    def channel(name: str, uri: str, data_type: str) -> dict[str, Any]:
+    """The job's channels. What the choices mean (SageMaker API reference, as botocore 1.44.8 ships it):
+
+    - InputMode ``FastFile``: "SageMaker streams data directly from S3 to the container with no code changes,
+      and provides file system access to the data", and "works best when the data is read sequentially", as a
+      tar shard is; ``File`` "downloads the training data from S3 to the provisioned ML storage volume" before
+      the first step (TrainingInputMode). trainingInputMode picks one for the data channels; the code and the
+      pretrained weights, one small object each, stay ``File``.
+    - S3DataDistributionType ``ShardedByS3Key``: "If there are n ML compute instances launched for a training
+      job, each instance gets approximately 1/n of the number of S3 objects"; ``FullyReplicated`` replicates
+      "the entire dataset on each ML compute instance" (S3DataSource). trainingDataDistribution applies to the
+      train channel; validation and test stay FullyReplicated, because only rank 0 evaluates and it must see
+      every photo of them.
+    """
+    def channel(name: str, uri: str, data_type: str, distribution: str, mode: str) -> dict[str, Any]:
         return {
             "ChannelName": name,
             "DataSource": {
                 "S3DataSource": {
                     "S3DataType": data_type,
                     "S3Uri": uri,
-                    # Every host gets the whole channel; the trainer shards by rank itself.
-                    "S3DataDistributionType": "FullyReplicated",
+                    "S3DataDistributionType": distribution,
                 }
             },
-            "InputMode": "File",
+            "InputMode": mode,
         }
 
-    result = [channel(name, uri, "ManifestFile") for name, uri in channels.items()]
-    result.append(channel(CODE_CHANNEL, deployment.source_dir, "S3Prefix"))
+    result = [
+        channel(name, uri, data_type(uri),
+                deployment.data_distribution if name == "train" else "FullyReplicated", deployment.input_mode)
+        for name, uri in channels.items()
+    ]
+    result.append(channel(CODE_CHANNEL, deployment.source_dir, "S3Prefix", "FullyReplicated", "File"))
     if plan.pretrained:
-        result.append(channel("pretrained", plan.pretrained, "S3Prefix"))
+        result.append(channel("pretrained", plan.pretrained, "S3Prefix", "FullyReplicated", "File"))
     return result
 
 
@@ -544,11 +598,14 @@ def build(
     *,
     execution: str,
     started_at: str,
+    shards: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The prepare step's output: ``mode``, ``jobName``, ``timeoutSeconds``, ``request`` (the API request's
-    fields) and ``notes`` (choices the user should know about)."""
+    fields) and ``notes`` (choices the user should know about). ``shards`` (``$.pack.shards``), where given,
+    lets a job that would leave instances without data be refused before it starts."""
     plan = resolve(deployment, overrides)
     checked = check_channels(channels, deployment.bucket)
+    check_shard_hosts(plan, deployment, checked, shards)
     name = job_name(deployment.project, deployment.stage, execution, started_at)
     if plan.tuning:
         return _tuning(deployment, plan, checked, name, execution)

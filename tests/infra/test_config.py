@@ -41,6 +41,12 @@ def test_string_values_from_the_command_line_are_coerced():
         ("incomingPrefix", "incoming", "incomingPrefix: expected an S3 prefix ending in '/'"),
         ("endpointServerlessMemoryMb", 1500, "endpointServerlessMemoryMb: expected one of 1024, 2048"),
         ("stage", "staging", "stage: expected one of dev, prod"),
+        # A packer's result must fit a Step Functions state even when every photo failed (lambdas/pack/plan.py).
+        ("packPhotosPerShard", 2001, "packPhotosPerShard: expected an integer between 1 and 2000, got 2001"),
+        ("packerMemoryMb", 64, "packerMemoryMb: expected an integer between 128 and 10240, got 64"),
+        ("trainingInputMode", "Pipe", "trainingInputMode: expected one of File, FastFile, got 'Pipe'"),
+        ("trainingDataDistribution", "Sharded", "trainingDataDistribution: expected one of ShardedByS3Key, "
+                                                "FullyReplicated"),
     ],
 )
 def test_a_wrong_value_fails_with_a_message_naming_the_key(key, value, expected):
@@ -131,8 +137,8 @@ def test_the_pipeline_prefixes_incoming_must_avoid_are_the_storage_layouts():
     from infra import storage
     from infra.config import PIPELINE_PREFIXES
 
-    assert set(PIPELINE_PREFIXES) == {storage.RAW_PREFIX, storage.MANIFEST_PREFIX, storage.MODEL_PREFIX,
-                                      storage.CHECKPOINT_PREFIX, storage.REPORT_PREFIX}
+    assert set(PIPELINE_PREFIXES) == {storage.RAW_PREFIX, storage.MANIFEST_PREFIX, storage.SHARD_PREFIX,
+                                      storage.MODEL_PREFIX, storage.CHECKPOINT_PREFIX, storage.REPORT_PREFIX}
 
 
 def test_every_selector_the_select_step_knows_can_be_the_deployed_default():

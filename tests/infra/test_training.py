@@ -151,7 +151,7 @@ def test_a_refused_input_fails_the_stage_before_any_job(built: Built) -> None:
     prepare = built.states["PrepareTraining"]
     assert prepare["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.trainingError",
                                  "Next": "TrainingFailed"}]
-    assert prepare["Parameters"]["channels.$"] == "$.ingest.channels"
+    assert prepare["Parameters"]["channels.$"] == "$.pack.channels"
     assert prepare["Parameters"]["input.$"] == "$.input"
     assert prepare["TimeoutSeconds"] <= 120
 

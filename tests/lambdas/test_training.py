@@ -43,7 +43,9 @@ BUCKET = "invmon-data-bucket"
 KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555"
 SOURCE = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/5f1d0c8e.gz"
 WEIGHTS = "s3://cdk-hnb659fds-assets-123456789012-us-east-1/0b7e21aa.pth"
-CHANNELS = {split: f"s3://{BUCKET}/manifests/run-1/{split}.manifest" for split in ("train", "validation", "test")}
+# What the pack stage passes (lambdas/pack/finish.py), and the manifests a user may pass instead.
+CHANNELS = {split: f"s3://{BUCKET}/shards/run-1/{split}/" for split in ("train", "validation", "test")}
+MANIFESTS = {split: f"s3://{BUCKET}/manifests/run-1/{split}.manifest" for split in ("train", "validation", "test")}
 EXECUTION = "run-2026-11-25"
 DEBUGGER_FIELDS = {"DebugHookConfig", "DebugRuleConfigurations", "ProfilerConfig", "ProfilerRuleConfigurations"}
 DEFAULTS = load_settings()
@@ -64,6 +66,7 @@ def deployment(**changes: Any) -> Deployment:
         "instanceType": "ml.g4dn.xlarge", "instanceCount": 1, "useSpot": True,
         "maxRuntimeSeconds": 14400, "maxWaitSeconds": 28800, "volumeSizeGb": 50, "networkIsolation": True,
         "epochs": 12, "hyperparameters": {},
+        "inputMode": DEFAULTS.training_input_mode, "dataDistribution": DEFAULTS.training_data_distribution,
         "tuning": {"enabled": False, "maxJobs": 8, "maxParallelJobs": 2, "learningRate": [0.001, 0.1],
                    "batchSizes": [8, 16, 32, 64], "epochs": [2, 10]},
     } | changes
@@ -111,15 +114,44 @@ def test_defaults_build_one_spot_job() -> None:
     assert {"Key": "execution", "Value": EXECUTION} in request["Tags"]
 
 
-def test_defaults_read_every_split_as_a_manifest_and_the_code_as_its_own_channel() -> None:
+def test_defaults_stream_the_shard_prefixes_with_train_sharded_by_key_and_the_code_as_its_own_channel() -> None:
     request = prepared({})["request"]
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["train", "validation", "test", CODE_CHANNEL,
                                                                       "pretrained"]
-    for split, uri in CHANNELS.items():
-        assert channel(request, split) == {"S3DataType": "ManifestFile", "S3Uri": uri,
+    modes = {c["ChannelName"]: c["InputMode"] for c in request["InputDataConfig"]}
+    # cdk.json's defaults: FastFile streams the shards; each instance reads its own share of train's shards;
+    # validation and test stay whole on every instance, since rank 0 alone evaluates.
+    assert modes == {"train": "FastFile", "validation": "FastFile", "test": "FastFile", CODE_CHANNEL: "File",
+                     "pretrained": "File"}
+    assert channel(request, "train") == {"S3DataType": "S3Prefix", "S3Uri": CHANNELS["train"],
+                                         "S3DataDistributionType": "ShardedByS3Key"}
+    for split in ("validation", "test"):
+        assert channel(request, split) == {"S3DataType": "S3Prefix", "S3Uri": CHANNELS[split],
                                            "S3DataDistributionType": "FullyReplicated"}
     assert channel(request, CODE_CHANNEL)["S3DataType"] == "S3Prefix"
     assert channel(request, CODE_CHANNEL)["S3Uri"] == SOURCE
+
+
+def test_a_manifest_channel_is_still_read_as_a_manifest_in_the_configured_mode() -> None:
+    config = deployment(inputMode="File", dataDistribution="FullyReplicated")
+    request = prepared({}, config=config, channels=MANIFESTS)["request"]
+    for split, uri in MANIFESTS.items():
+        assert channel(request, split) == {"S3DataType": "ManifestFile", "S3Uri": uri,
+                                           "S3DataDistributionType": "FullyReplicated"}
+    assert {c["InputMode"] for c in request["InputDataConfig"]} == {"File"}
+
+
+def test_more_instances_than_train_shards_is_refused_when_each_instance_reads_its_own_shards() -> None:
+    shards = {"train": 2, "validation": 1}
+    with pytest.raises(TrainingInputError, match=r"training\.instanceCount: 3 instances but the train channel "
+                                                 r"holds 2 shards"):
+        build(deployment(), parse_input({"instanceCount": 3}), CHANNELS, execution=EXECUTION, started_at=STARTED,
+              shards=shards)
+    # Two instances get a shard each; replicated, every instance reads every shard.
+    assert build(deployment(), parse_input({"instanceCount": 2}), CHANNELS, execution=EXECUTION,
+                 started_at=STARTED, shards=shards)["mode"] == "training"
+    assert build(deployment(dataDistribution="FullyReplicated"), parse_input({"instanceCount": 3}), CHANNELS,
+                 execution=EXECUTION, started_at=STARTED, shards=shards)["mode"] == "training"
 
 
 def test_defaults_pass_hyperparameters_json_encoded_as_the_sdk_does() -> None:
@@ -229,8 +261,8 @@ def test_spot_off_requests_on_demand_without_max_wait() -> None:
     assert request["CheckpointConfig"]["S3Uri"].startswith(f"s3://{BUCKET}/checkpoints/")
 
 
-def test_three_instances_replicate_every_channel_for_the_trainers_own_ddp() -> None:
-    result = prepared({"instanceCount": 3})
+def test_three_instances_replicated_get_every_channel_for_the_trainers_own_ddp() -> None:
+    result = prepared({"instanceCount": 3}, config=deployment(dataDistribution="FullyReplicated"))
     request = result["request"]
     assert request["ResourceConfig"]["InstanceCount"] == 3
     assert {channel(request, s)["S3DataDistributionType"] for s in CHANNELS} == {"FullyReplicated"}
@@ -447,13 +479,16 @@ def test_the_instance_type_list_is_botocores_training_enum_regenerated() -> None
 @pytest.mark.parametrize(
     ("channels", "field"),
     [
-        ({"train": CHANNELS["train"]}, "ingest.channels.validation"),
-        (CHANNELS | {"train": "s3://elsewhere/manifests/x.manifest"}, "ingest.channels.train"),
-        (CHANNELS | {"extra": CHANNELS["test"]}, "ingest.channels.extra"),
-        ("s3://x", "ingest.channels"),
+        ({"train": CHANNELS["train"]}, "pack.channels.validation"),
+        (CHANNELS | {"train": "s3://elsewhere/shards/run-1/train/"}, "pack.channels.train"),
+        (CHANNELS | {"train": f"s3://{BUCKET}/raw/"}, "pack.channels.train"),
+        (CHANNELS | {"train": f"s3://{BUCKET}/shards/run-1/train"}, "pack.channels.train"),  # not a prefix
+        (CHANNELS | {"train": f"s3://{BUCKET}/manifests/run-1/train.jsonl"}, "pack.channels.train"),
+        (CHANNELS | {"extra": CHANNELS["test"]}, "pack.channels.extra"),
+        ("s3://x", "pack.channels"),
     ],
 )
-def test_channels_that_are_not_this_buckets_manifests_are_refused(channels: Any, field: str) -> None:
+def test_channels_that_are_not_this_buckets_shards_or_manifests_are_refused(channels: Any, field: str) -> None:
     with pytest.raises(TrainingInputError, match=re.escape(field)):
         prepared({}, channels=channels)
 

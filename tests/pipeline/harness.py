@@ -251,21 +251,22 @@ class InProcessLambda:
         complete_result_writer(event, self.invocations)
         invocation = Invocation(function=name, event=event)
         self.invocations.append(invocation)
-        saved = dict(os.environ)
-        os.environ.update(environment, AWS_REGION=REGION, AWS_LAMBDA_FUNCTION_NAME=name)
-        try:
-            handler = getattr(importlib.import_module(module_name), attribute)
-            result = handler(copy.deepcopy(event), LambdaContext(name))
-            body, error = json.dumps(result, default=str).encode(), None
-        except Exception as exc:
-            error = "Unhandled"
-            invocation.error = f"{type(exc).__name__}: {exc}"
-            body = json.dumps({"errorType": type(exc).__name__, "errorMessage": str(exc),
-                               "stackTrace": traceback.format_tb(exc.__traceback__)}).encode()
-            result = None
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        with self.lock:  # Map iterations run in threads; without it one restores the environment under another
+            saved = dict(os.environ)
+            os.environ.update(environment, AWS_REGION=REGION, AWS_LAMBDA_FUNCTION_NAME=name)
+            try:
+                handler = getattr(importlib.import_module(module_name), attribute)
+                result = handler(copy.deepcopy(event), LambdaContext(name))
+                body, error = json.dumps(result, default=str).encode(), None
+            except Exception as exc:
+                error = "Unhandled"
+                invocation.error = f"{type(exc).__name__}: {exc}"
+                body = json.dumps({"errorType": type(exc).__name__, "errorMessage": str(exc),
+                                   "stackTrace": traceback.format_tb(exc.__traceback__)}).encode()
+                result = None
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
         invocation.result = result
         self.after(invocation)
         response: dict[str, Any] = {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": io.BytesIO(body)}
@@ -274,23 +275,35 @@ class InProcessLambda:
         return response
 
 
+# Where a step that reads a Distributed Map's results finds that Map's output, and which invocations are that
+# Map's children: ingest's split at ``copy`` (copy batches, {"Items": [...]}), pack's finish at ``packed``
+# (one shard each, {"ids": [...]}).
+MAP_OUTPUTS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "copy": lambda event: "Items" in event,
+    "packed": lambda event: "ids" in event,
+}
+
+
 def complete_result_writer(event: Any, invocations: list[Invocation]) -> None:
     """Writes what a Distributed Map's ResultWriter exports, before the step that reads it runs.
 
     moto's ResultWriter writes an empty manifest and no result files. Where an event carries a Map's
-    ``ResultWriterDetails`` (the ingest split step's does, at ``copy``), the manifest there is replaced with
-    AWS's format (Step Functions developer guide, "ResultWriter"): ``ResultFiles`` by status, each file a JSON
-    array of child executions with ``Input``, ``Output`` or ``Error``/``Cause``, and ``Status``; the child
-    executions are the batches that the processor's Lambda ran, each batch's last attempt."""
-    details = ((event.get("copy") or {}).get("ResultWriterDetails") if isinstance(event, dict) else None) or {}
-    if not details.get("Key"):
+    ``ResultWriterDetails`` (at a key of ``MAP_OUTPUTS``), the manifest there is replaced with AWS's format
+    (Step Functions developer guide, "ResultWriter"): ``ResultFiles`` by status, each file a JSON array of child
+    executions with ``Input``, ``Output`` or ``Error``/``Cause``, and ``Status``; the child executions are the
+    invocations of that Map's processor, each child's last attempt."""
+    found = [(key, is_child) for key, is_child in MAP_OUTPUTS.items() if isinstance(event, dict)
+             and (((event.get(key) or {}).get("ResultWriterDetails") or {}).get("Key"))]
+    if not found:
         return
+    ((key, is_child),) = found
+    details = event[key]["ResultWriterDetails"]
     s3 = boto3.client("s3", region_name=REGION)
     written = json.loads(s3.get_object(Bucket=details["Bucket"], Key=details["Key"])["Body"].read())
     assert not written.get("ResultFiles", {}).get("SUCCEEDED"), "moto now writes Map results: drop the stand-in"
     last_attempt: dict[str, Invocation] = {}
     for invocation in invocations:
-        if isinstance(invocation.event, dict) and "Items" in invocation.event:
+        if isinstance(invocation.event, dict) and is_child(invocation.event):
             last_attempt[json.dumps(invocation.event, sort_keys=True)] = invocation
     children: dict[str, list[dict[str, Any]]] = {"SUCCEEDED": [], "FAILED": []}
     for invocation in last_attempt.values():

@@ -7,6 +7,8 @@ succeeded") is the synthesized definition's own.
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +108,16 @@ def test_an_update_that_rolled_back_fails_the_pipeline_as_rolled_back(cloud: Clo
 # ------------------------------------------------------------------------------------------------- training
 
 
-def ingested(cloud: Cloud) -> dict[str, Any]:
-    manifests = f"s3://{data_bucket(cloud)}/manifests/run"
-    return {"channels": {"train": f"{manifests}/train.manifest", "validation": f"{manifests}/validation.manifest"}}
+def packed(cloud: Cloud) -> dict[str, Any]:
+    """What the pack stage leaves at $.pack: the finish step's contract (lambdas/pack/finish.py)."""
+    shards = f"s3://{data_bucket(cloud)}/shards/run"
+    return {"runId": "run", "channels": {"train": f"{shards}/train/", "validation": f"{shards}/validation/"},
+            "shards": {"train": 3, "validation": 1}, "photos": {"train": 2400, "validation": 300},
+            "reportKey": "reports/pack/run.json"}
 
 
 def run_training(cloud: Cloud, **input_: Any) -> harness.Execution:
-    state = {"input": input_, "execution": "run", "ingest": ingested(cloud)}
+    state = {"input": input_, "execution": "run", "pack": packed(cloud)}
     execution = cloud.run(cloud.definition(PIPELINE, start_at="Training stage"), state)
     execution.assert_no_runtime_error()
     return execution
@@ -184,26 +189,80 @@ def publish_abid(cloud: Cloud, sample_dir: Path, images: int) -> list[str]:
     return ids
 
 
-def test_the_pipeline_ingests_trains_gates_and_deploys_to_pipeline_succeeded(cloud: Cloud, sample_dir: Path) -> None:
+def split_twelve(images: int) -> dict[str, Any]:
+    """A dataset request that leaves photos in every split of the first twelve sample photos (8 / 2 / 2): with the
+    default 10 %, each count class of so few photos rounds to no validation photo, and training needs some."""
+    return {"selector": "count-range", "limit": images, "validationFraction": 0.2, "testFraction": 0.2}
+
+
+def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeeded(
+        cloud: Cloud, sample_dir: Path) -> None:
+    from ml import shards
+
     ids = publish_abid(cloud, sample_dir, images=12)
-    execution = cloud.run(cloud.definition(PIPELINE), {"dataset": {"selector": "count-range", "limit": len(ids)}})
+    execution = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(len(ids))})
     execution.assert_no_runtime_error()
     assert execution.status == "SUCCEEDED", execution.cause
     entered = execution.states_entered()
-    # A Distributed Map's iterations are child executions, with their own histories (CopyBatch is not here).
-    for state in ("Prepare", "SelectDataset", "CopyImages", "SplitDataset", "PrepareTraining",
-                  "TrainModel", "RecordTraining", "Decide deploy", "Release model", "Describe endpoint",
-                  "Finish deploy", "Pipeline succeeded"):
-        assert state in entered, state
+    # A Distributed Map's iterations are child executions, with their own histories (CopyBatch and PackShard
+    # are not here).
+    path = ["Prepare", "SelectDataset", "CopyImages", "SplitDataset", "Pack stage", "PlanShards", "PackShards",
+            "FinishPack", "Training stage", "PrepareTraining", "TrainModel", "RecordTraining", "Decide deploy",
+            "Release model", "Describe endpoint", "Finish deploy", "Pipeline succeeded"]
+    assert [state for state in entered if state in path] == path
     workers = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")]
     assert sorted(item["image_id"] for w in workers for item in w.event["Items"]) == ids
-    copied = cloud.client("s3").list_objects_v2(Bucket=data_bucket(cloud), Prefix="raw/")
+    s3 = cloud.client("s3")
+    copied = s3.list_objects_v2(Bucket=data_bucket(cloud), Prefix="raw/")
     assert copied["KeyCount"] == 2 * len(ids)  # each photo and its metadata
+    # Every ingested photo is packed once, into the shards of its split.
+    pack = execution.output["pack"]
+    packers = [i for i in cloud.lambdas.invocations if i.function.startswith("packpacker")]
+    assert sorted(image_id for p in packers for image_id in p.event["ids"]) == ids
+    packed_ids = []
+    for split, prefix in pack["channels"].items():
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=data_bucket(cloud),
+                                                     Prefix=prefix.removeprefix(f"s3://{data_bucket(cloud)}/"))
+                ["Contents"]]
+        assert len(keys) == pack["shards"][split]
+        for key in keys:
+            body = s3.get_object(Bucket=data_bucket(cloud), Key=key)["Body"].read()
+            packed_ids += [sample.key for sample in shards.read_shard(io.BytesIO(body))]
+    assert sorted(packed_ids) == ids
+    # Training reads the shard channels the pack stage left.
     ((operation, request),) = cloud.bridge.requests
     assert operation == "CreateTrainingJob"
-    channels = {c["ChannelName"] for c in request["InputDataConfig"]}
-    assert {"train", "validation"} <= channels
+    sources = {c["ChannelName"]: c["DataSource"]["S3DataSource"] for c in request["InputDataConfig"]}
+    for split, prefix in pack["channels"].items():
+        assert sources[split]["S3Uri"] == prefix and sources[split]["S3DataType"] == "S3Prefix"
+    assert set(pack["channels"]) == {"train", "validation", "test"}
     assert cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
+
+
+def test_photos_that_cannot_be_packed_fail_the_pack_stage_before_training(cloud: Cloud, sample_dir: Path) -> None:
+    # Two of twelve photos vanish from raw/ between ingest and pack: 16.7 %, above the tolerated 5 %.
+    ids = publish_abid(cloud, sample_dir, images=12)
+    bucket = data_bucket(cloud)
+
+    def lose_two(invocation: harness.Invocation) -> None:
+        if invocation.function.startswith("ingestsplit") and invocation.error is None:
+            for image_id in ids[:2]:
+                cloud.client("s3").delete_object(Bucket=bucket, Key=f"raw/bin-images/{image_id}.jpg")
+
+    cloud.lambdas.after = lose_two
+    execution = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(len(ids))})
+    execution.assert_no_runtime_error()
+    assert execution.status == "FAILED"
+    assert execution.error == "TooManyFailures"
+    # The cause is the stage's: Lambda's error document, led by the stage's name.
+    assert execution.cause.startswith("pack stage failed:")
+    assert "2 of 12 photos could not be packed (16.7 %), above the tolerated 5 %" in execution.cause
+    entered = execution.states_entered()
+    assert entered[-2:] == ["Record pack failure", "Pipeline failed"]
+    assert "Training stage" not in entered and cloud.bridge.requests == []
+    report = json.loads(cloud.client("s3").get_object(Bucket=bucket, Key="reports/pack/run.json")["Body"].read())
+    assert sorted(f["imageId"] for f in report["failures"]) == sorted(ids[:2])
+    assert all(f["reason"].endswith("does not exist (NoSuchKey)") for f in report["failures"])
 
 
 def test_pipeline_status_reads_a_real_failed_history_as_failed(cloud: Cloud) -> None:
