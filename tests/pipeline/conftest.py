@@ -10,7 +10,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from tests.pipeline import harness
+from invmon import execution as harness
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline import harness
+from invmon import execution as harness
 from tests.pipeline.conftest import Cloud
 
 PIPELINE = "PipelineStateMachine"

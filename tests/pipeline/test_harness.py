@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from tests.pipeline import harness
+from invmon import execution as harness
 
 
 @pytest.fixture

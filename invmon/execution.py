@@ -56,7 +56,7 @@ from botocore.validate import ParamValidator
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 MEASURED_MOTO = "5.2.5"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------- synthesis
 
