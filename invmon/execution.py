@@ -1,15 +1,17 @@
-"""Run the synthesized state machines in moto's Step Functions interpreter, offline.
+"""Run the synthesized state machines in moto's Step Functions interpreter, offline: the execution tests
+(tests/pipeline) and ``invmon demo`` both run the pipeline through this module.
 
-The app is synthesized once (``cdk synth`` in-process, assets staged); a definition is taken from the template
-with its references resolved to the names the test gives the resources, registered with moto
-(``mock_aws(config={"stepfunctions": {"execute_state_machine": True}})``), and executed. Lambda tasks run the real
-handlers in-process with each function's template environment; SageMaker ``.sync`` tasks are answered by
-``SageMakerBridge`` with the outcome the test asks for, after checking the request against botocore's model.
+The app is synthesized (``cdk synth`` in-process, assets staged); a definition is taken from the template with
+its references resolved to the names this module gives the resources, registered with moto's interpreter
+(``mock_aws(config={"stepfunctions": {"execute_state_machine": True}})`` in tests, ``enable_interpreter`` for a
+moto server running in this process), and executed. Lambda tasks run the real handlers in-process with each
+function's template environment; SageMaker ``.sync`` tasks are answered by a ``SageMakerBridge`` subclass (the
+tests' scripted outcomes, the demo's local trainer), after checking the request against botocore's model.
 
 Every place where moto's interpreter differs from AWS is handled here and nowhere else, and each difference is
-measured (by test_harness.py, or by an assertion where the stand-in is installed) so that a moto that behaves
-otherwise fails loudly instead of silently changing what the tests exercise. Measured on moto 5.2.5 (those
-marked * in test_harness.py):
+measured (by tests/pipeline/test_harness.py, or by an assertion where the stand-in is installed) so that a moto
+that behaves otherwise fails loudly instead of silently changing what the tests and the demo exercise. Measured
+on moto 5.2.5 (those marked * in test_harness.py):
 
 - * its ASL grammar rejects ``ItemBatcher`` and an integer ``ToleratedFailurePercentage``: ``for_moto`` makes
   each item a batch of one in the batch's shape, and the percentage a float;
@@ -26,9 +28,11 @@ marked * in test_harness.py):
 - * a distributed Map succeeds whatever fails in it (no tolerance check), and its ResultWriter writes an empty
   manifest and no result files: ``complete_result_writer`` writes them from the batches the Lambda ran;
 - * moto's SageMaker has no StopTrainingJob, StopHyperParameterTuningJob or UpdateEndpoint: stand-ins while
-  ``interpreter`` is active; its tuning jobs name a fixed "FakeTrainingJobName" best job, which the bridge
-  replaces with a real trial; its endpoints are InService at once (``set_endpoint_status`` changes that);
-- Wait and Retry delays are real seconds: ``for_moto`` scales them down.
+  ``interpreter`` is active; its tuning jobs name a fixed "FakeTrainingJobName" best job, which the tests'
+  bridge replaces with a real trial; its endpoints are InService at once (``set_endpoint_status`` changes that);
+- Wait and Retry delays are real seconds: ``for_moto`` scales them down;
+- the interpreter's SDK tasks call ``http://localhost:$MOTO_PORT`` when moto is a server rather than a mock:
+  ``enable_interpreter`` points that at the server and switches the interpreter on there.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import copy
 import filecmp
 import importlib
+import inspect
 import io
 import json
 import os
@@ -95,12 +100,12 @@ def synthesize(outdir: Path) -> Synthesized:
 
 
 def physical_name(logical_id: str) -> str:
-    """The name a test gives a resource: its logical id, lower-cased (valid for S3 buckets and tables)."""
+    """The name a resource gets offline: its logical id, lower-cased (valid for S3 buckets and tables)."""
     return logical_id.lower()
 
 
 class Resolver:
-    """Resolves CloudFormation intrinsics in the template to the names and ARNs this harness uses."""
+    """Resolves CloudFormation intrinsics in the template to the names and ARNs used offline."""
 
     def __init__(self, template: dict[str, Any]) -> None:
         self.template = template
@@ -241,9 +246,13 @@ class InProcessLambda:
     # Called after each invocation: a scenario changes the world there (an endpoint's status, say).
     after: Callable[[Invocation], None] = lambda invocation: None
     # A Map runs its iterations in threads, and each invocation swaps the process environment: one at a time.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def invoke(self, FunctionName: str, Payload: bytes | str | None = None, **_: Any) -> dict[str, Any]:
+    def invoke(self, FunctionName: str, Payload: bytes | str | None = None, **kwargs: Any) -> dict[str, Any]:
+        with self.lock:
+            return self._invoke(FunctionName, Payload)
+
+    def _invoke(self, FunctionName: str, Payload: bytes | str | None = None) -> dict[str, Any]:
         name = FunctionName.rsplit(":function:", 1)[-1].split(":")[0]
         handler_path, environment = self.functions[name]
         module_name, attribute = handler_path.rsplit(".", 1)
@@ -345,17 +354,13 @@ def validate_sagemaker_request(operation: str, request: dict[str, Any]) -> None:
 
 @dataclass
 class JobOutcome:
-    """How a bridged SageMaker job ends: its status and, for a failure, its FailureReason."""
+    """How a bridged SageMaker job ended: its status and, for a failure, its FailureReason."""
 
     status: str = "Completed"
     failure_reason: str = ""
-    # What the trainer's metrics.json in output.tar.gz holds (the report Lambda reads it; the gate decides on it).
-    metrics: dict[str, float] = field(default_factory=lambda: {"valid_accuracy": 0.6, "valid_rmse": 1.0})
-    # A completed transform job's answer for each input key (written to S3OutputPath/<key>.out).
-    answer: Callable[[str], Any] = lambda key: {}
 
 
-# The jobs the bridge runs: boto3's name for the kind of job, and the request's name field (whose "...Name"
+# The jobs a bridge answers: boto3's name for the kind of job, and the request's name field (whose "...Name"
 # becomes "...Status" in the Describe output).
 _JOBS = {"CreateTrainingJob": ("training", "TrainingJobName"),
          "CreateHyperParameterTuningJob": ("hyper_parameter_tuning", "HyperParameterTuningJobName"),
@@ -364,98 +369,36 @@ _JOBS = {"CreateTrainingJob": ("training", "TrainingJobName"),
 
 @dataclass
 class SageMakerBridge:
-    """Answers ``arn:aws:states:::sagemaker:<action>.sync`` tasks. The job is created in moto's SageMaker (so
-    DescribeTrainingJob finds it, as the report Lambda needs), then ends with ``outcome(action, request)``: a
-    completed job's Describe output is the task's output; a failed one fails the task as Step Functions does,
-    with the Describe output as its cause."""
+    """Answers ``arn:aws:states:::sagemaker:<action>.sync`` tasks. The request is checked against botocore's
+    model, the job is created in moto's SageMaker (so DescribeTrainingJob finds it, as the report Lambda needs),
+    then ``finish(operation, request)`` runs the job and says how it ended: a completed job's Describe output is
+    the task's output; a failed one fails the task as Step Functions does, with the Describe output as its
+    cause. Subclasses decide what running a job means (the tests' scripted outcomes, the demo's trainer)."""
 
-    outcome: Callable[[str, dict[str, Any]], JobOutcome] = lambda action, request: JobOutcome()
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)  # names given to StopTrainingJob / StopHyperParameterTuningJob
     updates: list[dict[str, Any]] = field(default_factory=list)  # UpdateEndpoint requests
+
+    def finish(self, operation: str, request: dict[str, Any]) -> JobOutcome:
+        """Runs the job that ``request`` describes, once moto knows it; writes what the job writes to S3."""
+        raise NotImplementedError(f"this bridge runs no {operation} jobs")
 
     def run(self, action: str, request: dict[str, Any]) -> tuple[dict[str, Any], JobOutcome]:
         operation = action[0].upper() + action[1:]
         validate_sagemaker_request(operation, request)
         self.requests.append((operation, request))
-        sagemaker = boto3.client("sagemaker", region_name=REGION)
-        outcome = self.outcome(action, request)
         if operation not in _JOBS:
             raise AssertionError(f"the bridge does not answer sagemaker:{action}.sync")
+        sagemaker = boto3.client("sagemaker", region_name=REGION)
         kind, name_key = _JOBS[operation]
         getattr(sagemaker, f"create_{kind}_job")(**request)
-        if operation == "CreateHyperParameterTuningJob":
-            self._best_trial(sagemaker, request)
+        outcome = self.finish(operation, request)
         described = getattr(sagemaker, f"describe_{kind}_job")(**{name_key: request[name_key]})
         described[name_key.removesuffix("Name") + "Status"] = outcome.status
         if outcome.failure_reason:
             described["FailureReason"] = outcome.failure_reason
-        if outcome.status == "Completed" and operation == "CreateTrainingJob":
-            write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
-        if outcome.status == "Completed" and operation == "CreateTransformJob":
-            write_transform_outputs(request, outcome.answer)
         described.pop("ResponseMetadata", None)
         return json.loads(json.dumps(described, default=str)), outcome
-
-    @staticmethod
-    def _best_trial(sagemaker: Any, request: dict[str, Any]) -> None:
-        """One trial of the tuning job, run as a training job from its TrainingJobDefinition, named as its best
-        job: moto's tuning job names a fixed "FakeTrainingJobName" that DescribeTrainingJob cannot find."""
-        from moto.sagemaker.models import sagemaker_backends
-
-        definition = request["TrainingJobDefinition"]
-        tuning_name = request["HyperParameterTuningJobName"]
-        trial = f"{tuning_name}-001-0000abcd"[:63]
-        copied = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
-                  "StoppingCondition", "EnableManagedSpotTraining", "CheckpointConfig", "EnableNetworkIsolation",
-                  "EnableInterContainerTrafficEncryption", "VpcConfig")
-        sagemaker.create_training_job(TrainingJobName=trial, HyperParameters=definition.get(
-            "StaticHyperParameters", {}), **{k: definition[k] for k in copied if k in definition})
-        trial_job = sagemaker.describe_training_job(TrainingJobName=trial)
-        arn = trial_job["TrainingJobArn"]
-        write_job_outputs(trial_job["ModelArtifacts"]["S3ModelArtifacts"], JobOutcome().metrics)
-        job = sagemaker_backends[ACCOUNT][REGION].hyper_parameter_tuning_jobs[tuning_name]
-        job.best_training_job = {
-            "TrainingJobName": trial, "TrainingJobArn": arn, "TuningJobName": tuning_name,
-            "TrainingJobStatus": "Completed", "TunedHyperParameters": {},
-            "FinalHyperParameterTuningJobObjectiveMetric": {
-                "MetricName": request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"][
-                    "MetricName"], "Value": 0.5},
-        }
-
-
-def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
-    """A finished job's model.tar.gz and, beside it, output.tar.gz holding the trainer's metrics.json."""
-    bucket, key = model_artifact.removeprefix("s3://").split("/", 1)
-    s3 = boto3.client("s3", region_name=REGION)
-
-    def tarball(members: dict[str, bytes]) -> bytes:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for name, body in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(body)
-                tar.addfile(info, io.BytesIO(body))
-        return buffer.getvalue()
-
-    s3.put_object(Bucket=bucket, Key=key, Body=tarball({"model.pt": b"weights"}))
-    s3.put_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/output.tar.gz",
-                  Body=tarball({"metrics.json": json.dumps(metrics).encode()}))
-
-
-def write_transform_outputs(request: dict[str, Any], answer: Callable[[str], Any]) -> None:
-    """What Batch Transform writes for a ManifestFile input: S3OutputPath/<key relative to the manifest's
-    prefix>.out for each listed object (SageMaker developer guide, "Batch transform")."""
-    s3 = boto3.client("s3", region_name=REGION)
-    source = request["TransformInput"]["DataSource"]["S3DataSource"]
-    assert source["S3DataType"] == "ManifestFile", "the bridge writes outputs for a ManifestFile input only"
-    bucket, key = source["S3Uri"].removeprefix("s3://").split("/", 1)
-    header, *keys = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    prefix = header["prefix"].removeprefix(f"s3://{bucket}/")
-    out_bucket, out_prefix = request["TransformOutput"]["S3OutputPath"].removeprefix("s3://").split("/", 1)
-    for relative in keys:
-        s3.put_object(Bucket=out_bucket, Key=f"{out_prefix.rstrip('/')}/{relative}.out",
-                      Body=json.dumps(answer(prefix + relative)).encode())
 
 
 def resolve_literal_path_keys(parameters: Any, state_input: Any) -> Any:
@@ -631,21 +574,76 @@ class Execution:
         assert self.runtime_errors() == [], json.dumps(self.runtime_errors(), default=str, indent=1)[:3000]
 
 
-def run(sfn: Any, definition: dict[str, Any], execution_input: Any, *, name: str = "run",
-        timeout: float = 60.0) -> Execution:
-    """Registers ``definition`` and runs one execution of it to its end."""
+def start(sfn: Any, definition: dict[str, Any], execution_input: Any, *, name: str = "run") -> str:
+    """Registers ``definition`` and starts one execution of it; returns the execution's ARN."""
     machine = sfn.create_state_machine(name=f"machine-{name}-{time.monotonic_ns()}",
                                        definition=json.dumps(definition),
                                        roleArn=f"arn:aws:iam::{ACCOUNT}:role/pipeline")["stateMachineArn"]
-    arn = sfn.start_execution(stateMachineArn=machine, name=name, input=json.dumps(execution_input))["executionArn"]
+    return sfn.start_execution(stateMachineArn=machine, name=name, input=json.dumps(execution_input))["executionArn"]
+
+
+def history(sfn: Any, arn: str) -> list[dict[str, Any]]:
+    """The execution's whole history, page by page."""
+    events: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {}
+    while True:
+        page = sfn.get_execution_history(executionArn=arn, maxResults=1000, **kwargs)
+        events += page["events"]
+        if not page.get("nextToken"):
+            return events
+        kwargs["nextToken"] = page["nextToken"]
+
+
+def wait(sfn: Any, arn: str, *, timeout: float = 60.0, poll: float = 0.02,
+         on_event: Callable[[dict[str, Any]], None] | None = None) -> Execution:
+    """Waits for the execution to end; ``on_event`` sees each history event once, in order, as it appears."""
     deadline = time.monotonic() + timeout
+    seen = 0
+
+    def report() -> list[dict[str, Any]]:
+        nonlocal seen
+        events = history(sfn, arn)
+        if on_event is not None:
+            for event in events[seen:]:
+                on_event(event)
+        seen = len(events)
+        return events
+
     while (described := sfn.describe_execution(executionArn=arn))["status"] == "RUNNING":
         assert time.monotonic() < deadline, f"execution still running after {timeout} s"
-        time.sleep(0.02)
-    history = sfn.get_execution_history(executionArn=arn, maxResults=1000)["events"]
+        if on_event is not None:
+            report()
+        time.sleep(poll)
+    events = report()
     output = json.loads(described["output"]) if described.get("output") else None
     return Execution(status=described["status"], output=output, error=described.get("error"),
-                     cause=described.get("cause"), history=history)
+                     cause=described.get("cause"), history=events)
+
+
+def run(sfn: Any, definition: dict[str, Any], execution_input: Any, *, name: str = "run",
+        timeout: float = 60.0) -> Execution:
+    """Registers ``definition`` and runs one execution of it to its end."""
+    return wait(sfn, start(sfn, definition, execution_input, name=name), timeout=timeout)
+
+
+def enable_interpreter(server_url: str) -> None:
+    """Switches moto's interpreter on for a moto server running in this process (``mock_aws(config=...)`` does
+    it for a mock), and points the interpreter's own SDK clients at that server: without a mock they call
+    ``http://localhost:$MOTO_PORT`` (moto.stepfunctions.parser.asl.utils.boto_client)."""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from moto.stepfunctions.parser.asl.utils import boto_client
+
+    assert "localhost:{moto_server_port()}" in inspect.getsource(boto_client.boto_client_for), \
+        "moto's interpreter no longer calls localhost:$MOTO_PORT without a mock: revisit enable_interpreter"
+    os.environ["MOTO_PORT"] = str(urlsplit(server_url).port)
+    body = json.dumps({"stepfunctions": {"execute_state_machine": True}}).encode()
+    request = urllib.request.Request(f"{server_url}/moto-api/config", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201, response.status
+
 
 
 def set_endpoint_status(endpoint_name: str, status: str, failure_reason: str | None = None) -> None:

@@ -1,0 +1,105 @@
+"""The execution tests' SageMaker: jobs end with the outcome each scenario scripts (invmon/execution.py runs the
+state machines; this is the part only the tests need)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+
+from invmon.execution import ACCOUNT, REGION, JobOutcome, SageMakerBridge
+
+
+@dataclass
+class Outcome(JobOutcome):
+    """A scripted job's end, and what it leaves behind."""
+
+    # What the trainer's metrics.json in output.tar.gz holds (the report Lambda reads it; the gate decides on it).
+    metrics: dict[str, float] = field(default_factory=lambda: {"valid_accuracy": 0.6, "valid_rmse": 1.0})
+    # A completed transform job's answer for each input key (written to S3OutputPath/<key>.out).
+    answer: Callable[[str], Any] = lambda key: {}
+
+
+@dataclass
+class ScriptedSageMaker(SageMakerBridge):
+    """Each job ends with ``outcome(action, request)``; a completed one writes the outputs its kind writes."""
+
+    outcome: Callable[[str, dict[str, Any]], Outcome] = lambda action, request: Outcome()
+
+    def finish(self, operation: str, request: dict[str, Any]) -> JobOutcome:
+        action = operation[0].lower() + operation[1:]
+        outcome = self.outcome(action, request)
+        if operation == "CreateHyperParameterTuningJob":
+            self._best_trial(boto3.client("sagemaker", region_name=REGION), request)
+        if outcome.status == "Completed" and operation == "CreateTrainingJob":
+            described = boto3.client("sagemaker", region_name=REGION).describe_training_job(
+                TrainingJobName=request["TrainingJobName"])
+            write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
+        if outcome.status == "Completed" and operation == "CreateTransformJob":
+            write_transform_outputs(request, outcome.answer)
+        return outcome
+
+    @staticmethod
+    def _best_trial(sagemaker: Any, request: dict[str, Any]) -> None:
+        """One trial of the tuning job, run as a training job from its TrainingJobDefinition, named as its best
+        job: moto's tuning job names a fixed "FakeTrainingJobName" that DescribeTrainingJob cannot find."""
+        from moto.sagemaker.models import sagemaker_backends
+
+        definition = request["TrainingJobDefinition"]
+        tuning_name = request["HyperParameterTuningJobName"]
+        trial = f"{tuning_name}-001-0000abcd"[:63]
+        copied = ("AlgorithmSpecification", "RoleArn", "InputDataConfig", "OutputDataConfig", "ResourceConfig",
+                  "StoppingCondition", "EnableManagedSpotTraining", "CheckpointConfig", "EnableNetworkIsolation",
+                  "EnableInterContainerTrafficEncryption", "VpcConfig")
+        sagemaker.create_training_job(TrainingJobName=trial, HyperParameters=definition.get(
+            "StaticHyperParameters", {}), **{k: definition[k] for k in copied if k in definition})
+        trial_job = sagemaker.describe_training_job(TrainingJobName=trial)
+        arn = trial_job["TrainingJobArn"]
+        write_job_outputs(trial_job["ModelArtifacts"]["S3ModelArtifacts"], Outcome().metrics)
+        job = sagemaker_backends[ACCOUNT][REGION].hyper_parameter_tuning_jobs[tuning_name]
+        job.best_training_job = {
+            "TrainingJobName": trial, "TrainingJobArn": arn, "TuningJobName": tuning_name,
+            "TrainingJobStatus": "Completed", "TunedHyperParameters": {},
+            "FinalHyperParameterTuningJobObjectiveMetric": {
+                "MetricName": request["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"][
+                    "MetricName"], "Value": 0.5},
+        }
+
+
+def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
+    """A finished job's model.tar.gz and, beside it, output.tar.gz holding the trainer's metrics.json."""
+    bucket, key = model_artifact.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", region_name=REGION)
+
+    def tarball(members: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for name, body in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+        return buffer.getvalue()
+
+    s3.put_object(Bucket=bucket, Key=key, Body=tarball({"model.pt": b"weights"}))
+    s3.put_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/output.tar.gz",
+                  Body=tarball({"metrics.json": json.dumps(metrics).encode()}))
+
+
+def write_transform_outputs(request: dict[str, Any], answer: Callable[[str], Any]) -> None:
+    """What Batch Transform writes for a ManifestFile input: S3OutputPath/<key relative to the manifest's
+    prefix>.out for each listed object (SageMaker developer guide, "Batch transform")."""
+    s3 = boto3.client("s3", region_name=REGION)
+    source = request["TransformInput"]["DataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "ManifestFile", "the bridge writes outputs for a ManifestFile input only"
+    bucket, key = source["S3Uri"].removeprefix("s3://").split("/", 1)
+    header, *keys = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    prefix = header["prefix"].removeprefix(f"s3://{bucket}/")
+    out_bucket, out_prefix = request["TransformOutput"]["S3OutputPath"].removeprefix("s3://").split("/", 1)
+    for relative in keys:
+        s3.put_object(Bucket=out_bucket, Key=f"{out_prefix.rstrip('/')}/{relative}.out",
+                      Body=json.dumps(answer(prefix + relative)).encode())
