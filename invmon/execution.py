@@ -45,7 +45,6 @@ import inspect
 import io
 import json
 import os
-import tarfile
 import threading
 import time
 import traceback
@@ -97,6 +96,12 @@ def synthesize(outdir: Path) -> Synthesized:
     assembly = app.synth()
     (stack,) = [s for s in assembly.stacks if s.stack_name.startswith("Invmon")]
     return Synthesized(template=stack.template, assembly=Path(assembly.directory))
+
+
+def load_synthesized(outdir: Path) -> Synthesized:
+    """The app as an earlier ``synthesize(outdir)`` (or ``cdk synth -o outdir``) left it."""
+    (template,) = [path for path in outdir.glob("Invmon*.template.json")]
+    return Synthesized(template=json.loads(template.read_text()), assembly=outdir)
 
 
 def physical_name(logical_id: str) -> str:
