@@ -20,6 +20,7 @@ discrepancies as well as confirming counts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -314,8 +315,9 @@ class HistoryPrinter:
     """Prints an execution's history as it grows: each state as it is entered (time, seconds since the start,
     state type, name), each failure with its error and cause, and how the execution ended."""
 
-    def __init__(self, say: Callable[[str], None] = print) -> None:
-        self.say = say
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        # Bound to the real stdout now: a Lambda running in another thread redirects sys.stdout meanwhile.
+        self.say = say or functools.partial(print, file=sys.stdout, flush=True)
         self.started: datetime | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -411,14 +413,17 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
             seed_source(boto3.client("s3"), data, dataset)
         endpoints = LocalEndpoints(workdir)
         stack.callback(endpoints.close)
-        bridge = LocalTrainingJobs(workdir)
+        bridge = LocalTrainingJobs(workdir, say=functools.partial(print, file=sys.stdout, flush=True))
         stack.callback(bridge.close)
 
         def serve_endpoints(invocation: execution.Invocation) -> None:
             for line in endpoints.sync():
                 print(f"      {line}", flush=True)
 
-        lambdas = execution.InProcessLambda(execution.lambda_functions(synthesized, resolver), after=serve_endpoints)
+        # The handlers' own output (Powertools' metric documents, say) goes where Lambda sends it: to a log.
+        lambda_log = stack.enter_context(open(workdir / "lambdas.log", "w"))
+        lambdas = execution.InProcessLambda(execution.lambda_functions(synthesized, resolver), after=serve_endpoints,
+                                            log=lambda_log)
         stack.enter_context(execution.interpreter(lambdas, bridge))
         sfn = boto3.client("stepfunctions")
         if in_service_dir is not None and in_service is not None:

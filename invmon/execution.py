@@ -51,7 +51,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import boto3
 import botocore.session
@@ -250,6 +250,9 @@ class InProcessLambda:
     invocations: list[Invocation] = field(default_factory=list)
     # Called after each invocation: a scenario changes the world there (an endpoint's status, say).
     after: Callable[[Invocation], None] = lambda invocation: None
+    # Where the handlers' own printing goes (Lambda sends it to CloudWatch Logs): the caller's stdout if None.
+    # Other threads that print meanwhile should hold their own reference to the real stdout.
+    log: TextIO | None = None
     # A Map runs its iterations in threads, and each invocation swaps the process environment: one at a time.
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -269,7 +272,8 @@ class InProcessLambda:
         os.environ.update(environment, AWS_REGION=REGION, AWS_LAMBDA_FUNCTION_NAME=name)
         try:
             handler = getattr(importlib.import_module(module_name), attribute)
-            result = handler(copy.deepcopy(event), LambdaContext(name))
+            with contextlib.redirect_stdout(self.log) if self.log else contextlib.nullcontext():
+                result = handler(copy.deepcopy(event), LambdaContext(name))
             body, error = json.dumps(result, default=str).encode(), None
         except Exception as exc:
             error = "Unhandled"
