@@ -5,6 +5,7 @@ the execution tests exercise. Measured on moto 5.2.5."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,3 +130,35 @@ def test_moto_lets_a_distributed_map_succeed_whatever_fails_in_it(sfn: Any) -> N
     execution = offline.run(sfn, definition, {"items": ["good", "bad"]})
     assert execution.status == "SUCCEEDED"
     assert execution.output == ["good", None]
+
+
+def test_a_moto_server_in_this_process_runs_executions_once_enable_interpreter_points_it_at_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The demo's case: no mock, a moto server on a free port. moto's interpreter is off by default, and its SDK
+    # tasks call http://localhost:$MOTO_PORT (5000 unless set): enable_interpreter sets both.
+    from moto.core.config import default_user_config
+
+    from invmon.local import MotoServer
+
+    monkeypatch.delenv("MOTO_PORT", raising=False)
+    saved = dict(default_user_config["stepfunctions"])
+    definition = {"StartAt": "List", "States": {"List": {
+        "Type": "Task", "Resource": "arn:aws:states:::aws-sdk:dynamodb:listTables", "End": True}}}
+    try:
+        with MotoServer() as server:
+            boto3.client("dynamodb").create_table(
+                TableName="probe", KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+            sfn = boto3.client("stepfunctions")
+            plain = offline.start(sfn, definition, {}, name="off")
+            time.sleep(1)
+            # moto's plain backend runs nothing: the execution stays RUNNING, its history a canned one.
+            assert sfn.describe_execution(executionArn=plain)["status"] == "RUNNING"
+            assert "List" not in offline.Execution(
+                "RUNNING", None, None, None, offline.history(sfn, plain)).states_entered()
+            offline.enable_interpreter(server.url)
+            execution = offline.run(sfn, definition, {}, name="on")
+    finally:
+        default_user_config["stepfunctions"] = saved
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert execution.output["TableNames"] == ["probe"]  # the SDK task reached this server
