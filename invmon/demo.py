@@ -137,22 +137,6 @@ def seed_source(s3: Any, data: Path, records: list[abid.AbidRecord]) -> None:
         )
 
 
-def create_resources(synthesized: execution.Synthesized) -> None:
-    """The stack's buckets (versioned where the template says so) and tables, under their offline names."""
-    s3 = boto3.client("s3")
-    for logical_id, bucket in synthesized.resources("AWS::S3::Bucket").items():
-        name = execution.physical_name(logical_id)
-        s3.create_bucket(Bucket=name)
-        if bucket["Properties"].get("VersioningConfiguration", {}).get("Status") == "Enabled":
-            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    dynamodb = boto3.client("dynamodb")
-    for logical_id, table in synthesized.resources("AWS::DynamoDB::Table").items():
-        properties = table["Properties"]
-        keys = ("KeySchema", "AttributeDefinitions", "GlobalSecondaryIndexes", "LocalSecondaryIndexes")
-        dynamodb.create_table(TableName=execution.physical_name(logical_id), BillingMode="PAY_PER_REQUEST",
-                              **{k: properties[k] for k in keys if k in properties})
-
-
 def publish_file_assets(synthesized: execution.Synthesized) -> list[str]:
     """What ``cdk deploy`` publishes before the stack exists: each file asset (the trainer's source tarball,
     the pretrained weights) to the bootstrap bucket under the key the template names. Directory assets (the
@@ -407,7 +391,7 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
             f"Start moto on {moto.url} with its Step Functions interpreter; create the stack's buckets and tables, "
             f"publish its file assets; seed '{SOURCE_BUCKET}' with {len(dataset)} real ABID photos"
         ):
-            create_resources(synthesized)
+            execution.create_resources(synthesized)
             for uri in publish_file_assets(synthesized):
                 print(f"      asset {uri}")
             seed_source(boto3.client("s3"), data, dataset)

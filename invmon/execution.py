@@ -109,6 +109,22 @@ def physical_name(logical_id: str) -> str:
     return logical_id.lower()
 
 
+def create_resources(synthesized: Synthesized) -> None:
+    """The stack's buckets (versioned where the template says so) and tables, under their offline names."""
+    s3 = boto3.client("s3", region_name=REGION)
+    for logical_id, bucket in synthesized.resources("AWS::S3::Bucket").items():
+        name = physical_name(logical_id)
+        s3.create_bucket(Bucket=name)
+        if bucket["Properties"].get("VersioningConfiguration", {}).get("Status") == "Enabled":
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    dynamodb = boto3.client("dynamodb", region_name=REGION)
+    for logical_id, table in synthesized.resources("AWS::DynamoDB::Table").items():
+        properties = table["Properties"]
+        keys = ("KeySchema", "AttributeDefinitions", "GlobalSecondaryIndexes", "LocalSecondaryIndexes")
+        dynamodb.create_table(TableName=physical_name(logical_id), BillingMode="PAY_PER_REQUEST",
+                              **{k: properties[k] for k in keys if k in properties})
+
+
 class Resolver:
     """Resolves CloudFormation intrinsics in the template to the names and ARNs used offline."""
 

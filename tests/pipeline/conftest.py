@@ -50,15 +50,7 @@ class Cloud:
 @pytest.fixture
 def cloud(synthesized: offline.Synthesized, resolver: offline.Resolver) -> Iterator[Cloud]:
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        s3 = boto3.client("s3", region_name=offline.REGION)
-        for logical_id in synthesized.resources("AWS::S3::Bucket"):
-            s3.create_bucket(Bucket=offline.physical_name(logical_id))
-        dynamodb = boto3.client("dynamodb", region_name=offline.REGION)
-        for logical_id, table in synthesized.resources("AWS::DynamoDB::Table").items():
-            properties = table["Properties"]
-            keys = ("KeySchema", "AttributeDefinitions", "GlobalSecondaryIndexes", "LocalSecondaryIndexes")
-            dynamodb.create_table(TableName=offline.physical_name(logical_id), BillingMode="PAY_PER_REQUEST",
-                                  **{k: properties[k] for k in keys if k in properties})
+        offline.create_resources(synthesized)
         lambdas = offline.InProcessLambda(offline.lambda_functions(synthesized, resolver))
         bridge = harness.ScriptedSageMaker()
         with offline.interpreter(lambdas, bridge):
