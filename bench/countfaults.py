@@ -26,8 +26,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from bench import common
-from invmon.demo import COUNTS_TABLE, IDEMPOTENCY_TABLE
 from invmon.local import patched_environ
+
+# The count function's bucket and tables, as infra/storage.py and infra/count.py define their keys.
+DATA_BUCKET = "invmon-bench-data"
+COUNTS_TABLE = "invmon-bench-counts"
+IDEMPOTENCY_TABLE = "invmon-bench-idempotency"
 
 # The production limits (infra/count.py: 3 s connect, 20 s read, 2 attempts, 5 s per record besides the call,
 # a 120 s function) scaled down so that a run takes seconds; the ratios that matter are kept: a record's
@@ -122,14 +126,23 @@ def _sqs_event(batch: list[_Message]) -> dict[str, Any]:
 
 
 def _setup_aws(photo: bytes, records: int) -> list[_Message]:
-    """The offline demo's bucket and tables (invmon/demo.py), and one upload per record."""
+    """The count function's versioned bucket and its two tables, and one upload per record."""
     import boto3
 
     from bench.coldstart import _s3_message
-    from invmon.demo import DATA_BUCKET, create_resources
 
-    create_resources(boto3.session.Session())
     s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=DATA_BUCKET)
+    s3.put_bucket_versioning(Bucket=DATA_BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    dynamodb = boto3.client("dynamodb")
+    dynamodb.create_table(
+        TableName=COUNTS_TABLE, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key in ("pk", "sk")])
+    dynamodb.create_table(
+        TableName=IDEMPOTENCY_TABLE, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
     messages = []
     for index in range(records):
         key = f"incoming/{index:05d}.jpg"

@@ -1,28 +1,36 @@
-"""``invmon demo``: the pipeline's own step code, in the state machine's order, against local stand-ins.
+"""``invmon demo``: the synthesized pipeline state machine, executed offline, then uploads counted.
 
-No network, no credentials, nothing but the project: moto's server on 127.0.0.1 plays S3, DynamoDB and
-EventBridge; the ingest, deploy-gate and count Lambdas run in this process with their real handlers; training
-is ``python -m ml.train`` under SageMaker's environment variables; the endpoint is ``ml/inference.py`` served
-by ``python -m ml.serve`` over SageMaker's ``/ping`` and ``/invocations``.
+No network, no credentials, nothing but the project. The app is synthesized (``cdk synth`` in this process);
+moto's server on 127.0.0.1 plays S3, DynamoDB, SageMaker's control plane and EventBridge, and its Step Functions
+interpreter executes the pipeline's own definition (invmon/execution.py, with the workarounds for where moto
+differs from AWS). Its Lambda tasks run the real handlers in this process with each function's template
+environment; its ``createTrainingJob.sync`` task runs ``python -m ml.train`` from the task's actual request
+(invmon/training.py ``LocalTrainingJobs``); each endpoint its deploy stage creates is served by ``python -m
+ml.serve`` over SageMaker's ``/ping`` and ``/invocations`` (invmon/local.py ``LocalEndpoints``). The demo
+prints each state as the execution's history reports it; it never orders the pipeline's steps itself.
 
-The model in service at the start is the shipped one (``models/abid-effnet-lite0``, trained on 9,636 photos):
-the demo's own model, trained on a couple of hundred, goes through the deploy gate against it, and the uploads
-are counted by whichever model the gate leaves in service. The uploads are sample photos that the shipped model
-never saw in training (its split lists them), and a third of them come with a consignment that is off by two,
-so the table shows the consignment check catching discrepancies as well as confirming counts.
+The model in service at the start is the shipped one (``models/abid-effnet-lite0``, trained on 9,636 photos),
+put there by the pipeline's own deploy stage: the demo's model, trained on a couple of hundred photos, goes
+through the deploy gate against it, and the uploads are counted by whichever model the gate leaves in service.
+The uploads are sample photos that the shipped model never saw in training (its split lists them), and a third
+of them come with a consignment that is off by two, so the table shows the consignment check catching
+discrepancies as well as confirming counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +38,23 @@ import boto3
 from tqdm import tqdm
 
 from infra.config import Settings, load_settings
-from invmon.local import LocalEndpoint, MotoServer, patched_environ
+from invmon import execution
+from invmon.local import OFFLINE_ENV, ChildProcess, LocalEndpoints, MotoServer, patched_environ
 from invmon.table import render_table
-from invmon.training import health_lines, run_trainer
 from ml import abid
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "abid-effnet-lite0"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "models" / "abid-effnet-lite0"
 
-SOURCE_BUCKET = "aft-vbi-pds"  # the public bucket's name, in the stand-in
-DATA_BUCKET = "invmon-offline-data"
-COUNTS_TABLE = "invmon-offline-counts"
-IDEMPOTENCY_TABLE = "invmon-offline-idempotency"
-ENDPOINT_NAME = "invmon-offline-counter"
-STEPS = 8
+SOURCE_BUCKET = "aft-vbi-pds"  # the public bucket's name (the ingest functions' SOURCE_BUCKET), in moto
+PIPELINE = "PipelineStateMachine"  # the pipeline's logical id prefix in the template
+STEPS = 6
+# The handlers' structured logs would drown the progress output (errors still show), and the CDK's Node banner
+# says nothing about the demo.
+QUIET = {"POWERTOOLS_LOG_LEVEL": "ERROR", "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20"}
+SHOWN_METRICS = ("valid_accuracy", "valid_rmse", "valid_within1", "train_images")
+# A generous bound on one execution; the demo as a whole takes about two minutes on two cores.
+EXECUTION_TIMEOUT = 1800.0
 
 
 @dataclass
@@ -69,19 +81,6 @@ class Progress:
         began = time.monotonic()
         yield
         print(f"      done in {time.monotonic() - began:.1f} s", flush=True)
-
-
-class FakeContext:
-    """What Powertools reads from a Lambda context object."""
-
-    def __init__(self, name: str) -> None:
-        self.function_name = f"invmon-offline-{name}"
-        self.memory_limit_in_mb = 512
-        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:000000000000:function:{self.function_name}"
-        self.aws_request_id = f"offline-{name}-{time.monotonic_ns()}"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 300_000
 
 
 def hold_out(records: list[abid.AbidRecord], n: int, unseen: set[str] | frozenset[str] = frozenset()
@@ -138,86 +137,24 @@ def seed_source(s3: Any, data: Path, records: list[abid.AbidRecord]) -> None:
         )
 
 
-def create_resources(session: boto3.session.Session) -> None:
-    s3 = session.client("s3")
-    s3.create_bucket(Bucket=DATA_BUCKET)
-    s3.put_bucket_versioning(Bucket=DATA_BUCKET, VersioningConfiguration={"Status": "Enabled"})
-    dynamodb = session.client("dynamodb")
-    dynamodb.create_table(
-        TableName=COUNTS_TABLE,
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-        AttributeDefinitions=[
-            {"AttributeName": "pk", "AttributeType": "S"},
-            {"AttributeName": "sk", "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    dynamodb.create_table(
-        TableName=IDEMPOTENCY_TABLE,
-        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-
-
-def run_ingest(session: boto3.session.Session, settings: Settings, execution: str) -> dict[str, Any]:
-    """Select, copy (the Distributed Map's batches, run by a thread pool) and split, as the state machine does."""
-    from lambdas.ingest import select, split, worker
-
-    environ = {"DATA_BUCKET": DATA_BUCKET, "SOURCE_BUCKET": SOURCE_BUCKET}
-    with patched_environ(environ):
-        dataset = {"selector": "count-range", "minCount": 0, "maxCount": 1000}
-        plan = select.handler({"input": {"dataset": dataset}, "execution": execution}, FakeContext("select"))
-        s3 = session.client("s3")
-        body = s3.get_object(Bucket=DATA_BUCKET, Key=plan["selectionKey"])["Body"].read().decode()
-        ids = [line.strip() for line in body.splitlines()[1:] if line.strip()]
-        batches = [ids[i : i + settings.ingest_batch_size] for i in range(0, len(ids), settings.ingest_batch_size)]
-        batch_input = {key: plan[key] for key in ("sourceBucket", "minCount", "maxCount") if key in plan}
-
-        def copy(batch: list[str]) -> dict[str, Any]:
-            event = {"Items": [{"image_id": image_id} for image_id in batch], "BatchInput": batch_input}
-            return {
-                "Input": json.dumps(event),
-                "Output": json.dumps(worker.handler(event, FakeContext("copy"))),
-                "Status": "SUCCEEDED",
-            }
-
-        with ThreadPoolExecutor(max_workers=min(4, settings.ingest_max_concurrency)) as pool:
-            executions = list(
-                tqdm(pool.map(copy, batches), total=len(batches), desc="copy batches", leave=False, disable=None)
-            )
-        # Step Functions' ResultWriter layout: a manifest naming one results file per status.
-        results_prefix = f"reports/ingest/{plan['runId']}/map/"
-        s3.put_object(Bucket=DATA_BUCKET, Key=f"{results_prefix}SUCCEEDED_0.json", Body=json.dumps(executions))
-        manifest = {
-            "DestinationBucket": DATA_BUCKET,
-            "MapRunArn": "offline",
-            "ResultFiles": {"SUCCEEDED": [{"Key": f"{results_prefix}SUCCEEDED_0.json"}], "FAILED": [], "PENDING": []},
-        }
-        s3.put_object(Bucket=DATA_BUCKET, Key=f"{results_prefix}manifest.json", Body=json.dumps(manifest))
-        copy_result = {
-            "MapRunArn": "offline",
-            "ResultWriterDetails": {"Bucket": DATA_BUCKET, "Key": f"{results_prefix}manifest.json"},
-        }
-        return split.handler({**plan, "copy": copy_result}, FakeContext("split"))
-
-
-def download_channels(s3: Any, channels: dict[str, str], workdir: Path) -> dict[str, Path]:
-    """What SageMaker does with a ManifestFile channel: the listed keys land in the channel folder."""
-    local: dict[str, Path] = {}
-    for name, uri in channels.items():
-        bucket, key = uri.removeprefix("s3://").split("/", 1)
-        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        prefix = manifest[0]["prefix"].removeprefix("s3://")
-        source_bucket, source_prefix = prefix.split("/", 1)
-        folder = workdir / "channels" / name
-        keys = manifest[1:]
-        for relative in tqdm(keys, desc=f"channel {name}", unit="obj", leave=False, disable=None):
-            target = folder / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(source_bucket, source_prefix + relative, str(target))
-        local[name] = folder
-    return local
+def publish_file_assets(synthesized: execution.Synthesized) -> list[str]:
+    """What ``cdk deploy`` publishes before the stack exists: each file asset (the trainer's source tarball,
+    the pretrained weights) to the bootstrap bucket under the key the template names. Directory assets (the
+    Lambda code) are not needed: the handlers run in-process from the checkout."""
+    manifest = next(synthesized.assembly.glob("*.assets.json"))
+    resolver = execution.Resolver(synthesized.template)
+    s3 = boto3.client("s3")
+    published = []
+    for asset in json.loads(manifest.read_text())["files"].values():
+        if asset["source"].get("packaging") != "file" or asset["source"]["path"].endswith(".template.json"):
+            continue
+        for destination in asset["destinations"].values():
+            bucket = resolver({"Fn::Sub": destination["bucketName"]})
+            with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+                s3.create_bucket(Bucket=bucket)
+            s3.upload_file(str(synthesized.assembly / asset["source"]["path"]), bucket, destination["objectKey"])
+            published.append(f"s3://{bucket}/{destination['objectKey']}")
+    return published
 
 
 def evaluate(model_dir: Path, data: Path, out_dir: Path) -> dict[str, Any]:
@@ -245,16 +182,6 @@ def evaluate(model_dir: Path, data: Path, out_dir: Path) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def deploy_gate(metrics: dict[str, Any], in_service: dict[str, Any] | None, settings: Settings) -> dict[str, Any]:
-    """The deploy gate's own decision. As in AWS, it compares the new job's validation metrics with those
-    recorded for the model in service (``{"metrics": ...}``, the finish step's record), or deploys when there
-    is none."""
-    from lambdas.deploy import plan
-
-    decision = plan.decide(metrics, in_service, margin=settings.deploy_min_improvement)
-    return {"decision": decision.decision, "reasons": decision.reasons}
-
-
 def model_in_service(model_dir: Path | None) -> dict[str, Any] | None:
     """The record the deploy gate reads for a model in service: its validation metrics (model-config.json)."""
     if model_dir is None:
@@ -268,14 +195,17 @@ def corrupt_jpeg(photo: bytes) -> bytes:
     return photo[: len(photo) // 3]
 
 
-def count_uploads(
-    session: boto3.session.Session, data: Path, held: list[abid.AbidRecord], settings: Settings
-) -> list[dict[str, Any]]:
-    """Upload the held-back photos (and a corrupt one) under the incoming prefix; count each through the queue
-    event shape with the count Lambda's handler; read the records back from the table."""
+def count_uploads(lambdas: execution.InProcessLambda, synthesized: execution.Synthesized, data: Path,
+                  held: list[abid.AbidRecord], settings: Settings) -> list[dict[str, Any]]:
+    """Upload the held-back photos (and a corrupt one) under the incoming prefix; count each with the stack's
+    count function (its handler, its template environment) through the queue's event shape; read the records
+    back from the table."""
     from lambdas.count import handler as count
 
-    s3 = session.client("s3")
+    bucket = execution.physical_name(synthesized.logical_id("AWS::S3::Bucket", "StorageData"))
+    function = execution.physical_name(synthesized.logical_id("AWS::Lambda::Function", "CountFunction"))
+    table = execution.physical_name(synthesized.logical_id("AWS::DynamoDB::Table", "CountCounts"))
+    s3 = boto3.client("s3")
     uploads: list[tuple[str, bytes, int | None]] = [
         (
             f"{settings.incoming_prefix}bin {record.image_id}.jpg",
@@ -287,35 +217,24 @@ def count_uploads(
     truth = {f"{settings.incoming_prefix}bin {record.image_id}.jpg": record.quantity for record in held}
     first = (data / held[0].image_key).read_bytes()
     uploads.append((f"{settings.incoming_prefix}broken-upload.jpg", corrupt_jpeg(first), 3))
-    environ = {
-        "COUNTS_TABLE": COUNTS_TABLE,
-        "IDEMPOTENCY_TABLE": IDEMPOTENCY_TABLE,
-        "ENDPOINT_NAME": ENDPOINT_NAME,
-        "CONFIDENCE_THRESHOLD": str(settings.count_confidence_threshold),
-        "MAX_IMAGE_BYTES": str(settings.count_max_image_bytes),
-        "INCOMING_PREFIX": settings.incoming_prefix,
-        "EVENT_BUS_NAME": "default",
-        "POWERTOOLS_IDEMPOTENCY_DISABLED": "false",
-    }
     rows = []
-    with patched_environ(environ):
-        count.reset()
-        for key, body, expected in tqdm(uploads, desc="counting uploads", unit="photo", leave=False, disable=None):
-            extra = {"Metadata": {"expected-count": str(expected)}} if expected is not None else {}
-            put = s3.put_object(Bucket=DATA_BUCKET, Key=key, Body=body, **extra)
-            event = {"Records": [sqs_record(s3_event(DATA_BUCKET, key, len(body), put.get("VersionId")))]}
-            response = count.handler(event, FakeContext("count"))
-            failures = response.get("batchItemFailures", [])
-            record = read_record(session, key, put.get("VersionId"))
-            rows.append(
-                {
-                    "photo": key.removeprefix(settings.incoming_prefix),
-                    "truth": truth.get(key),
-                    "expected": expected,
-                    "record": record,
-                    "retried": bool(failures),
-                }
-            )
+    count.reset()  # its clients must see the endpoint the pipeline deployed
+    for key, body, expected in tqdm(uploads, desc="counting uploads", unit="photo", leave=False, disable=None):
+        extra = {"Metadata": {"expected-count": str(expected)}} if expected is not None else {}
+        put = s3.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+        event = {"Records": [sqs_record(s3_event(bucket, key, len(body), put.get("VersionId")))]}
+        response = json.loads(lambdas.invoke(FunctionName=function, Payload=json.dumps(event))["Payload"].read())
+        failures = response.get("batchItemFailures", []) if isinstance(response, dict) else []
+        record = read_record(table, key, put.get("VersionId"))
+        rows.append(
+            {
+                "photo": key.removeprefix(settings.incoming_prefix),
+                "truth": truth.get(key),
+                "expected": expected,
+                "record": record,
+                "retried": bool(failures),
+            }
+        )
     return rows
 
 
@@ -364,22 +283,88 @@ def sqs_record(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_record(session: boto3.session.Session, key: str, version_id: str | None) -> dict[str, Any]:
+def read_record(table: str, key: str, version_id: str | None) -> dict[str, Any]:
     from lambdas.count.records import photo_pk, version_sk
 
-    table = session.resource("dynamodb").Table(COUNTS_TABLE)
-    return table.get_item(Key={"pk": photo_pk(key), "sk": version_sk(version_id)}, ConsistentRead=True).get("Item", {})
+    return boto3.resource("dynamodb").Table(table).get_item(
+        Key={"pk": photo_pk(key), "sk": version_sk(version_id)}, ConsistentRead=True).get("Item", {})
 
 
-def default_epochs(n_train: int) -> int:
+def default_epochs(n_photos: int) -> int:
     """Enough passes for a small sample to learn something, few enough for minutes on two cores."""
-    return 6 if n_train < 1000 else 3
+    return 6 if n_photos < 1400 else 3
+
+
+class HistoryPrinter:
+    """Prints an execution's history as it grows: each state as it is entered (time, seconds since the start,
+    state type, name), each failure with its error and cause, and how the execution ended."""
+
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        # Bound to the real stdout now: a Lambda running in another thread redirects sys.stdout meanwhile.
+        self.say = say or functools.partial(print, file=sys.stdout, flush=True)
+        self.started: datetime | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind, when = event["type"], event["timestamp"]
+        self.started = self.started or when
+        stamp = f"      {when:%H:%M:%S} +{(when - self.started).total_seconds():6.1f} s  "
+        if kind.endswith("StateEntered"):
+            self.say(f"{stamp}{kind.removesuffix('StateEntered'):<8} {event['stateEnteredEventDetails']['name']}")
+        elif kind.endswith(("Failed", "TimedOut", "Aborted")):
+            details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
+            cause = str(details.get("cause", ""))
+            self.say(f"{stamp}{kind}: {details.get('error', '')}" + (f": {cause[:400]}" if cause else ""))
+        elif kind == "ExecutionSucceeded":
+            self.say(f"{stamp}{kind}")
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+def follow(sfn: Any, definition: dict[str, Any], execution_input: dict[str, Any], name: str) -> execution.Execution:
+    """Runs one execution to its end, printing its history as it goes; raises unless it succeeded as AWS would
+    have it (moto's catch-all also catches States.Runtime, which AWS never does)."""
+    arn = execution.start(sfn, definition, execution_input, name=name)
+    result = execution.wait(sfn, arn, timeout=EXECUTION_TIMEOUT, poll=0.2, on_event=HistoryPrinter())
+    if result.runtime_errors():
+        raise PipelineFailed(f"execution {name} hit a States.Runtime error, which no Catch catches on AWS: "
+                             f"{json.dumps(result.runtime_errors()[0], default=str)[:1000]}")
+    if result.status != "SUCCEEDED":
+        raise PipelineFailed(f"execution {name} {result.status}: {result.error}: {result.cause}")
+    return result
+
+
+def synthesize(outdir: Path) -> execution.Synthesized:
+    """``execution.synthesize`` in a child process, so that the CDK's Node process (jsii) ends with it instead
+    of staying beside the demo for the whole run."""
+    code = ("import sys; from pathlib import Path; from invmon.execution import synthesize; "
+            "synthesize(Path(sys.argv[1]))")
+    outdir.mkdir(parents=True, exist_ok=True)
+    log = outdir.parent / "synth.log"
+    with open(log, "w") as output, ChildProcess([sys.executable, "-c", code, str(outdir)], cwd=ROOT,
+                                                env=os.environ, stdout=output) as child:
+        status = child.process.wait()
+    if status != 0:
+        raise RuntimeError(f"cdk synth failed (status {status}); last lines of {log}:\n"
+                           + "\n".join(log.read_text().splitlines()[-30:]))
+    return execution.load_synthesized(outdir)
+
+
+def publish_model(model_dir: Path, bucket: str, job_name: str, workdir: Path) -> str:
+    """A model folder as a training job leaves it: <bucket>/models/<job>/output/model.tar.gz."""
+    from invmon.training import tarball
+
+    key = f"models/{job_name}/output/model.tar.gz"
+    boto3.client("s3").upload_file(str(tarball(model_dir, workdir / f"{job_name}.tar.gz")), bucket, key)
+    return f"s3://{bucket}/{key}"
 
 
 def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
         in_service_dir: Path | None = SHIPPED_MODEL) -> DemoResult:
+    from invmon.training import LocalTrainingJobs
+
     settings = load_settings()
-    progress = Progress(STEPS)
     records, rejected = abid.scan_folder(data)
     if not records:
         raise SystemExit(f"invmon demo: no ABID records in {data} (expected bin-images/ and metadata/)")
@@ -387,52 +372,85 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
         print(f"skipped {item.image_id} in {data}: {item.reason}")
     in_service = model_in_service(in_service_dir)
     dataset, held = hold_out(records, hold, never_trained_on(in_service_dir) if in_service_dir else set())
-    execution = f"offline-{time.strftime('%Y%m%dT%H%M%S')}"
-    with MotoServer() as moto:
-        session = boto3.session.Session()
+    epochs = epochs or default_epochs(len(dataset))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    progress = Progress(STEPS if in_service_dir else STEPS - 1)
+    with contextlib.ExitStack() as stack:
+        # Before anything imports a handler: Powertools reads its settings (log level, metrics namespace) once,
+        # when a module makes its Logger and Metrics.
+        stack.enter_context(patched_environ(OFFLINE_ENV | QUIET))
+        with progress.step(f"Synthesize the app (cdk synth into {workdir / 'cdk.out'}; assets staged)"):
+            synthesized = synthesize(workdir / "cdk.out")
+            resolver = execution.Resolver(synthesized.template)
+            definition = execution.for_moto(resolver.definition(
+                synthesized.logical_id("AWS::StepFunctions::StateMachine", PIPELINE)))
+        moto = stack.enter_context(MotoServer())
+        execution.enable_interpreter(moto.url)
+        bucket = execution.physical_name(synthesized.logical_id("AWS::S3::Bucket", "StorageData"))
         with progress.step(
-            f"Start local AWS stand-ins (moto on {moto.url}); seed '{SOURCE_BUCKET}' "
-            f"with {len(dataset)} real ABID photos"
+            f"Start moto on {moto.url} with its Step Functions interpreter; create the stack's buckets and tables, "
+            f"publish its file assets; seed '{SOURCE_BUCKET}' with {len(dataset)} real ABID photos"
         ):
-            create_resources(session)
-            seed_source(session.client("s3"), data, dataset)
-        with progress.step("Ingest: select, copy server-side into raw/, split into train/validation/test"):
-            ingest = run_ingest(session, settings, execution)
-            print(f"      {ingest['counts']}; report s3://{DATA_BUCKET}/{ingest['reportKey']}")
-        with progress.step("Download the channels as a SageMaker training job does (ManifestFile)"):
-            channels = download_channels(session.client("s3"), ingest["channels"], workdir)
-        n_train = ingest["counts"]["train"]
-        epochs = epochs or default_epochs(n_train)
-        with progress.step(
-            f"Train: python -m ml.train with SageMaker's variables, {epochs} epochs on {n_train} photos"
-        ):
-            training = run_trainer(
-                channels={"train": channels["train"], "validation": channels["validation"]},
-                workdir=workdir / "training",
-                hyperparameters={"model-id": execution},
-                epochs=epochs,
-            )
-            print("\n".join(f"      {line}" for line in health_lines(training.output_dir)))
-        with progress.step("Evaluate on the held-out test split: report and plots"):
-            evaluation = evaluate(training.model_dir, channels["test"], workdir / "evaluation")
-            print(f"      plots and report in {workdir / 'evaluation'}")
+            execution.create_resources(synthesized)
+            for uri in publish_file_assets(synthesized):
+                print(f"      asset {uri}")
+            seed_source(boto3.client("s3"), data, dataset)
+        endpoints = LocalEndpoints(workdir)
+        stack.callback(endpoints.close)
+        bridge = LocalTrainingJobs(workdir, say=functools.partial(print, file=sys.stdout, flush=True))
+        stack.callback(bridge.close)
+
+        def serve_endpoints(invocation: execution.Invocation) -> None:
+            for line in endpoints.sync():
+                print(f"      {line}", flush=True)
+
+        # The handlers' own output (Powertools' metric documents, say) goes where Lambda sends it: to a log.
+        lambda_log = stack.enter_context(open(workdir / "lambdas.log", "w"))
+        lambdas = execution.InProcessLambda(execution.lambda_functions(synthesized, resolver), after=serve_endpoints,
+                                            log=lambda_log)
+        stack.enter_context(execution.interpreter(lambdas, bridge))
+        sfn = boto3.client("stepfunctions")
+        if in_service_dir is not None and in_service is not None:
+            with progress.step(f"Put the shipped model ({in_service_dir.name}) in service through the pipeline's "
+                               "own deploy stage (an execution started at 'Deploy stage')"):
+                job = f"shipped-{in_service_dir.name}"
+                artifact = publish_model(in_service_dir, bucket, job, workdir)
+                follow(sfn, execution.for_moto(definition, start_at="Deploy stage"), {
+                    "input": {}, "execution": f"shipped-{stamp}",
+                    "training": {"jobName": job, "modelArtifact": artifact, "metrics": in_service["metrics"]},
+                }, name=f"shipped-{stamp}")
+        execution_input = {"dataset": {"selector": "count-range", "minCount": 0, "maxCount": 1000},
+                           "training": {"epochs": epochs}}
+        with progress.step(f"Run the pipeline's state machine with {json.dumps(execution_input)}: "
+                           "each state as the execution history reports it"):
+            result = follow(sfn, definition, execution_input, name=f"demo-{stamp}")
+        # What the stages' contracts leave in the output ($.ingest, $.training, $.deploy), for people.
+        output = result.output or {}
+        training, deploy = output.get("training") or {}, output.get("deploy") or {}
+        if (output.get("ingest") or {}).get("counts"):
+            print(f"      ingest: {output['ingest']['counts']}")
+        shown = {k: round(v, 4) for k, v in (training.get("metrics") or {}).items() if k in SHOWN_METRICS}
+        print(f"      training job {training.get('jobName')}: {shown}")
         service_name = in_service["model"] if in_service else "none"
-        with progress.step(f"Deploy gate: compare with the model in service ({service_name})"):
-            decision = deploy_gate(training.metrics, in_service, settings)
-            print(f"      {decision['decision']}: {'; '.join(decision['reasons'])}")
-        serving_dir = training.model_dir if decision["decision"] == "deploy" or in_service_dir is None \
-            else in_service_dir
-        with contextlib.ExitStack() as serving:
-            with progress.step(f"Start the local endpoint with the model in service ({serving_dir}): ml/inference.py "
-                               "behind SageMaker's /ping and /invocations"):
-                endpoint_log = serving.enter_context(open(workdir / "endpoint.log", "w"))
-                serving.enter_context(LocalEndpoint(serving_dir, log=endpoint_log))
-            with progress.step(
-                f"Upload {len(held)} held-back photos (a third with a consignment off by two) and a corrupt one "
-                f"under {settings.incoming_prefix}; count each with the count Lambda, read the table"
-            ):
-                rows = count_uploads(session, data, held, settings)
-    return DemoResult(rows=rows, metrics=training.metrics, evaluation=evaluation, decision=decision, workdir=workdir)
+        print(f"      Deploy gate: compare with the model in service ({service_name}): "
+              f"{deploy.get('decision')}: {'; '.join(deploy.get('reasons', []))}")
+        evaluation: dict[str, Any] = {}
+        job = bridge.runs.get(training.get("jobName", ""))
+        # The test channel the training job itself received, as it downloaded it (whatever its data type).
+        test = job.model_dir.parent / "input" / "data" / "test" if job else None
+        if job is None or test is None or not test.is_dir():
+            print("      no test channel in the training job: evaluation skipped")
+        else:
+            with progress.step(f"Evaluate the new model on the held-out test split (the job's test channel, {test})"):
+                evaluation = evaluate(job.model_dir, test, workdir / "evaluation")
+                print(f"      plots and report in {workdir / 'evaluation'}")
+        with progress.step(
+            f"Upload {len(held)} held-back photos (a third with a consignment off by two) and a corrupt one "
+            f"under {settings.incoming_prefix}; count each with the count Lambda through the endpoint, read the table"
+        ):
+            rows = count_uploads(lambdas, synthesized, data, held, settings)
+    return DemoResult(rows=rows, metrics=training.get("metrics", {}), evaluation=evaluation, decision=deploy,
+                      workdir=workdir)
 
 
 def report(result: DemoResult) -> str:
@@ -475,7 +493,11 @@ def run_demo(*, data: Path, epochs: int | None, workdir: Path | None, keep: bool
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        result = run(data, workdir, epochs=epochs, hold=hold_out)
+        try:
+            result = run(data, workdir, epochs=epochs, hold=hold_out)
+        except PipelineFailed as error:
+            print(f"invmon demo: {error}", file=sys.stderr)
+            return 1
         print()
         print(report(result))
         print(

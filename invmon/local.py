@@ -184,3 +184,71 @@ class LocalEndpoint:
             self._env.close()
         if self._child is not None:
             self._child.stop()
+
+
+class LocalEndpoints:
+    """Serves every SageMaker endpoint that moto holds with ``python -m ml.serve``: the model its endpoint config
+    names (CreateModel's ModelDataUrl, a model.tar.gz) is downloaded and unpacked, and boto3's
+    ``sagemaker-runtime`` is pointed at the server. ``sync`` is called after each step that may have created or
+    updated an endpoint; an endpoint whose model cannot be served is put in ``Failed`` with the reason, as
+    SageMaker reports a container that never answers its ping."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.served: dict[str, tuple[str, LocalEndpoint]] = {}  # endpoint -> (endpoint config, server)
+        self._logs = contextlib.ExitStack()
+
+    def sync(self) -> list[str]:
+        """Starts (or restarts, for an update) a server for each endpoint whose config is not served yet;
+        returns what it did, for people."""
+        import boto3
+
+        sagemaker = boto3.client("sagemaker")
+        done = []
+        for summary in sagemaker.list_endpoints()["Endpoints"]:
+            name = summary["EndpointName"]
+            config = sagemaker.describe_endpoint(EndpointName=name)["EndpointConfigName"]
+            if name in self.served and self.served[name][0] == config:
+                continue
+            try:
+                model_dir = self._model_dir(sagemaker, name, config)
+                self.stop(name)
+                # Open while its server runs; close() closes it.
+                log = self._logs.enter_context(open(self.workdir / f"endpoint-{name}.log", "a"))  # noqa: SIM115
+                server = LocalEndpoint(model_dir, log=log).__enter__()
+            except Exception as error:  # any failure is the endpoint's own, reported as SageMaker reports one
+                from invmon.execution import set_endpoint_status
+
+                set_endpoint_status(name, "Failed", f"the model could not be served here: {error}"[:1024])
+                done.append(f"endpoint {name}: Failed ({error})")
+                continue
+            self.served[name] = (config, server)
+            done.append(f"endpoint {name} ({config}) served by ml.serve on {server.url} from {model_dir}")
+        return done
+
+    def _model_dir(self, sagemaker: object, name: str, config: str) -> Path:
+        import tarfile
+
+        import boto3
+
+        variants = sagemaker.describe_endpoint_config(EndpointConfigName=config)["ProductionVariants"]  # type: ignore[attr-defined]
+        model = sagemaker.describe_model(ModelName=variants[0]["ModelName"])  # type: ignore[attr-defined]
+        container = model.get("PrimaryContainer") or model["Containers"][0]
+        uri = container["ModelDataUrl"]
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        folder = self.workdir / "endpoints" / name / config
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = folder.with_suffix(".tar.gz")
+        boto3.client("s3").download_file(bucket, key, str(archive))
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+        return folder
+
+    def stop(self, name: str) -> None:
+        if name in self.served:
+            self.served.pop(name)[1].__exit__(None, None, None)
+
+    def close(self) -> None:
+        for name in list(self.served):
+            self.stop(name)
+        self._logs.close()

@@ -12,17 +12,22 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tarfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 from tqdm import tqdm
 
+from invmon.execution import JobOutcome, SageMakerBridge
 from invmon.local import ChildProcess
 from ml import abid
 from ml.health import HEALTH_FILE
 
+TRAINER_DEFAULT_EPOCHS = 12  # ml.train's --epochs default, for the progress bar only
 STEP_LINE = re.compile(r"epoch (\d+) step (\d+)/(\d+)")
 SHOWN_METRICS = {"train_loss", "valid_accuracy", "valid_rmse"}
 METRIC = re.compile(r"(\w+)=([-+0-9.eE]+|nan|inf);")
@@ -61,23 +66,31 @@ def run_trainer(
     channels: Mapping[str, Path],
     workdir: Path,
     hyperparameters: Mapping[str, Any],
-    epochs: int,
+    epochs: int | None,
     description: str = "training",
+    arguments: Callable[[Mapping[str, Any]], list[str]] = hyperparameter_args,
+    environment: Mapping[str, str] | None = None,
+    started: Callable[[ChildProcess], None] = lambda child: None,
 ) -> TrainingRun:
-    """Train in a child process; raise with the log's tail when it fails."""
+    """Train in a child process; raise with the log's tail when it fails. ``epochs`` None leaves the number of
+    epochs to the hyperparameters (or the trainer's default); ``started`` gets the child, so another thread
+    can stop it."""
     model_dir, output_dir, checkpoints = workdir / "model", workdir / "output", workdir / "checkpoints"
     for folder in (model_dir, output_dir, checkpoints):
         folder.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "training.log"
-    args = [sys.executable, "-m", "ml.train", "--epochs", str(epochs), "--checkpoint-dir", str(checkpoints),
-            *hyperparameter_args(hyperparameters)]
-    env = os.environ | sagemaker_environment(channels, model_dir, output_dir) | {"PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "ml.train", *(["--epochs", str(epochs)] if epochs is not None else []),
+            "--checkpoint-dir", str(checkpoints), *arguments(hyperparameters)]
+    env = (os.environ | sagemaker_environment(channels, model_dir, output_dir) | dict(environment or {})
+           | {"PYTHONUNBUFFERED": "1"})
+    epochs = epochs if epochs is not None else int(hyperparameters.get("epochs", TRAINER_DEFAULT_EPOCHS))
     tail: list[str] = []
     with (
         open(log_file, "w") as log,
         tqdm(total=epochs, desc=description, unit="epoch", dynamic_ncols=True, disable=None) as bar,
         ChildProcess(args, env=env, stdout=subprocess.PIPE) as child,
     ):
+        started(child)
         assert child.process.stdout is not None
         for line in child.process.stdout:
             log.write(line)
@@ -143,3 +156,176 @@ def train_locally(*, data: Path, workdir: Path, epochs: int, extra: Sequence[str
     print("\n".join(health_lines(run.output_dir)))
     print(json.dumps(run.metrics, indent=2))
     return 0
+
+
+# --- SageMaker training jobs, run here ----------------------------------------------------------------------
+
+# SageMaker's FailureReason is at most 1,024 characters (API_DescribeTrainingJob, FailureReason: "Length
+# Constraints: Maximum length of 1024").
+MAX_FAILURE_REASON = 1024
+
+
+def decode_hyperparameters(encoded: Mapping[str, str]) -> dict[str, Any]:
+    """What the training toolkit makes of a job's HyperParameters (sagemaker-training 5.1.4,
+    ``environment.read_hyperparameters``): each value JSON-decoded where it parses, kept as text where it does
+    not; the ``sagemaker_*`` ones are the toolkit's own and never reach the entry point."""
+    decoded: dict[str, Any] = {}
+    for name, value in encoded.items():
+        if name.startswith("sagemaker_"):
+            continue
+        try:
+            decoded[name] = json.loads(value)
+        except (ValueError, TypeError):
+            decoded[name] = value
+    return decoded
+
+
+def toolkit_args(hyperparameters: Mapping[str, Any]) -> list[str]:
+    """Hyperparameters as the toolkit passes them to the entry point (``mapping.to_cmd_args``): sorted by name,
+    ``--name value`` (``-n`` for a one-letter name), values as ``str()`` gives them (``True``, ``0.001``), an
+    object as ``k=v,k=v``."""
+    args: list[str] = []
+    for name in sorted(hyperparameters):
+        value = hyperparameters[name]
+        if hasattr(value, "items"):
+            value = ",".join(f"{k}={v}" for k, v in sorted(value.items()))
+        args += [f"--{name}" if len(name) > 1 else f"-{name}", str(value)]
+    return args
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://") or "/" not in uri[len("s3://"):]:
+        raise ValueError(f"expected s3://bucket/key, got {uri!r}")
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    return bucket, key
+
+
+def channel_objects(s3: Any, source: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The objects a channel's ``S3DataSource`` names, as (bucket, key, path in the channel folder).
+
+    - ``ManifestFile``: the manifest's first element is ``{"prefix": "s3://bucket/prefix/"}`` and every other is
+      a key relative to it (SageMaker API reference, S3DataSource); each lands at that relative path.
+    - ``S3Prefix``: every object whose key starts with the prefix; each lands at its key relative to the
+      prefix's last "/" (a prefix that ends in "/" is a folder whose layout is kept; a prefix that is a whole
+      key lands as that file's name, as the code channel's tarball does).
+    """
+    data_type = source["S3DataType"]
+    bucket, key = split_uri(source["S3Uri"])
+    if data_type == "ManifestFile":
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        if not isinstance(manifest, list) or not manifest or "prefix" not in manifest[0]:
+            raise ValueError(f"{source['S3Uri']}: not a manifest ([{{\"prefix\": ...}}, key, ...])")
+        prefix_bucket, prefix = split_uri(manifest[0]["prefix"])
+        return [(prefix_bucket, prefix + relative, relative) for relative in manifest[1:]]
+    if data_type == "S3Prefix":
+        base = key[: key.rfind("/") + 1]
+        objects = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            objects += [(bucket, item["Key"], item["Key"][len(base):]) for item in page.get("Contents", [])
+                        if not item["Key"].endswith("/")]
+        return objects
+    raise ValueError(f"S3DataType {data_type}: the local trainer reads ManifestFile and S3Prefix channels")
+
+
+def download_channel(s3: Any, source: Mapping[str, Any], folder: Path, *, description: str = "channel") -> int:
+    """Downloads a channel as SageMaker's File mode does; returns how many objects it holds."""
+    objects = channel_objects(s3, source)
+    if not objects:
+        raise ValueError(f"{source['S3Uri']}: the channel holds no objects")
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = folder.resolve()
+
+    def fetch(item: tuple[str, str, str]) -> None:
+        bucket, key, relative = item
+        target = (folder / relative).resolve()
+        if not target.is_relative_to(resolved):
+            raise ValueError(f"s3://{bucket}/{key}: its path {relative!r} leaves the channel folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, key, str(target))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(tqdm(pool.map(fetch, objects), total=len(objects), desc=description, unit="obj", leave=False,
+                  disable=None))
+    return len(objects)
+
+
+def tarball(folder: Path, target: Path) -> Path:
+    """``folder``'s contents at the archive's root, as SageMaker packs /opt/ml/model into model.tar.gz."""
+    with tarfile.open(target, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(folder)), recursive=False)
+    return target
+
+
+class LocalTrainingJobs(SageMakerBridge):
+    """The demo's SageMaker: a ``createTrainingJob.sync`` task runs ``python -m ml.train`` here, in the
+    environment a training container gets from the task's actual request (its channels downloaded, its
+    hyperparameters decoded as the toolkit does, SM_* variables), then writes model.tar.gz and output.tar.gz
+    where the request's OutputDataConfig says (<S3OutputPath>/<job>/output/, SageMaker's layout). The job's
+    status is the trainer's: Failed, with the log's tail as FailureReason, when it exits non-zero."""
+
+    def __init__(self, workdir: Path, *, say: Callable[[str], None] = print) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.say = say
+        self.children: list[ChildProcess] = []
+        self.closed = False
+        self.runs: dict[str, TrainingRun] = {}
+
+    def finish(self, operation: str, request: dict[str, Any]) -> JobOutcome:
+        if operation != "CreateTrainingJob":
+            return JobOutcome("Failed", f"ClientError: the local SageMaker runs training jobs, not {operation}")
+        if self.closed:
+            return JobOutcome("Failed", "ClientError: the local SageMaker is shutting down")
+        try:
+            return self._train(request)
+        except Exception as error:  # any failure is the job's own, reported as SageMaker reports one
+            return JobOutcome("Failed", f"AlgorithmError: {error}"[:MAX_FAILURE_REASON])
+
+    def _train(self, request: dict[str, Any]) -> JobOutcome:
+        name = request["TrainingJobName"]
+        job_dir = self.workdir / "jobs" / name
+        s3 = boto3.client("s3")
+        channels: dict[str, Path] = {}
+        for channel in request["InputDataConfig"]:
+            folder = job_dir / "input" / "data" / channel["ChannelName"]
+            source = channel["DataSource"]["S3DataSource"]
+            count = download_channel(s3, source, folder, description=f"channel {channel['ChannelName']}")
+            self.say(f"      channel {channel['ChannelName']}: {count} object(s) from {source['S3Uri']} "
+                     f"({source['S3DataType']})")
+            channels[channel["ChannelName"]] = folder
+        hyperparameters = decode_hyperparameters(request.get("HyperParameters", {}))
+        self.say(f"      {name}: python -m ml.train {' '.join(toolkit_args(hyperparameters))}")
+        try:
+            run = run_trainer(
+                channels=channels, workdir=job_dir, hyperparameters=hyperparameters, epochs=None,
+                description=name, arguments=toolkit_args,
+                environment={"TRAINING_JOB_NAME": name, "SM_HPS": json.dumps(hyperparameters)},
+                started=self._started,
+            )
+        except RuntimeError as error:
+            return JobOutcome("Failed", f"AlgorithmError: {error}"[:MAX_FAILURE_REASON])
+        self.runs[name] = run
+        for line in health_lines(run.output_dir):
+            self.say(f"      {line}")
+        model_uri = boto3.client("sagemaker").describe_training_job(TrainingJobName=name)["ModelArtifacts"][
+            "S3ModelArtifacts"]
+        expected = f"{request['OutputDataConfig']['S3OutputPath'].rstrip('/')}/{name}/output/model.tar.gz"
+        if model_uri != expected:
+            raise AssertionError(f"moto's S3ModelArtifacts {model_uri} is not SageMaker's layout ({expected})")
+        bucket, key = split_uri(model_uri)
+        s3.upload_file(str(tarball(run.model_dir, job_dir / "model.tar.gz")), bucket, key)
+        s3.upload_file(str(tarball(run.output_dir, job_dir / "output.tar.gz")), bucket,
+                       key.rsplit("/", 1)[0] + "/output.tar.gz")
+        return JobOutcome("Completed")
+
+    def _started(self, child: ChildProcess) -> None:
+        self.children.append(child)
+        if self.closed:
+            child.stop()
+
+    def close(self) -> None:
+        """Stops any trainer still running (Ctrl-C, or an error elsewhere) and refuses new jobs."""
+        self.closed = True
+        for child in self.children:
+            child.stop()

@@ -10,55 +10,48 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from invmon import execution as offline
 from tests.pipeline import harness
 
 
 @pytest.fixture(scope="session")
-def synthesized(tmp_path_factory: pytest.TempPathFactory) -> harness.Synthesized:
-    return harness.synthesize(tmp_path_factory.mktemp("cdk.out"))
+def synthesized(tmp_path_factory: pytest.TempPathFactory) -> offline.Synthesized:
+    return offline.synthesize(tmp_path_factory.mktemp("cdk.out"))
 
 
 @pytest.fixture(scope="session")
-def resolver(synthesized: harness.Synthesized) -> harness.Resolver:
-    return harness.Resolver(synthesized.template)
+def resolver(synthesized: offline.Synthesized) -> offline.Resolver:
+    return offline.Resolver(synthesized.template)
 
 
 @dataclass
 class Cloud:
-    """moto's AWS for one test, with the stack's buckets and tables created under the harness's names."""
+    """moto's AWS for one test, with the stack's buckets and tables created under the names used offline."""
 
-    synthesized: harness.Synthesized
-    resolver: harness.Resolver
-    lambdas: harness.InProcessLambda
-    bridge: harness.SageMakerBridge
+    synthesized: offline.Synthesized
+    resolver: offline.Resolver
+    lambdas: offline.InProcessLambda
+    bridge: harness.ScriptedSageMaker
 
     def client(self, service: str) -> Any:
-        return boto3.client(service, region_name=harness.REGION)
+        return boto3.client(service, region_name=offline.REGION)
 
     def definition(self, prefix: str, **rewrites: Any) -> dict[str, Any]:
         logical_id = self.synthesized.logical_id("AWS::StepFunctions::StateMachine", prefix)
-        return harness.for_moto(self.resolver.definition(logical_id), **rewrites)
+        return offline.for_moto(self.resolver.definition(logical_id), **rewrites)
 
     def name(self, kind: str, prefix: str) -> str:
-        return harness.physical_name(self.synthesized.logical_id(kind, prefix))
+        return offline.physical_name(self.synthesized.logical_id(kind, prefix))
 
-    def run(self, definition: dict[str, Any], execution_input: Any, name: str = "run") -> harness.Execution:
-        return harness.run(self.client("stepfunctions"), definition, execution_input, name=name)
+    def run(self, definition: dict[str, Any], execution_input: Any, name: str = "run") -> offline.Execution:
+        return offline.run(self.client("stepfunctions"), definition, execution_input, name=name)
 
 
 @pytest.fixture
-def cloud(synthesized: harness.Synthesized, resolver: harness.Resolver) -> Iterator[Cloud]:
+def cloud(synthesized: offline.Synthesized, resolver: offline.Resolver) -> Iterator[Cloud]:
     with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
-        s3 = boto3.client("s3", region_name=harness.REGION)
-        for logical_id in synthesized.resources("AWS::S3::Bucket"):
-            s3.create_bucket(Bucket=harness.physical_name(logical_id))
-        dynamodb = boto3.client("dynamodb", region_name=harness.REGION)
-        for logical_id, table in synthesized.resources("AWS::DynamoDB::Table").items():
-            properties = table["Properties"]
-            keys = ("KeySchema", "AttributeDefinitions", "GlobalSecondaryIndexes", "LocalSecondaryIndexes")
-            dynamodb.create_table(TableName=harness.physical_name(logical_id), BillingMode="PAY_PER_REQUEST",
-                                  **{k: properties[k] for k in keys if k in properties})
-        lambdas = harness.InProcessLambda(harness.lambda_functions(synthesized, resolver))
-        bridge = harness.SageMakerBridge()
-        with harness.interpreter(lambdas, bridge):
+        offline.create_resources(synthesized)
+        lambdas = offline.InProcessLambda(offline.lambda_functions(synthesized, resolver))
+        bridge = harness.ScriptedSageMaker()
+        with offline.interpreter(lambdas, bridge):
             yield Cloud(synthesized, resolver, lambdas, bridge)

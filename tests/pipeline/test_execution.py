@@ -1,4 +1,4 @@
-"""The synthesized state machines executed in moto's Step Functions interpreter (see harness.py).
+"""The synthesized state machines executed in moto's Step Functions interpreter (see invmon/execution.py).
 
 A stage is run alone by starting the pipeline's own definition at that stage, with the state the earlier stages
 leave as input; everything after it (the stage's Catch, "Record <stage> failure", "Pipeline failed", "Pipeline
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from invmon import execution as offline
 from tests.pipeline import harness
 from tests.pipeline.conftest import Cloud
 
@@ -31,7 +32,7 @@ def trained(cloud: Cloud, job: str = "invmon-dev-job", accuracy: float = 0.6) ->
             "metrics": {"valid_accuracy": accuracy, "valid_rmse": 1.0}}
 
 
-def run_deploy(cloud: Cloud, name: str = "run", accuracy: float = 0.6, **input_: Any) -> harness.Execution:
+def run_deploy(cloud: Cloud, name: str = "run", accuracy: float = 0.6, **input_: Any) -> offline.Execution:
     state = {"input": input_, "execution": name, "training": trained(cloud, accuracy=accuracy)}
     execution = cloud.run(cloud.definition(PIPELINE, start_at="Deploy stage"), state, name=name)
     execution.assert_no_runtime_error()
@@ -40,7 +41,7 @@ def run_deploy(cloud: Cloud, name: str = "run", accuracy: float = 0.6, **input_:
 
 def after_release(change: Any) -> Any:
     """An ``InProcessLambda.after`` hook that changes the endpoint once the release Lambda has started it."""
-    def after(invocation: harness.Invocation) -> None:
+    def after(invocation: offline.Invocation) -> None:
         if invocation.function.startswith("deployrelease") and invocation.error is None:
             change()
     return after
@@ -48,7 +49,7 @@ def after_release(change: Any) -> Any:
 
 def test_endpoint_out_of_service_fails_the_pipeline_with_the_endpoints_status(cloud: Cloud) -> None:
     # DescribeEndpoint gives no FailureReason for OutOfService: reading it was a States.Runtime error on AWS.
-    cloud.lambdas.after = after_release(lambda: harness.set_endpoint_status(ENDPOINT, "OutOfService"))
+    cloud.lambdas.after = after_release(lambda: offline.set_endpoint_status(ENDPOINT, "OutOfService"))
     execution = run_deploy(cloud)
     assert execution.status == "FAILED"
     assert execution.error == "EndpointFailed"
@@ -59,7 +60,7 @@ def test_endpoint_out_of_service_fails_the_pipeline_with_the_endpoints_status(cl
 
 def test_endpoint_failed_fails_the_pipeline_with_its_failure_reason(cloud: Cloud) -> None:
     cloud.lambdas.after = after_release(
-        lambda: harness.set_endpoint_status(ENDPOINT, "Failed", "the container did not pass the ping check"))
+        lambda: offline.set_endpoint_status(ENDPOINT, "Failed", "the container did not pass the ping check"))
     execution = run_deploy(cloud)
     assert execution.status == "FAILED"
     assert execution.error == "EndpointFailed"
@@ -96,7 +97,7 @@ def test_an_update_that_rolled_back_fails_the_pipeline_as_rolled_back(cloud: Clo
     from moto.sagemaker.models import sagemaker_backends
 
     def roll_back() -> None:
-        sagemaker_backends[harness.ACCOUNT][harness.REGION].endpoints[ENDPOINT].endpoint_config_name = "previous"
+        sagemaker_backends[offline.ACCOUNT][offline.REGION].endpoints[ENDPOINT].endpoint_config_name = "previous"
 
     cloud.lambdas.after = after_release(roll_back)
     execution = run_deploy(cloud)
@@ -116,7 +117,7 @@ def packed(cloud: Cloud) -> dict[str, Any]:
             "reportKey": "reports/pack/run.json"}
 
 
-def run_training(cloud: Cloud, **input_: Any) -> harness.Execution:
+def run_training(cloud: Cloud, **input_: Any) -> offline.Execution:
     state = {"input": input_, "execution": "run", "pack": packed(cloud)}
     execution = cloud.run(cloud.definition(PIPELINE, start_at="Training stage"), state)
     execution.assert_no_runtime_error()
@@ -124,10 +125,10 @@ def run_training(cloud: Cloud, **input_: Any) -> harness.Execution:
 
 
 def test_a_failed_training_job_is_stopped_and_fails_the_pipeline_with_its_reason(cloud: Cloud) -> None:
-    cloud.bridge.outcome = lambda action, request: harness.JobOutcome("Failed", "AlgorithmError: out of memory")
+    cloud.bridge.outcome = lambda action, request: harness.Outcome("Failed", "AlgorithmError: out of memory")
     execution = run_training(cloud)
     assert execution.status == "FAILED"
-    assert execution.error == harness.TASK_FAILED_ERROR
+    assert execution.error == offline.TASK_FAILED_ERROR
     assert "training stage failed:" in execution.cause
     assert "AlgorithmError: out of memory" in execution.cause
     entered = execution.states_entered()
@@ -244,7 +245,7 @@ def test_photos_that_cannot_be_packed_fail_the_pack_stage_before_training(cloud:
     ids = publish_abid(cloud, sample_dir, images=12)
     bucket = data_bucket(cloud)
 
-    def lose_two(invocation: harness.Invocation) -> None:
+    def lose_two(invocation: offline.Invocation) -> None:
         if invocation.function.startswith("ingestsplit") and invocation.error is None:
             for image_id in ids[:2]:
                 cloud.client("s3").delete_object(Bucket=bucket, Key=f"raw/bin-images/{image_id}.jpg")
@@ -270,7 +271,7 @@ def test_pipeline_status_reads_a_real_failed_history_as_failed(cloud: Cloud) -> 
     # state is failed although its Catch then exited it, as is the Fail state the pipeline ended in.
     from invmon.aws import execution_steps
 
-    cloud.lambdas.after = after_release(lambda: harness.set_endpoint_status(ENDPOINT, "OutOfService"))
+    cloud.lambdas.after = after_release(lambda: offline.set_endpoint_status(ENDPOINT, "OutOfService"))
     execution = run_deploy(cloud)
     status = {step.name: step.status for step in execution_steps(execution.history)}
     assert status["Deploy stage"] == "failed"
@@ -315,7 +316,7 @@ def upload_photos(cloud: Cloud, sample_dir: Path, count: int) -> list[str]:
 def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: Cloud, sample_dir: Path) -> None:
     assert run_deploy(cloud).status == "SUCCEEDED"
     keys = upload_photos(cloud, sample_dir, 3)
-    cloud.bridge.outcome = lambda action, request: harness.JobOutcome(answer=lambda key: prediction(4))
+    cloud.bridge.outcome = lambda action, request: harness.Outcome(answer=lambda key: prediction(4))
     execution = cloud.run(cloud.definition(BULK), {}, name="bulk")
     execution.assert_no_runtime_error()
     assert execution.status == "SUCCEEDED", execution.cause
@@ -332,7 +333,7 @@ def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: C
 def test_a_failed_transform_ends_the_bulk_count_incomplete(cloud: Cloud, sample_dir: Path) -> None:
     assert run_deploy(cloud).status == "SUCCEEDED"
     upload_photos(cloud, sample_dir, 2)
-    cloud.bridge.outcome = lambda action, request: harness.JobOutcome("Failed", "ClientError: model fault")
+    cloud.bridge.outcome = lambda action, request: harness.Outcome("Failed", "ClientError: model fault")
     execution = cloud.run(cloud.definition(BULK), {}, name="bulk")
     execution.assert_no_runtime_error()
     assert execution.status == "FAILED"
