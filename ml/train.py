@@ -791,8 +791,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("no usable training images")
         stream = mlchannel.PhotoStream(parts, args.image_size, args.batch_size, seed=args.seed, reader=reader,
                                        readers=readers, selection=selection, shuffle_buffer=args.shuffle_buffer)
+        # Its own generator: each epoch's iterator draws a worker seed, which from the global generator would shift
+        # dropout's random numbers and a resumed run would no longer repeat the uninterrupted one.
         loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(args.seed))
         # The schedule's epoch: the photos of all ranks spread evenly. Ranks differ by up to a shard's photos.
         steps_per_epoch = mlchannel.estimated_batches(math.ceil(global_photos / world), args.batch_size, workers)
         print(f"rank {rank}/{world}: streaming {len(stream.my_parts())} of {len(parts)} parts, about "
