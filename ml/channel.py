@@ -170,7 +170,7 @@ class PhotoStream(IterableDataset):
     parts ``reader, reader + readers, ...`` of that order; each DataLoader worker takes its own stride of those;
     a worker's samples pass a shuffle buffer of ``shuffle_buffer`` encoded photos (a few MB per thousand, not
     the decoded 150 KB each) seeded by (seed, epoch, reader, worker), are decoded, and leave as batches of
-    ``batch_size`` (each worker's last batch may be smaller). Every selected photo of the reader's parts comes
+    ``batch_size`` (each worker's last batch may be smaller, or one larger rather than a batch of one). Every selected photo of the reader's parts comes
     out exactly once per epoch, as a photo or a reject.
     """
 
@@ -215,6 +215,10 @@ class PhotoStream(IterableDataset):
         images: list[torch.Tensor] = []
         records: list[AbidRecord] = []
         rejected: list[Rejected] = []
+        # The last full batch is held back until the next one is complete: a worker's stream ending with a single
+        # photo puts it in that batch instead of a batch of one (BatchNorm cannot train on one photo whose last
+        # feature map is 1x1, as at 32 px), and no photo is dropped.
+        held: tuple[list[torch.Tensor], list[AbidRecord], list[Rejected]] | None = None
         for item in self._shuffled(self.my_parts()[worker::workers], rng):
             if isinstance(item, Rejected):
                 rejected.append(item)
@@ -227,11 +231,20 @@ class PhotoStream(IterableDataset):
                 continue
             records.append(record)
             if len(records) == self.batch_size:
-                yield StreamBatch(torch.stack(images), records, rejected)
-                images, records, rejected = [], [], []
+                if held is not None:
+                    yield self._batch(*held)
+                held, images, records, rejected = (images, records, rejected), [], [], []
+        if held is not None and len(records) < 2:
+            held = (held[0] + images, held[1] + records, held[2] + rejected)
+            images, records, rejected = [], [], []
+        if held is not None:
+            yield self._batch(*held)
         if records or rejected:
-            stacked = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
-            yield StreamBatch(stacked, records, rejected)
+            yield self._batch(images, records, rejected)
+
+    def _batch(self, images: list[torch.Tensor], records: list[AbidRecord], rejected: list[Rejected]) -> StreamBatch:
+        stacked = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+        return StreamBatch(stacked, records, rejected)
 
 
 def estimated_batches(photos: int, batch_size: int, workers: int) -> int:

