@@ -445,6 +445,59 @@ def uneven_inputs(model: nn.Module, vote: StopVote, world: int):
     return Join([vote, model], divide_by_initial_world_size=False)
 
 
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def sync_after_uneven_epoch(state: dict, trainer: nn.Module, optimizer: torch.optim.Optimizer,
+                            scaler: torch.amp.GradScaler | None, rank: int, world: int,
+                            device: torch.device) -> None:
+    """Make every rank's training state that of the rank which took the most steps this epoch.
+
+    Under Join a rank that ran out of batches shadows the others' gradient all-reduce but takes no optimiser
+    step: its Adam moments, weight average and loss scale fall behind (DDP's join hook re-syncs only the
+    module). Left so, the ranks' updates would differ from the next step on. A no-op when all ranks took the
+    same number of steps (the memory path on a replicated channel)."""
+    if world == 1:
+        return
+    steps = torch.zeros(world, dtype=torch.float64, device=device)
+    steps[rank] = state["global_step"]
+    dist.all_reduce(steps)
+    source = int(steps.argmax().item())
+    state["global_step"] = int(steps[source].item())
+    if steps.min().item() == steps.max().item():
+        return
+    payload = [_to_cpu({"trainer": trainer.state_dict(), "optimizer": optimizer.state_dict(),
+                        "ema": state["ema"].state_dict() if state["ema"] is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None})
+               if rank == source else None]
+    dist.broadcast_object_list(payload, src=source)
+    if rank != source:
+        synced = payload[0]
+        trainer.load_state_dict(synced["trainer"])
+        optimizer.load_state_dict(synced["optimizer"])
+        if state["ema"] is not None:
+            state["ema"].load_state_dict(synced["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(synced["scaler"])
+
+
+def state_digest(trainer: nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None) -> float:
+    """One number summing the weights, the optimiser's moments and the average's weights: equal on every rank
+    when the ranks hold the same training state (written with --record-ids, for tests). BatchNorm's running
+    statistics are left out: DDP broadcasts rank 0's at each forward, and after the last step each rank's hold
+    its own last batch, as in any DDP run."""
+    tensors = list(trainer.parameters()) + list(ema.module.parameters() if ema is not None else [])
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return float(sum(t.double().sum().item() for t in tensors if t.is_floating_point()))
+
+
 def memory_batches(data: mldata.CachedImages, targets: tuple[torch.Tensor, torch.Tensor],
                    batches: list[torch.Tensor], start_step: int) -> Iterator[tuple]:
     """(step, uint8 photos, count targets, product targets, image ids) of the memory path's batches."""
@@ -873,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     state["probe"] = StepProbe(device, args.profile_steps if rank == 0 else 0, output_dir)
     stopped = False
     epoch_started = time.time()
-    consumed_log: dict[str, list[str]] = {}
+    consumed_log: dict[str, dict] = {}
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
         if mode == "memory":
@@ -887,20 +940,17 @@ def main(argv: list[str] | None = None) -> int:
         train_loss, next_step, stopped = train_one_epoch(
             ddp_model, optimizer, source, total_batches, vote, args, state, device, scaler, rank, world, consumed
         )
+        # The loss of a resumed epoch covers only the steps after the resume; the log says so.
+        loss_total, count, any_stopped = all_reduce_sum([train_loss, 1.0, float(stopped)], device)
+        train_loss = loss_total / count
+        stopped = any_stopped > 0
+        # Ranks that ran out of a stream early took fewer steps: all continue from the longest one's state.
+        sync_after_uneven_epoch(state, trainer, optimizer, scaler, rank, world, device)
         if consumed is not None:
-            consumed_log.setdefault(str(epoch), []).extend(consumed)
+            consumed_log.setdefault("ids", {}).setdefault(str(epoch), []).extend(consumed)
+            consumed_log.setdefault("digest", {})[str(epoch)] = state_digest(trainer, optimizer, ema)
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / f"consumed-rank{rank}.json").write_text(json.dumps(consumed_log) + "\n")
-        # The loss of a resumed epoch covers only the steps after the resume; the log says so.
-        loss_total, count, any_stopped, last_step = all_reduce_sum(
-            [train_loss, 1.0, float(stopped)], device) + [float(state["global_step"])]
-        train_loss = loss_total / count
-        if world > 1:
-            # Ranks that ran out of a stream early took fewer steps: the schedule continues from the longest.
-            steps = torch.tensor([last_step], dtype=torch.float64, device=device)
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-            state["global_step"] = int(steps.item())
-        stopped = any_stopped > 0
         if stopped or state["monitor"].fatal is not None:
             state["step"] = next_step
             break

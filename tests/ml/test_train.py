@@ -371,6 +371,10 @@ def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactl
                 for rank, host in enumerate(hosts)]
     everything = sorted(r.image_id for r in abid.scan_folder(photo_folder)[0])
     for epoch in ("0", "1"):
-        assert sorted(consumed[0][epoch] + consumed[1][epoch]) == everything, epoch
-        assert len(consumed[0][epoch]) != len(consumed[1][epoch])  # uneven, and neither rank hung
+        ids = [c["ids"][epoch] for c in consumed]
+        assert sorted(ids[0] + ids[1]) == everything, epoch
+        assert len(ids[0]) != len(ids[1])  # uneven, and neither rank hung
+        # The rank that ran out first took fewer optimiser steps; after the epoch both hold the same weights,
+        # Adam moments and weight average, so their next updates agree.
+        assert consumed[0]["digest"][epoch] == consumed[1]["digest"][epoch], epoch
     assert json.loads((tmp_path / "algo-1" / "o" / "metrics.json").read_text())["train_images"] == 30
