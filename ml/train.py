@@ -376,10 +376,11 @@ def shard(order: torch.Tensor, rank: int, world: int, batch_size: int) -> list[t
 def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
     """``lr`` is the rate at ``reference_batch`` photos per optimiser step; the rate at ``global_batch``.
 
-    AdamW's default is the square root: for adaptive optimisers the step's noise scales with 1/sqrt(batch), and
-    Malladi et al. 2022 ("On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS) derive and
-    measure the square-root rule for Adam where the linear rule (Goyal et al. 2017, for SGD) overshoots. At the
-    shipped recipe's 32 photos on one process the factor is 1: its rate is unchanged."""
+    AdamW's default is the square root: Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms" (NeurIPS 2022, arXiv:2205.10287), derive from Adam's SDE approximation, and validate on vision
+    and language models, that Adam's rate scales with the square root of the batch; the linear rule (Goyal et
+    al. 2017) is SGD's. Their rule also moves Adam's betas and epsilon; only the rate is scaled here, with the
+    warm-up the recipe already has. At the shipped recipe's 32 photos on one process the factor is 1."""
     ratio = global_batch / reference_batch
     return lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[rule]
 
