@@ -807,8 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     valid_photos = sum(mlchannel.count_part(p, mlchannel.Selection()) for p in valid_parts or [])
     photo_bytes = 3 * args.image_size ** 2
     gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    mode, why = mlchannel.choose_data_mode(args.data_mode, (visible + valid_photos) * photo_bytes,
-                                           mlchannel.host_available_memory(), gpu_free)
+    # Rank 0's validation photos stay in host memory whatever the path: what is left of it is what training has.
+    mode, why = mlchannel.choose_data_mode(args.data_mode, visible * photo_bytes,
+                                           mlchannel.host_available_memory() - valid_photos * photo_bytes, gpu_free)
     # Every rank must take the same path (the two split an epoch differently): stream if any rank needs it.
     if world > 1 and args.data_mode == "auto":
         streams = all_reduce_sum([float(mode == "stream")], device)[0]
