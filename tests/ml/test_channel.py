@@ -39,14 +39,6 @@ def _stream_ids(stream: PhotoStream, workers: int = 0) -> list[str]:
     return [r.image_id for batch in DataLoader(stream, batch_size=None, num_workers=workers) for r in batch.records]
 
 
-def test_pack_folder_writes_the_folders_photos_in_image_id_order(folder: Path, shard_dir: Path) -> None:
-    records, _ = abid.scan_folder(folder)
-    files = shards.shard_files(shard_dir)
-    assert [f.name for f in files] == [shards.shard_name("train", i) for i in range(5)]
-    keys = [s.key for f in files for s in shards.read_shard(f.open("rb"))]
-    assert keys == sorted(r.image_id for r in records)
-
-
 def test_shards_load_into_memory_as_the_same_records_and_pixels_as_their_folder(folder: Path,
                                                                                  shard_dir: Path) -> None:
     from_folder = load_images(folder, SIZE)
