@@ -62,7 +62,8 @@ class Part:
         return f"{self.path.name}[{self.records[0].image_id}..{self.records[-1].image_id}]" if self.records else "-"
 
 
-def channel_parts(folder: Path, selection: Selection = Selection(), limit: int = 0) -> tuple[list[Part], list[Rejected]]:
+def channel_parts(folder: Path, selection: Selection = Selection(),
+                  limit: int = 0) -> tuple[list[Part], list[Rejected]]:
     """The parts of a channel in reading order, and the rejects found while listing it.
 
     A folder holding ``*.tar`` files is a shard channel; anything else is an ABID folder, whose selected records
@@ -168,10 +169,11 @@ class PhotoStream(IterableDataset):
 
     Each epoch: the parts are permuted with the epoch's seed (the same order on every rank); this process takes
     parts ``reader, reader + readers, ...`` of that order; each DataLoader worker takes its own stride of those;
-    a worker's samples pass a shuffle buffer of ``shuffle_buffer`` encoded photos (a few MB per thousand, not
-    the decoded 150 KB each) seeded by (seed, epoch, reader, worker), are decoded, and leave as batches of
-    ``batch_size`` (each worker's last batch may be smaller, or one larger rather than a batch of one). Every selected photo of the reader's parts comes
-    out exactly once per epoch, as a photo or a reject.
+    a worker's samples pass a shuffle buffer of ``shuffle_buffer`` encoded photos (36 KB each for a 500 px JPEG
+    at quality 90, against 150 KB decoded at 224 px) seeded by (seed, epoch, reader, worker), are decoded, and
+    leave as batches of ``batch_size`` (each worker's last batch may be smaller, or one larger rather than a
+    batch of one). Every selected photo of the reader's parts comes out exactly once per epoch, as a photo or
+    a reject.
     """
 
     def __init__(self, parts: Sequence[Part], size: int, batch_size: int, *, seed: int, reader: int = 0,
@@ -195,9 +197,7 @@ class PhotoStream(IterableDataset):
         buffer: list[tuple[AbidRecord, bytes]] = []
         for part in parts:
             for item in read_part(part, self.selection):
-                if isinstance(item, Rejected):
-                    yield item
-                elif self.shuffle_buffer <= 1:
+                if isinstance(item, Rejected) or self.shuffle_buffer <= 1:
                     yield item
                 else:
                     buffer.append(item)

@@ -53,8 +53,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(FullyReplicated: every host has every shard; rank r reads shards r, r+world, ... of "
                         "each epoch's order). A folder channel is always read as replicated")
     p.add_argument("--shuffle-buffer", type=Bounded(int, 0, 100_000), default=2000,
-                   help="stream: encoded photos each loader worker shuffles among (~100 MB per 2,000); 0: none")
+                   help="stream: encoded photos each loader worker shuffles among (~70 MB per 2,000 photos of "
+                        "500 px); 0: none")
     p.add_argument("--workers", type=Bounded(int, -1, 64), default=-1,
                    help="stream: DataLoader worker processes that decode photos; -1: on a GPU instance the CPUs "
                         "(SM_NUM_CPUS, else the machine's) less one for the training process, at most 16; on a CPU, 0")

@@ -358,8 +358,9 @@ def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactl
         env = train_env({"SM_HOSTS": json.dumps(list(hosts)), "SM_CURRENT_HOST": host, "MASTER_ADDR": "127.0.0.1",
                          "MASTER_PORT": port, "SM_NUM_GPUS": "0"})
         out = tmp_path / host
-        args = [*SHARD_ARGS, "--epochs", "2", "--batch-size", "4", "--data-mode", "stream", "--data-distribution", distribution,
-                "--record-ids", "true", "--workers", "1", "--shuffle-buffer", "5", "--train", str(channels[host]),
+        args = [*SHARD_ARGS, "--epochs", "2", "--batch-size", "4", "--data-mode", "stream",
+                "--data-distribution", distribution, "--record-ids", "true", "--workers", "1", "--shuffle-buffer", "5",
+                "--train", str(channels[host]),
                 "--model-dir", str(out / "m"), "--output-data-dir", str(out / "o"), "--checkpoint-dir", str(out / "c")]
         processes.append(subprocess.Popen([sys.executable, "-m", "ml.train", *args], cwd=ROOT, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -367,7 +368,7 @@ def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactl
     logs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], "\n".join(logs)
     assert "batch 4 per process x 2 = 8" in logs[0]
-    consumed = [json.loads((tmp_path / host / "o" / "consumed-rank{}.json".format(rank)).read_text())
+    consumed = [json.loads((tmp_path / host / "o" / f"consumed-rank{rank}.json").read_text())
                 for rank, host in enumerate(hosts)]
     everything = sorted(r.image_id for r in abid.scan_folder(photo_folder)[0])
     for epoch in ("0", "1"):
