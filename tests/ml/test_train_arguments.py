@@ -67,6 +67,6 @@ def test_loader_workers_use_every_cpu_but_one_on_a_gpu_and_none_on_a_cpu() -> No
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert loader_workers(-1, gpu, {"SM_NUM_CPUS": "8"}) == 7  # ml.g5.2xlarge: 8 vCPUs
-    assert loader_workers(-1, gpu, {"SM_NUM_CPUS": "64"}) == 16
+    assert loader_workers(-1, gpu, {"SM_NUM_CPUS": "48"}) == 32
     assert loader_workers(-1, cpu, {"SM_NUM_CPUS": "8"}) == 0
     assert loader_workers(3, cpu, {}) == 3
