@@ -371,7 +371,8 @@ def shard(order: torch.Tensor, rank: int, world: int, batch_size: int) -> list[t
     """Per-rank batches; every rank gets the same number of batches (DDP steps in lockstep)."""
     per_rank = len(order) // world
     mine = order[rank * per_rank : (rank + 1) * per_rank] if world > 1 else order
-    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)] or [mine]
+    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)] or \
+        ([mine] if len(mine) else [])
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
@@ -666,7 +667,7 @@ def write_serving_code(model_dir: Path) -> None:
 def train_one_epoch(model, optimizer, batches: Iterable[tuple], total_batches: int | str, vote: StopVote, args,
                     state, device, scaler, rank, world, consumed: list[str] | None = None):
     """Train on this rank's ``batches`` of the epoch (from the memory path or a stream, already advanced to the
-    resume point); returns (mean loss, next step, stopped). ``consumed`` collects the image ids trained on.
+    resume point); returns (summed loss, photos, next step, stopped). ``consumed`` collects the image ids trained on.
 
     ``state["ema"]`` is the weight average or None; the peak learning rate is ``state["lr"]``."""
     model.train()
@@ -679,7 +680,7 @@ def train_one_epoch(model, optimizer, batches: Iterable[tuple], total_batches: i
         for step, images, target, products, ids in batches:
             if vote(bool(Stop.requested or (args.max_steps and state["global_step"] >= args.max_steps)
                          or state["monitor"].fatal is not None)):
-                return loss_sum / max(seen, 1), step, True
+                return loss_sum, seen, step, True
             state["probe"].begin()
             # uint8 to the device first (a quarter of the bytes of floats; pinned by the stream's loader, so the
             # copy overlaps), then normalised and augmented there. The memory path's photos are already there.
@@ -730,7 +731,7 @@ def train_one_epoch(model, optimizer, batches: Iterable[tuple], total_batches: i
                 rate = seen * world / max(time.time() - started, 1e-6)
                 print(f"epoch {state['epoch']} step {step}/{total_batches} loss {loss_sum / seen:.4f} "
                       f"lr {lr:.2e} {rate:.1f} img/s", flush=True)
-    return loss_sum / max(seen, 1), step, False
+    return loss_sum, seen, step, False
 
 
 def ema_decay(horizon_epochs: float, steps_per_epoch: int) -> float:
@@ -793,9 +794,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"--train {args.train}: {error}") from None
     is_shards = any(part.records is None for part in parts)
+    # A host that ShardedByS3Key gave no file (more hosts than shards) has an empty channel: it still takes part.
+    is_empty = not is_shards and not parts and not (train_dir / mldata.abid.METADATA_DIR).is_dir()
     # A sharded channel: this host's files are its own, read whole (one process per host). Replicated (every folder
     # channel: the pipeline sends folders FullyReplicated): rank r reads parts r, r+world, ... of each epoch.
-    distribution = args.data_distribution if is_shards else "replicated"
+    distribution = args.data_distribution if is_shards or is_empty else "replicated"
     reader, readers = (rank, world) if distribution == "replicated" else (0, 1)
     t0 = time.time()
     part_photos = [mlchannel.count_part(part, selection) for part in parts]
@@ -832,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"rejected {item.image_id}: {item.reason}", flush=True)
         log(f"train: {len(train.records)} images decoded in {time.time() - t0:.0f}s, {len(rejects)} rejected",
             flush=True)
-        if not train.records:
+        if not all_reduce_sum([len(train.records)], device)[0]:
             raise SystemExit("no usable training images")
         targets = (targets_for(train.quantities, args.max_count, args.overflow),
                    product_targets(train.records, args.max_count))
@@ -942,12 +945,12 @@ def main(argv: list[str] | None = None) -> int:
             source = stream_batches(loader, state["step"], args, rejects, log)
             total_batches = f"~{steps_per_epoch}"
         consumed = [] if args.record_ids else None
-        train_loss, next_step, stopped = train_one_epoch(
+        loss_sum, seen, next_step, stopped = train_one_epoch(
             ddp_model, optimizer, source, total_batches, vote, args, state, device, scaler, rank, world, consumed
         )
         # The loss of a resumed epoch covers only the steps after the resume; the log says so.
-        loss_total, count, any_stopped = all_reduce_sum([train_loss, 1.0, float(stopped)], device)
-        train_loss = loss_total / count
+        loss_total, photos, any_stopped = all_reduce_sum([loss_sum, seen, float(stopped)], device)
+        train_loss = loss_total / max(photos, 1)
         stopped = any_stopped > 0
         # Ranks that ran out of a stream early took fewer steps: all continue from the longest one's state.
         sync_after_uneven_epoch(state, trainer, optimizer, scaler, rank, world, device)

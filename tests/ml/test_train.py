@@ -338,20 +338,22 @@ def test_a_corrupt_photo_in_a_shard_is_rejected_with_its_reason_and_counted(phot
     assert (metrics["train_images"], metrics["train_rejected"]) == (31, 1)
 
 
-@pytest.mark.parametrize("distribution", ["replicated", "sharded"])
+@pytest.mark.parametrize(("distribution", "empty_host"), [("replicated", False), ("sharded", False),
+                                                        ("sharded", True)])
 def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactly_once(
-        photo_folder: Path, tmp_path: Path, distribution: str) -> None:
+        photo_folder: Path, tmp_path: Path, distribution: str, empty_host: bool) -> None:
     packed = tmp_path / "shards"
     written, _ = shards.pack_folder(photo_folder, packed, "train", 7)  # 7, 7, 7, 7, 2 photos: uneven ranks
     hosts = ("algo-1", "algo-2")
     channels = {host: packed for host in hosts}
     if distribution == "sharded":
-        # What ShardedByS3Key hands each host: its own subset of the files.
+        # What ShardedByS3Key hands each host: its own subset of the files (none for a host beyond the files).
         for index, host in enumerate(hosts):
             channels[host] = tmp_path / f"{host}-channel"
             channels[host].mkdir()
-            for path in written[index::2]:
-                shutil.copyfile(path, channels[host] / path.name)
+            for path in written if empty_host else written[index::2]:
+                if not (empty_host and index == 1):
+                    shutil.copyfile(path, channels[host] / path.name)
     port = str(_free_port())
     processes = []
     for host in hosts:
