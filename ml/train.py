@@ -991,7 +991,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_gather_object(gathered, rejects)
         rejects = {k: v for part in gathered for k, v in part.items()}
     if mode == "stream":
-        train_images -= len(rejects)
+        # The stream's count came from the metadata: less what it then rejected (a folder's listing rejects were
+        # never counted).
+        train_images -= len(set(rejects) - {item.image_id for item in rejected})
     state["probe"].close()
     if state["monitor"].fatal is not None:
         # No checkpoint: resuming from diverged weights would only diverge again.
