@@ -935,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     stopped = False
     epoch_started = time.time()
     consumed_log: dict[str, dict] = {}
+    epoch_photos = None  # photos trained in the last epoch run whole: a stream's exact count
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
         if mode == "memory":
@@ -945,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
             source = stream_batches(loader, state["step"], args, rejects, log)
             total_batches = f"~{steps_per_epoch}"
         consumed = [] if args.record_ids else None
+        whole_epoch = state["step"] == 0
         loss_sum, seen, next_step, stopped = train_one_epoch(
             ddp_model, optimizer, source, total_batches, vote, args, state, device, scaler, rank, world, consumed
         )
@@ -952,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_total, photos, any_stopped = all_reduce_sum([loss_sum, seen, float(stopped)], device)
         train_loss = loss_total / max(photos, 1)
         stopped = any_stopped > 0
+        if whole_epoch and not stopped:
+            epoch_photos = int(photos)
         # Ranks that ran out of a stream early took fewer steps: all continue from the longest one's state.
         sync_after_uneven_epoch(state, trainer, optimizer, scaler, rank, world, device)
         if consumed is not None:
@@ -991,9 +995,9 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_gather_object(gathered, rejects)
         rejects = {k: v for part in gathered for k, v in part.items()}
     if mode == "stream":
-        # The stream's count came from the metadata: less what it then rejected (a folder's listing rejects were
-        # never counted).
-        train_images -= len(set(rejects) - {item.image_id for item in rejected})
+        # What the stream gave in a whole epoch; else the metadata's count less what the stream then rejected.
+        train_images = epoch_photos if epoch_photos is not None else \
+            train_images - len(set(rejects) - {item.image_id for item in rejected})
     state["probe"].close()
     if state["monitor"].fatal is not None:
         # No checkpoint: resuming from diverged weights would only diverge again.
