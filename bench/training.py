@@ -36,13 +36,15 @@ def ours(train_dir: str, steps: int = 10, warmup: int = 2, extra_args: list[str]
                mltrain.product_targets(cached.records, args.max_count))
     batches = mltrain.shard(mltrain.epoch_order(len(cached.records), args.seed, 0), 0, 1, args.batch_size)
     network, model, ema, optimizer = mltrain.build_training(args, config.num_classes, device, len(batches))
-    state = {"config": config, "epoch": 0, "step": 0, "global_step": 0, "total_steps": len(batches) * args.epochs,
+    state = {"config": config, "epoch": 0, "step": 0, "global_step": 0, "lr": args.lr,
+             "total_steps": len(batches) * args.epochs,
              "warmup_steps": 1, "augment_rng": torch.Generator().manual_seed(args.seed), "network": network,
              "ema": ema, "monitor": TrainingMonitor(log=lambda *a, **k: None), "probe": StepProbe(device)}
 
     def loop(chosen: list[torch.Tensor]) -> float:
         started = time.perf_counter()
-        mltrain.train_one_epoch(model, optimizer, chosen, 0, cached, targets, args, state, device, None, 0, 1)
+        mltrain.train_one_epoch(model, optimizer, mltrain.memory_batches(cached, targets, chosen, 0), len(chosen),
+                                mltrain.StopVote(device, 1), args, state, device, None, 0, 1)
         return time.perf_counter() - started
 
     loop(batches[:warmup])

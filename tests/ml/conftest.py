@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = [
     "--epochs", "1", "--limit", "32", "--batch-size", "8", "--image-size", "64",
     "--freeze-blocks", "8", "--log-interval", "1", "--threads", "1",
+    # --lr is the rate at this global batch: the tiny runs train at the recipe's rate, unscaled.
+    "--lr-reference-batch", "8",
 ]
 
 

@@ -55,3 +55,19 @@ def test_a_channel_with_tar_files_is_a_shard_channel(tmp_path) -> None:
     (tmp_path / shards.shard_name("train", 0)).write_bytes(shards.pack(_samples()[:1]))
     assert [p.name for p in shards.shard_files(tmp_path)] == ["train-000000.tar", "train-000001.tar"]
     assert shards.is_shard_channel(tmp_path)
+
+
+def test_pack_folder_packs_a_folder_in_image_id_order_and_returns_what_it_could_not_pack(sample_dir, tmp_path) -> None:
+    from ml import abid
+
+    records, _ = abid.scan_folder(sample_dir)
+    folder = tmp_path / "folder"
+    abid.materialize_channel(records[:5], sample_dir, folder)
+    (folder / records[2].image_key).unlink()  # a photo gone missing
+    written, rejected = shards.pack_folder(folder, tmp_path / "out", "validation", photos_per_shard=3)
+    assert [p.name for p in written] == ["validation-000000.tar", "validation-000001.tar"]
+    keys = [s.key for path in written for s in shards.read_shard(path.open("rb"))]
+    assert keys == sorted(r.image_id for r in records[:5] if r != records[2])
+    assert [r.image_id for r in rejected] == [records[2].image_id]
+    assert "missing" in rejected[0].reason
+    assert [key for key, _ in shards.read_metadata(written[0])] == keys[:3]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml import abid
+from ml import abid, shards
 from ml import train as mltrain
 from ml.model import build_model, load_model
 from tests.ml.conftest import ROOT, TINY_ARGS, run_train, train_env
@@ -255,3 +255,129 @@ def test_photos_without_a_product_list_add_nothing_to_the_products_loss() -> Non
     # A batch with no known product list gives a loss of 0, not NaN.
     empty = mltrain.product_loss(torch.randn(2, 7), torch.full((2,), mltrain.UNKNOWN_PRODUCTS))
     assert empty.item() == 0.0
+
+
+# --- shard channels (issue 19) ---------------------------------------------------------------------------
+
+SHARD_ARGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--freeze-blocks", "8", "--threads", "1",
+              "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def photo_folder(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 photos of the sample as a channel folder (records.jsonl in image-id order)."""
+    records, _ = abid.scan_folder(sample_dir)
+    folder = tmp_path_factory.mktemp("photos") / "folder"
+    abid.materialize_channel(records[:30], sample_dir, folder)
+    return folder
+
+
+def _train(args: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = run_train([*args, "--model-dir", str(out / "m"), "--output-data-dir", str(out / "o"),
+                        "--checkpoint-dir", str(out / "c")], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    first, second = _final_state(one / "c"), _final_state(two / "c")
+    assert first["global_step"] == second["global_step"] > 0
+    for part in ("model", "ema", "products"):
+        for name, tensor in first[part].items():
+            assert torch.equal(tensor, second[part][name]), (part, name)
+    metrics = [json.loads((run / "o" / "metrics.json").read_text()) for run in (one, two)]
+    for key in ("valid_loss", "valid_accuracy", "valid_rmse", "train_images", "train_rejected", "effective_lr"):
+        assert metrics[0].get(key) == metrics[1].get(key), key
+
+
+@pytest.mark.parametrize(("mode", "photos_per_shard"), [("memory", 7), ("stream", 1000)])
+def test_training_from_shards_is_identical_to_training_from_their_folder(photo_folder: Path, tmp_path: Path,
+                                                                         mode: str, photos_per_shard: int) -> None:
+    # The memory path is the same whatever the shard boundaries; a stream is the same when the shards have the
+    # boundaries a streamed folder has (ml.channel.FOLDER_PART_PHOTOS).
+    packed = tmp_path / "shards"
+    shards.pack_folder(photo_folder, packed, "train", photos_per_shard)
+    runs = {}
+    for name, channel_dir in (("folder", photo_folder), ("shards", packed)):
+        # Validated on rank 0 from the same channel: the memory path's loader reads validation shards too.
+        validation = ["--validation", str(channel_dir)] if mode == "memory" else []
+        result = _train([*SHARD_ARGS, "--data-mode", mode, "--train", str(channel_dir), *validation], tmp_path / name)
+        assert f"data mode: {mode}" in result.stdout
+        runs[name] = tmp_path / name
+    _assert_same_training(runs["folder"], runs["shards"])
+    assert json.loads((runs["shards"] / "o" / "metrics.json").read_text())["train_images"] == 30
+
+
+def test_a_stream_stopped_mid_epoch_resumes_where_it_stopped_with_the_weights_of_an_uninterrupted_run(
+        photo_folder: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "shards"
+    shards.pack_folder(photo_folder, packed, "train", 7)
+    common = [*SHARD_ARGS, "--data-mode", "stream", "--train", str(packed), "--shuffle-buffer", "5"]
+    _train(common, tmp_path / "reference")
+    stopped = _train([*common, "--max-steps", "3"], tmp_path / "resumed")
+    assert "stopped at epoch 0 step 3" in stopped.stdout
+    resumed = _train(common, tmp_path / "resumed")
+    assert "resumed from" in resumed.stdout and "epoch 0 step 3" in resumed.stdout
+    expected, got = _final_state(tmp_path / "reference" / "c"), _final_state(tmp_path / "resumed" / "c")
+    assert got["global_step"] == expected["global_step"]
+    for part in ("model", "ema", "products"):
+        for name, tensor in expected[part].items():
+            assert torch.equal(tensor, got[part][name]), (part, name)
+
+
+def test_a_corrupt_photo_in_a_shard_is_rejected_with_its_reason_and_counted(photo_folder: Path, tmp_path: Path,
+                                                                           sample_photo: bytes) -> None:
+    packed = tmp_path / "shards"
+    written, _ = shards.pack_folder(photo_folder, packed, "train", 1000)
+    metadata = (photo_folder / "metadata" / f"{abid.scan_folder(photo_folder)[0][0].image_id}.json").read_bytes()
+    (packed / shards.shard_name("train", len(written))).write_bytes(shards.pack([
+        shards.Sample("99901", b"\xff\xd8 not a jpeg", metadata), shards.Sample("99902", sample_photo, metadata)]))
+    result = _train([*SHARD_ARGS, "--data-mode", "stream", "--train", str(packed)], tmp_path / "run")
+    assert "rejected 99901: not a decodable image" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "o" / "metrics.json").read_text())
+    assert (metrics["train_images"], metrics["train_rejected"]) == (31, 1)
+
+
+@pytest.mark.parametrize(("distribution", "empty_host"), [("replicated", False), ("sharded", False),
+                                                        ("sharded", True)])
+def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactly_once(
+        photo_folder: Path, tmp_path: Path, distribution: str, empty_host: bool) -> None:
+    packed = tmp_path / "shards"
+    written, _ = shards.pack_folder(photo_folder, packed, "train", 7)  # 7, 7, 7, 7, 2 photos: uneven ranks
+    hosts = ("algo-1", "algo-2")
+    channels = {host: packed for host in hosts}
+    if distribution == "sharded":
+        # What ShardedByS3Key hands each host: its own subset of the files (none for a host beyond the files).
+        for index, host in enumerate(hosts):
+            channels[host] = tmp_path / f"{host}-channel"
+            channels[host].mkdir()
+            for path in written if empty_host else written[index::2]:
+                if not (empty_host and index == 1):
+                    shutil.copyfile(path, channels[host] / path.name)
+    port = str(_free_port())
+    processes = []
+    for host in hosts:
+        env = train_env({"SM_HOSTS": json.dumps(list(hosts)), "SM_CURRENT_HOST": host, "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": port, "SM_NUM_GPUS": "0"})
+        out = tmp_path / host
+        args = [*SHARD_ARGS, "--epochs", "2", "--batch-size", "4", "--data-mode", "stream",
+                "--data-distribution", distribution, "--record-ids", "true", "--workers", "1", "--shuffle-buffer", "5",
+                "--train", str(channels[host]),
+                "--model-dir", str(out / "m"), "--output-data-dir", str(out / "o"), "--checkpoint-dir", str(out / "c")]
+        processes.append(subprocess.Popen([sys.executable, "-m", "ml.train", *args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + 240
+    logs = [p.communicate(timeout=max(1, deadline - time.time()))[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(logs)
+    assert "batch 4 per process x 2 = 8" in logs[0]
+    consumed = [json.loads((tmp_path / host / "o" / f"consumed-rank{rank}.json").read_text())
+                for rank, host in enumerate(hosts)]
+    everything = sorted(r.image_id for r in abid.scan_folder(photo_folder)[0])
+    for epoch in ("0", "1"):
+        ids = [c["ids"][epoch] for c in consumed]
+        assert sorted(ids[0] + ids[1]) == everything, epoch
+        assert len(ids[0]) != len(ids[1])  # uneven, and neither rank hung
+        # The rank that ran out first took fewer optimiser steps; after the epoch both hold the same weights,
+        # Adam moments and weight average, so their next updates agree.
+        assert consumed[0]["digest"][epoch] == consumed[1]["digest"][epoch], epoch
+    assert json.loads((tmp_path / "algo-1" / "o" / "metrics.json").read_text())["train_images"] == 30

@@ -36,3 +36,37 @@ def test_what_sagemaker_adds_to_a_job_is_tolerated() -> None:
     args = parse_args(["--train", "/data", "--_tuning_objective_metric", "valid_accuracy",
                        "--sagemaker_container_log_level", "20", "--lr", "0.01"])
     assert args.lr == 0.01
+
+
+@pytest.mark.parametrize(("argv", "answer"), [
+    (["--data-mode", "disk"], "argument --data-mode: invalid choice: 'disk'"),
+    (["--data-distribution", "fully"], "argument --data-distribution: invalid choice: 'fully'"),
+    (["--workers", "-2"], "argument --workers: must be at least -1, got -2"),
+    (["--lr-reference-batch", "0"], "argument --lr-reference-batch: must be at least 1, got 0"),
+])
+def test_the_data_and_scaling_arguments_refuse_what_the_trainer_cannot_use(
+        argv: list[str], answer: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--train", "/data", *argv])
+    assert answer in capsys.readouterr().err
+
+
+def test_the_recipes_rate_is_unchanged_at_32_photos_and_scales_with_the_square_root_of_the_global_batch() -> None:
+    from ml.train import scaled_lr
+
+    assert scaled_lr(1e-3, 32, 32, "sqrt") == 1e-3  # the shipped recipe: batch 32 on one process
+    assert scaled_lr(1e-3, 32 * 4, 32, "sqrt") == pytest.approx(2e-3)  # four hosts
+    assert scaled_lr(1e-3, 32 * 4, 32, "linear") == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 32 * 4, 32, "none") == 1e-3
+
+
+def test_loader_workers_use_every_cpu_but_one_on_a_gpu_and_none_on_a_cpu() -> None:
+    import torch
+
+    from ml.train import loader_workers
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loader_workers(-1, gpu, {"SM_NUM_CPUS": "8"}) == 7  # ml.g5.2xlarge: 8 vCPUs
+    assert loader_workers(-1, gpu, {"SM_NUM_CPUS": "48"}) == 32
+    assert loader_workers(-1, cpu, {"SM_NUM_CPUS": "8"}) == 0
+    assert loader_workers(3, cpu, {}) == 3
