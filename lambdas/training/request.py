@@ -41,6 +41,9 @@ METRICS = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_rmse", 
            "grad_norm", "data_wait_share", "health_warnings", "health_fatal")
 OBJECTIVE_METRIC = "valid_accuracy"
 _NUMBER = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+# The trainer's reading of the train channel that matches each S3DataDistributionType (ml/channel.py).
+DATA_DISTRIBUTION = "data-distribution"
+TRAINER_DISTRIBUTION = {"ShardedByS3Key": "sharded", "FullyReplicated": "replicated"}
 # Tuned hyperparameters, by the trainer's argument names.
 LEARNING_RATE, BATCH_SIZE, EPOCHS = "lr", "batch-size", "epochs"
 # Time a job may spend outside MaxRuntime/MaxWait (provisioning, downloading, uploading the model, the
@@ -238,6 +241,16 @@ def resolve(deployment: Deployment, overrides: TrainingInput) -> Plan:
         **deployment.hyperparameters,
         **overrides.hyperparameters,
     }
+    for source, given in (("the deployment's hyperparameters", deployment.hyperparameters),
+                          ("training.hyperparameters", overrides.hyperparameters)):
+        if DATA_DISTRIBUTION in given:
+            raise TrainingInputError(
+                f"{source}.{DATA_DISTRIBUTION}: set from trainingDataDistribution, which also decides how SageMaker "
+                "hands the train channel to each host; deploy with -c trainingDataDistribution=... to change both"
+            )
+    # The trainer must split the train shards the way SageMaker delivered them: with ShardedByS3Key each host
+    # already holds only its share, so re-splitting by rank would train on a fraction of the data.
+    hyperparameters[DATA_DISTRIBUTION] = TRAINER_DISTRIBUTION[deployment.data_distribution]
     plan = Plan(
         instance_type=pick(overrides.instance_type, deployment.instance_type),
         instance_count=pick(overrides.instance_count, deployment.instance_count),

@@ -267,8 +267,29 @@ def test_three_instances_replicated_get_every_channel_for_the_trainers_own_ddp()
     assert request["ResourceConfig"]["InstanceCount"] == 3
     assert {channel(request, s)["S3DataDistributionType"] for s in CHANNELS} == {"FullyReplicated"}
     # The trainer starts DDP from SM_HOSTS itself: no torch_distributed/smdistributed launcher is asked for.
-    assert not [k for k in request["HyperParameters"] if "distribut" in k or k.startswith("sagemaker_mpi")]
+    assert not [k for k in request["HyperParameters"]
+                if k.startswith(("sagemaker_distributed", "sagemaker_mpi", "sagemaker_torch_distributed"))]
+    # ...and it reads the replicated train channel by rank, taking shards r, r + world, ...
+    assert request["HyperParameters"]["data-distribution"] == '"replicated"'
     assert any("3 instances" in note for note in result["notes"])
+
+
+def test_the_trainer_splits_the_train_shards_the_way_sagemaker_delivers_them() -> None:
+    # ShardedByS3Key: "each instance gets approximately 1/n of the number of S3 objects" (S3DataSource); the trainer
+    # must not split that share again by rank, so the request tells it the channel is already sharded.
+    request = prepared({"instanceCount": 2})["request"]
+    assert channel(request, "train")["S3DataDistributionType"] == "ShardedByS3Key"
+    assert request["HyperParameters"]["data-distribution"] == '"sharded"'
+
+
+@pytest.mark.parametrize("where", ["input", "deployment"])
+def test_a_data_distribution_hyperparameter_is_refused_since_the_channel_setting_decides_it(where: str) -> None:
+    hyperparameters = {"data-distribution": "replicated"}
+    with pytest.raises(TrainingInputError, match="trainingDataDistribution"):
+        if where == "input":
+            prepared({"hyperparameters": hyperparameters})
+        else:
+            prepared({}, config=deployment(hyperparameters=hyperparameters))
 
 
 @pytest.mark.parametrize("isolated", [True, False])
@@ -648,7 +669,7 @@ def test_the_training_toolkit_runs_the_entry_point_from_the_code_channel(tmp_pat
     (args_line,) = [line for line in run.stdout.splitlines() if line.startswith("ARGS ")]
     args = json.loads(args_line[5:])
     assert dict(zip(args[::2], args[1::2], strict=True)) == {
-        "--epochs": "12", "--weight-decay": "0.02", "--augment": "True"}
+        "--epochs": "12", "--weight-decay": "0.02", "--augment": "True", "--data-distribution": "sharded"}
     assert f"TRAIN {base}/input/data/train" in run.stdout
     scraped = {d["Name"]: re.findall(d["Regex"], run.stdout) for d in metric_definitions()}
     assert scraped["valid_accuracy"] == ["0.5120"]
