@@ -44,7 +44,9 @@ import importlib
 import inspect
 import io
 import json
+import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -256,6 +258,23 @@ class Invocation:
     error: str | None = None
 
 
+@contextlib.contextmanager
+def handler_output(log: TextIO) -> Iterator[None]:
+    """Sends a handler's printing and its loggers' output to ``log``. Powertools' Logger keeps the stdout it saw
+    at import (a ``StreamHandler``), which a stdout redirect alone does not reach."""
+    real = sys.stdout
+    moved = [handler for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+             for handler in getattr(logger, "handlers", [])
+             if isinstance(handler, logging.StreamHandler) and handler.stream in (real, sys.__stdout__)]
+    previous = [handler.setStream(log) for handler in moved]
+    try:
+        with contextlib.redirect_stdout(log):
+            yield
+    finally:
+        for handler, stream in zip(moved, previous, strict=True):
+            handler.setStream(stream)
+
+
 @dataclass
 class InProcessLambda:
     """Stands in for the interpreter's boto3 Lambda client: ``invoke`` imports the function's handler and calls
@@ -288,7 +307,7 @@ class InProcessLambda:
         os.environ.update(environment, AWS_REGION=REGION, AWS_LAMBDA_FUNCTION_NAME=name)
         try:
             handler = getattr(importlib.import_module(module_name), attribute)
-            with contextlib.redirect_stdout(self.log) if self.log else contextlib.nullcontext():
+            with handler_output(self.log) if self.log else contextlib.nullcontext():
                 result = handler(copy.deepcopy(event), LambdaContext(name))
             body, error = json.dumps(result, default=str).encode(), None
         except Exception as exc:

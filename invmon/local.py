@@ -138,6 +138,9 @@ class MotoServer:
 
         # One request line per S3 call would bury the progress output.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        # moto's ASL parser warns on every ToleratedFailurePercentage it reads (it ignores them: one of the gaps
+        # invmon/execution.py lists and works around), four times per execution.
+        logging.getLogger("moto.stepfunctions.parser.asl.parse.preprocessor").setLevel(logging.ERROR)
 
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
         self._server.start()
