@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import socket
 import statistics
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from invmon.local import patched_environ
 
 SHARED_ABID = Path("/work/shared/abid")
 BUCKET_PREFIX = "bench-data"
@@ -312,46 +312,40 @@ def run(ctx: Any = None, *, photos: int | None = None, pipeline_photos: int | No
     server.start()
     env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        bucket = f"{BUCKET_PREFIX}-{uuid.uuid4().hex[:8]}"
-        began = time.perf_counter()
-        seeded = _seed(_client(), bucket, items)
-        seed_seconds = time.perf_counter() - began
-        keys = [k for k, _, _ in items]
-        object_keys = [f"raw/bin-images/{k}.jpg" for k in keys] + [f"raw/metadata/{k}.json" for k in keys]
+        with patched_environ(env):
+            bucket = f"{BUCKET_PREFIX}-{uuid.uuid4().hex[:8]}"
+            began = time.perf_counter()
+            seeded = _seed(_client(), bucket, items)
+            seed_seconds = time.perf_counter() - began
+            keys = [k for k, _, _ in items]
+            object_keys = [f"raw/bin-images/{k}.jpg" for k in keys] + [f"raw/metadata/{k}.json" for k in keys]
 
-        def child(function: str, **kwargs: Any) -> dict[str, Any]:
-            return common.run_child(f"bench.data:{function}", kwargs, threads=1, env=env, timeout=1800)
+            def child(function: str, **kwargs: Any) -> dict[str, Any]:
+                return common.run_child(f"bench.data:{function}", kwargs, threads=1, env=env, timeout=1800)
 
-        # Shards first, between and after: three runs of a few seconds, the median taken.
-        shard_runs = [child("stage", bucket=bucket, keys=seeded["shard_keys"])]
-        object_run = child("stage", bucket=bucket, keys=object_keys)
-        shard_runs += [child("stage", bucket=bucket, keys=seeded["shard_keys"]) for _ in range(2)]
-        sharded = sorted(shard_runs, key=lambda r: r["seconds"])[len(shard_runs) // 2]
-        pipeline_shards = seeded["shard_keys"][: math.ceil(pipeline_photos / SHARD_PHOTOS)]
-        # The cases that decide the InputMode run in turns, PIPELINE_ROUNDS times each, and the median is kept:
-        # a slow spell of this shared machine then hits every case alike. The slow per-object stream runs once.
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for round_ in range(rounds):
-            for case in ("disk/objects", "disk/shards", "s3/shards", "s3/objects", "memory (decode only)"):
-                if case == "s3/objects" and round_:
-                    continue
-                if case.startswith("memory"):
-                    measured = child("decode_only", photos=pipeline_photos)
-                else:
-                    run_keys = keys[:pipeline_photos] if case.endswith("objects") else pipeline_shards
-                    measured = child("pipeline", case=case, bucket=bucket, keys=run_keys, photos=pipeline_photos)
-                runs.setdefault(case, []).append(measured)
-        cases = [_median_run(case_runs) for case_runs in runs.values()]
+            # Shards first, between and after: three runs of a few seconds, the median taken.
+            shard_runs = [child("stage", bucket=bucket, keys=seeded["shard_keys"])]
+            object_run = child("stage", bucket=bucket, keys=object_keys)
+            shard_runs += [child("stage", bucket=bucket, keys=seeded["shard_keys"]) for _ in range(2)]
+            sharded = sorted(shard_runs, key=lambda r: r["seconds"])[len(shard_runs) // 2]
+            pipeline_shards = seeded["shard_keys"][: math.ceil(pipeline_photos / SHARD_PHOTOS)]
+            # The cases that decide the InputMode run in turns, PIPELINE_ROUNDS times each, and the median is kept:
+            # a slow spell of this shared machine then hits every case alike. The slow per-object stream runs once.
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for round_ in range(rounds):
+                for case in ("disk/objects", "disk/shards", "s3/shards", "s3/objects", "memory (decode only)"):
+                    if case == "s3/objects" and round_:
+                        continue
+                    if case.startswith("memory"):
+                        measured = child("decode_only", photos=pipeline_photos)
+                    else:
+                        run_keys = keys[:pipeline_photos] if case.endswith("objects") else pipeline_shards
+                        measured = child("pipeline", case=case, bucket=bucket, keys=run_keys, photos=pipeline_photos)
+                    runs.setdefault(case, []).append(measured)
+            cases = [_median_run(case_runs) for case_runs in runs.values()]
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     staging = {
         "photos": photos,
         "threads": STAGE_THREADS,

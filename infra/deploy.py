@@ -25,6 +25,7 @@ from constructs import Construct
 from infra.config import Settings
 from infra.function import PythonFunction
 from infra.nag import suppress, wildcard_suppression
+from infra.pipeline import StageFragment
 from infra.storage import MODEL_PREFIX
 from lambdas.deploy import plan
 
@@ -54,7 +55,7 @@ def serving_image(scope: Construct, settings: Settings) -> str:
                 f"{settings.framework_version}-{device}-{settings.python_version}")
 
 
-class DeployStage(sfn.StateMachineFragment):
+class DeployStage(StageFragment):
     def __init__(self, scope: Construct, construct_id: str, *, gate: PythonFunction, release: PythonFunction,
                  finish: PythonFunction, endpoint: str, endpoint_arn: str) -> None:
         super().__init__(scope, construct_id)
@@ -174,16 +175,7 @@ class DeployStage(sfn.StateMachineFragment):
             .when(sfn.Condition.string_equals("$.deploy.decision", "deploy"), start.next(wait))
             .otherwise(skipped)
         )
-        self._start = decide
-        self._ends = [skipped, finished]
-
-    @property
-    def start_state(self) -> sfn.State:
-        return self._start
-
-    @property
-    def end_states(self) -> list[sfn.INextable]:
-        return self._ends
+        self._bound(decide, [skipped, finished])
 
 
 class Deploy(Construct):

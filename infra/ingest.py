@@ -32,6 +32,7 @@ from constructs import Construct
 from infra.config import Settings
 from infra.function import PythonFunction
 from infra.nag import suppress, wildcard_suppression
+from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, REPORT_PREFIX
 from lambdas.ingest.worker import ITEM_FROM_PLAN
 
@@ -84,7 +85,7 @@ class _MapResultWriter(sfn.ResultWriterV2):
         ]
 
 
-class IngestStage(sfn.StateMachineFragment):
+class IngestStage(StageFragment):
     """Select -> copy (Distributed Map) -> split, leaving the stage contract at ``$.ingest``."""
 
     def __init__(
@@ -174,17 +175,8 @@ class IngestStage(sfn.StateMachineFragment):
         # still runs to write the report, marking every selected image with the map's error, then fails.
         copy.add_catch(split, errors=["States.ALL"], result_path="$.ingest.copyError")
         select.next(copy).next(split)
-        self._start = select
-        self._ends = [split]
+        self._bound(select, [split])
         self.select_state, self.copy_state, self.split_state = select, copy, split
-
-    @property
-    def start_state(self) -> sfn.State:
-        return self._start
-
-    @property
-    def end_states(self) -> list[sfn.INextable]:
-        return self._ends
 
 
 class Ingest(Construct):

@@ -33,6 +33,7 @@ from infra.config import Settings
 from infra.function import PythonFunction
 from infra.ingest import RESULT_WRITER_V2_FLAG
 from infra.nag import suppress, wildcard_suppression
+from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, SHARD_PREFIX
 from lambdas.pack.layout import MAP_RESULTS_PREFIX, PLAN_PREFIX, REPORT_PREFIX
 
@@ -79,7 +80,7 @@ class _MapResultWriter(sfn.ResultWriterV2):
         ]
 
 
-class PackStage(sfn.StateMachineFragment):
+class PackStage(StageFragment):
     """Plan -> pack (Distributed Map, one shard per child) -> finish, leaving the stage contract at ``$.pack``."""
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, data_bucket: s3.IBucket,
@@ -133,17 +134,8 @@ class PackStage(sfn.StateMachineFragment):
         )
         pack.add_catch(finish, errors=["States.ALL"], result_path="$.pack.packError")
         plan.next(pack).next(finish)
-        self._start = plan
-        self._ends = [finish]
+        self._bound(plan, [finish])
         self.plan_state, self.pack_state, self.finish_state = plan, pack, finish
-
-    @property
-    def start_state(self) -> sfn.State:
-        return self._start
-
-    @property
-    def end_states(self) -> list[sfn.INextable]:
-        return self._ends
 
 
 class Pack(Construct):

@@ -19,6 +19,23 @@ from infra.config import Settings
 from infra.function import log_group
 
 
+class StageFragment(sfn.StateMachineFragment):
+    """A stage's states, from the one it starts at to the ones it ends at; a subclass builds them and then calls
+    ``_bound`` with the two."""
+
+    def _bound(self, start: sfn.State, ends: Sequence[sfn.INextable]) -> None:
+        self._start = start
+        self._ends = list(ends)
+
+    @property
+    def start_state(self) -> sfn.State:
+        return self._start
+
+    @property
+    def end_states(self) -> list[sfn.INextable]:
+        return self._ends
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of the pipeline: ``name`` is also the key of its result in the state (``$.<name>``)."""

@@ -30,6 +30,7 @@ from infra.config import Settings
 from infra.function import PROJECT_ROOT, PythonFunction
 from infra.images import debugger_image_for_stack_region, image_for_stack_region
 from infra.nag import suppress, wildcard_suppression
+from infra.pipeline import StageFragment
 from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX, SHARD_PREFIX
 from lambdas.training.prepare import DEPLOYMENT_ENV
 from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
@@ -114,7 +115,7 @@ class SageMakerJobState(sfn.CustomState):
             graph.register_policy_statement(statement)
 
 
-class TrainingStage(sfn.StateMachineFragment):
+class TrainingStage(StageFragment):
     """Prepare -> (single training job | tuning job), each ``.sync`` -> report (waiting for Debugger rules)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, training: Training) -> None:
@@ -262,16 +263,7 @@ class TrainingStage(sfn.StateMachineFragment):
             .otherwise(train.next(start_report))
         )
         prepare.next(choose)
-        self._start = prepare
-        self._ends = [recorded]
-
-    @property
-    def start_state(self) -> sfn.State:
-        return self._start
-
-    @property
-    def end_states(self) -> list[sfn.INextable]:
-        return self._ends
+        self._bound(prepare, [recorded])
 
 
 class Training(Construct):
