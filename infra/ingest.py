@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Arn, ArnFormat, Aws, Duration, FeatureFlags, Stack
+from aws_cdk import Aws, Duration, FeatureFlags
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -31,7 +31,7 @@ from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
-from infra.nag import suppress, wildcard_suppression
+from infra.nag import distributed_map_children, suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, REPORT_PREFIX
 from lambdas.ingest.worker import ITEM_FROM_PLAN
@@ -308,15 +308,7 @@ class Ingest(Construct):
     def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
         """cdk-nag suppressions, each limited to the wildcards this stage grants the hosting state machine
         (its role and the DistributedMapPolicy that CDK adds). Grants need no call."""
-        stack = Stack.of(state_machine)
         functions = (self.select.function, self.worker.function, self.split.function)
-        # How CDK's state graph writes the child-execution ARNs of an unlabelled Distributed Map.
-        name = Arn.split(state_machine.state_machine_arn, ArnFormat.COLON_RESOURCE_NAME).resource_name
-        executions = [
-            stack.format_arn(service="states", resource="execution", resource_name=f"{name}{suffix}",
-                             arn_format=ArnFormat.COLON_RESOURCE_NAME)
-            for suffix in (":*", "/*:*")
-        ]
         suppress(
             state_machine,
             wildcard_suppression(
@@ -332,10 +324,5 @@ class Ingest(Construct):
                 "call a version or alias of those three functions, and nothing else.",
                 resources=[f"{function.function_arn}:*" for function in functions],
             ),
-            wildcard_suppression(
-                state_machine,
-                "A Distributed Map starts, describes, stops and redrives its own child executions, whose names "
-                "Step Functions generates: CDK limits the grant to executions of this state machine.",
-                resources=executions,
-            ),
+            distributed_map_children(state_machine),
         )

@@ -7,7 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from aws_cdk import App, Aspects, Stack
+from aws_cdk import App, Arn, ArnFormat, Aspects, Stack
+from aws_cdk import aws_stepfunctions as sfn
 from cdk_nag import AwsSolutionsChecks, NagPackSuppression, NagSuppressions
 from constructs import IConstruct
 
@@ -86,3 +87,21 @@ def wildcard_suppression(
 def suppress(construct: IConstruct, *suppressions: NagPackSuppression) -> None:
     """Attach suppressions to ``construct`` and its children (a role and its default policy)."""
     NagSuppressions.add_resource_suppressions(construct, list(suppressions), apply_to_children=True)
+
+
+def distributed_map_children(state_machine: sfn.StateMachine) -> NagPackSuppression:
+    """The wildcard CDK grants a state machine that hosts an unlabelled Distributed Map: its own child executions,
+    written the way CDK's state graph writes them."""
+    stack = Stack.of(state_machine)
+    name = Arn.split(state_machine.state_machine_arn, ArnFormat.COLON_RESOURCE_NAME).resource_name
+    executions = [
+        stack.format_arn(service="states", resource="execution", resource_name=f"{name}{suffix}",
+                         arn_format=ArnFormat.COLON_RESOURCE_NAME)
+        for suffix in (":*", "/*:*")
+    ]
+    return wildcard_suppression(
+        state_machine,
+        "A Distributed Map starts, describes, stops and redrives its own child executions, whose names "
+        "Step Functions generates: CDK limits the grant to executions of this state machine.",
+        resources=executions,
+    )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Arn, ArnFormat, Duration, FeatureFlags, Stack
+from aws_cdk import Duration, FeatureFlags
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -32,7 +32,7 @@ from constructs import Construct
 from infra.config import Settings
 from infra.function import PythonFunction
 from infra.ingest import RESULT_WRITER_V2_FLAG
-from infra.nag import suppress, wildcard_suppression
+from infra.nag import distributed_map_children, suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, SHARD_PREFIX
 from lambdas.pack.layout import MAP_RESULTS_PREFIX, PLAN_PREFIX, REPORT_PREFIX
@@ -224,13 +224,6 @@ class Pack(Construct):
 
     def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
         """cdk-nag suppressions, each limited to the wildcards this stage grants the hosting state machine."""
-        stack = Stack.of(state_machine)
-        name = Arn.split(state_machine.state_machine_arn, ArnFormat.COLON_RESOURCE_NAME).resource_name
-        executions = [
-            stack.format_arn(service="states", resource="execution", resource_name=f"{name}{suffix}",
-                             arn_format=ArnFormat.COLON_RESOURCE_NAME)
-            for suffix in (":*", "/*:*")
-        ]
         suppress(
             state_machine,
             wildcard_suppression(
@@ -246,10 +239,5 @@ class Pack(Construct):
                 "version or alias of those three functions, and nothing else.",
                 resources=[f"{function.function_arn}:*" for function in self.functions],
             ),
-            wildcard_suppression(
-                state_machine,
-                "A Distributed Map starts, describes, stops and redrives its own child executions, whose names "
-                "Step Functions generates: CDK limits the grant to executions of this state machine.",
-                resources=executions,
-            ),
+            distributed_map_children(state_machine),
         )
