@@ -283,22 +283,29 @@ def run(ctx: common.Context) -> dict[str, Any]:
 
 
 def draft_decode(data: bytes, size: int) -> torch.Tensor:
-    """What serving decodes since issue 18: JPEG at reduced scale (PIL ``draft``), skipping the DCT detail that
-    the resize to ``size`` would throw away anyway (scales 1/2, 1/4, 1/8, never below ``size``)."""
+    """What serving (since issue 18) and training (since issue 19) decode: JPEG at reduced scale (PIL ``draft``),
+    skipping the DCT detail that the resize to ``size`` would throw away anyway (1/2, 1/4, 1/8, never below
+    ``size``)."""
     from ml.data import decode
 
     return decode(data, size, draft=True)[0]
 
 
+def full_decode(data: bytes, size: int) -> torch.Tensor:
+    """The decode before the draft: every pixel at full scale, then the resize."""
+    from ml.data import decode
+
+    return decode(data, size)[0]
+
+
 def decode(photos_dir: str, size: int = 224, iterations: int = 40,
            upscaled: tuple[int, int] = (1280, 960)) -> dict[str, Any]:
-    """JPEG decode alone: the shipped decode against the reduced-scale one, on the photos as they are and on the
-    same photos re-encoded at ``upscaled`` (a phone-camera-like size; the ABID copy here is already 224 px)."""
+    """JPEG decode alone: at full scale against the reduced-scale one (``shipped`` in the result is the full-scale
+    decode, the one shipped before the draft), on the photos as they are and on the same photos re-encoded at
+    ``upscaled`` (a phone-camera-like size; the ABID copy here is already 224 px)."""
     import io
 
     from PIL import Image
-
-    from ml.data import decode_image
 
     files = common.photo_files(Path(photos_dir), iterations)
     native = [f.read_bytes() for f in files]
@@ -313,9 +320,9 @@ def decode(photos_dir: str, size: int = 224, iterations: int = 40,
     rows = []
     for label, bodies in ((f"{native_size[0]}x{native_size[1]} (as stored)", native),
                           (f"{upscaled[0]}x{upscaled[1]} (re-encoded)", large)):
-        shipped = common.time_calls(lambda i, b=bodies: decode_image(b[i % len(b)], size), len(bodies), 3)
+        shipped = common.time_calls(lambda i, b=bodies: full_decode(b[i % len(b)], size), len(bodies), 3)
         drafted = common.time_calls(lambda i, b=bodies: draft_decode(b[i % len(b)], size), len(bodies), 3)
-        difference = max(float((decode_image(b, size).float() - draft_decode(b, size).float()).abs().mean())
+        difference = max(float((full_decode(b, size).float() - draft_decode(b, size).float()).abs().mean())
                          for b in bodies[:8])
         rows.append({"photo": label, "bytes_mean": int(sum(map(len, bodies)) / len(bodies)),
                      "shipped_p50_ms": round(common.percentile(shipped, 50) * 1000, 3),
