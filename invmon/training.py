@@ -165,6 +165,17 @@ def train_locally(*, data: Path, workdir: Path, epochs: int, extra: Sequence[str
 MAX_FAILURE_REASON = 1024
 
 
+def failure_reason(error: Exception) -> str:
+    """``AlgorithmError: <error>`` within SageMaker's limit. A trainer's error comes last in its log (argparse's
+    ``error:`` line, a traceback's exception), so a long one keeps its first line and its end."""
+    reason = f"AlgorithmError: {error}"
+    if len(reason) <= MAX_FAILURE_REASON:
+        return reason
+    first = reason.split("\n", 1)[0][: MAX_FAILURE_REASON // 4]
+    gap = "\n...\n"
+    return first + gap + reason[-(MAX_FAILURE_REASON - len(first) - len(gap)):]
+
+
 def decode_hyperparameters(encoded: Mapping[str, str]) -> dict[str, Any]:
     """What the training toolkit makes of a job's HyperParameters (sagemaker-training 5.1.4,
     ``environment.read_hyperparameters``): each value JSON-decoded where it parses, kept as text where it does
@@ -280,7 +291,7 @@ class LocalTrainingJobs(SageMakerBridge):
         try:
             return self._train(request)
         except Exception as error:  # any failure is the job's own, reported as SageMaker reports one
-            return JobOutcome("Failed", f"AlgorithmError: {error}"[:MAX_FAILURE_REASON])
+            return JobOutcome("Failed", failure_reason(error))
 
     def _train(self, request: dict[str, Any]) -> JobOutcome:
         name = request["TrainingJobName"]
@@ -304,7 +315,7 @@ class LocalTrainingJobs(SageMakerBridge):
                 started=self._started,
             )
         except RuntimeError as error:
-            return JobOutcome("Failed", f"AlgorithmError: {error}"[:MAX_FAILURE_REASON])
+            return JobOutcome("Failed", failure_reason(error))
         self.runs[name] = run
         for line in health_lines(run.output_dir):
             self.say(f"      {line}")

@@ -149,6 +149,15 @@ def load_parts(parts: Sequence[Part], size: int, selection: Selection = Selectio
     return CachedImages(records, images, rejected)
 
 
+def load_channel(folder: Path, size: int) -> CachedImages:
+    """Every photo of a channel (an ABID folder or a folder of shards) decoded into memory, with every reject,
+    those found while listing it first: what validation and ``ml.evaluate`` score."""
+    parts, rejected = channel_parts(folder)
+    loaded = load_parts(parts, size)
+    loaded.rejected = rejected + loaded.rejected
+    return loaded
+
+
 def epoch_parts(parts: Sequence[Part], seed: int, epoch: int) -> list[Part]:
     """Every part in this epoch's order: the same on every rank, so each can take its own stride of it."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)

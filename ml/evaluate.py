@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ml import channel as mlchannel
 from ml import data as mldata
 from ml import operating, plots
 from ml.model import load_model
@@ -67,11 +68,12 @@ def coverage(confidence: torch.Tensor, correct: torch.Tensor, levels=COVERAGE_LE
 
 def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (1, 5), tta: int | None = None,
              out: Path | None = None, batch_size: int = 64) -> dict:
-    """Scores a model on a folder; ``tta`` None means what the model serves with (its config)."""
+    """Scores a model on a channel (an ABID folder or a folder of shards); ``tta`` None means what the model
+    serves with (its config)."""
     model, config = load_model(model_dir)
     tta = max(1, min(8, config.tta if tta is None else tta))
     started = time.time()
-    cached = mldata.load_images(data_dir, config.image_size)
+    cached = mlchannel.load_channel(data_dir, config.image_size)
     logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
     probabilities = logits.softmax(1)
     quantities = cached.quantities

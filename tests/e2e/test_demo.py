@@ -151,12 +151,13 @@ def test_demo_runs_the_pipeline_end_to_end_offline_and_leaves_nothing_running(tm
     printed = STATE_LINE.findall(run)
     assert printed and all(pipeline.get(name) == kind for kind, name in printed), printed
     ran = [name for _, name in printed]
-    order = ["SelectDataset", "CopyImages", "SplitDataset", "PrepareTraining", "TrainModel", "RecordTraining",
-             "Decide deploy"]
+    order = ["SelectDataset", "CopyImages", "SplitDataset", "PlanShards", "PackShards", "FinishPack",
+             "PrepareTraining", "TrainModel", "RecordTraining", "Decide deploy"]
     assert [name for name in ran if name in order] == order, ran
-    assert ("Map", "CopyImages") in printed and ("Task", "TrainModel") in printed
-    # The trainer ran from the task's request: its channels were downloaded from the request's S3 URIs.
-    assert re.search(r"channel train: \d+ object\(s\) from s3://\S+/manifests/\S+ \(ManifestFile\)", run)
+    assert {("Map", "CopyImages"), ("Map", "PackShards"), ("Task", "TrainModel")} <= set(printed)
+    # The trainer ran from the task's request: its train channel is the pack stage's shards, downloaded from the
+    # request's S3 prefix.
+    assert re.search(r"channel train: \d+ object\(s\) from s3://\S+/shards/\S+/train/ \(S3Prefix\)", run)
     # The gate skips: the shipped model (put in service by the deploy stage beforehand) stays.
     assert "Deploy skipped" in ran and "Release model" not in ran
     table = out[out.index("photo "):]

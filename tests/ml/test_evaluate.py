@@ -42,6 +42,21 @@ def test_evaluate_cli_prints_the_report_and_writes_plots(tiny_model_dir: Path, s
     assert set(applied["consignment"]["by_offset"]) == {"0", "1", "2+"}
 
 
+def test_a_channel_of_shards_is_scored_exactly_as_the_folder_it_was_packed_from(tiny_model_dir: Path,
+                                                                              sample_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    # The pipeline's test channel is the pack stage's shards; scoring it must not depend on the layout.
+    from ml import shards
+    from ml.evaluate import evaluate
+
+    shards.pack_folder(sample_dir, tmp_path / "test", "test", photos_per_shard=100)
+    from_shards = evaluate(tiny_model_dir, tmp_path / "test")
+    from_folder = evaluate(tiny_model_dir, sample_dir)
+    assert from_shards["images"] == from_folder["images"] == 240
+    for key in ("headline", "full_range", "confusion_matrix", "per_class"):
+        assert from_shards[key] == from_folder[key]
+
+
 def test_confusion_matrix_rows_are_truth_and_columns_predictions() -> None:
     matrix = confusion(torch.tensor([1, 2, 2]), torch.tensor([1, 1, 2]), [0, 1, 2])
     assert matrix == [[0, 0, 0], [0, 1, 1], [0, 0, 1]]
