@@ -110,7 +110,7 @@ def read_part(part: Part, selection: Selection) -> Iterator[tuple[AbidRecord, by
 
 
 def count_part(part: Part, selection: Selection) -> int:
-    """Selected photos of a part, from the metadata alone (a shard's photos are seeked over, not read)."""
+    """Selected photos of a part, from the metadata alone (a shard is read through once, its photos not decoded)."""
     if part.records is not None:
         return len(part.records)
     kept = 0

@@ -132,11 +132,14 @@ def is_shard_channel(folder: Path) -> bool:
 
 
 def read_metadata(path: Path) -> Iterator[tuple[str, bytes]]:
-    """``(key, metadata bytes)`` of each sample of a shard file, seeking over the photos.
+    """``(key, metadata bytes)`` of each sample of a shard file: what a trainer reads to count a channel's photos
+    before its first step.
 
-    What a trainer reads to count a channel's photos before its first step: the JSON members only, a small
-    fraction of the bytes, instead of streaming every photo once more."""
-    with tarfile.open(path, mode="r:") as tar:
+    Read front to back, not by seeking from header to header: a FastFile channel is S3 behind a file system,
+    which "works best when the data is read sequentially" (SageMaker API reference, TrainingInputMode), and
+    seeking would cost two small reads per photo. On a local disk both ways took about 1 s for 249 MB of
+    shards here."""
+    with path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for info in tar:
             base = info.name.rsplit("/", 1)[-1]
             key, _, extension = base.partition(".")
