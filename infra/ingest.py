@@ -19,8 +19,6 @@ writes the report with every selected image and the map's error, then fails the 
 
 from __future__ import annotations
 
-from typing import Any
-
 from aws_cdk import Aws, Duration, FeatureFlags
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -31,6 +29,7 @@ from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
+from infra.maps import RESULT_WRITER_V2_FLAG, CsvReader, ResultWriter
 from infra.nag import distributed_map_children, suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, REPORT_PREFIX
@@ -38,8 +37,6 @@ from lambdas.ingest.worker import ITEM_FROM_PLAN
 
 INGEST_REPORT_PREFIX = f"{REPORT_PREFIX}ingest/"
 MAP_RESULTS_PREFIX = f"{INGEST_REPORT_PREFIX}map-results"
-# Without this CDK context flag, DistributedMap ignores ResultWriterV2 (cdk.json sets it).
-RESULT_WRITER_V2_FLAG = "@aws-cdk/aws-stepfunctions:useDistributedMapResultWriterV2"
 # Copy workers run this many S3 requests at once inside one batch; with MaxConcurrency batches in flight,
 # the stage holds at most ingestMaxConcurrency x this many requests against S3.
 WORKER_THREADS = 16
@@ -47,42 +44,6 @@ WORKER_THREADS = 16
 
 def _source_arn(bucket: str, path: str = "") -> str:
     return f"arn:{Aws.PARTITION}:s3:::{bucket}{path}"
-
-
-class _SelectionReader(sfn.S3CsvItemReader):
-    """The selection CSV reader. It grants the state machine GetObject on manifests/ only (with a key taken
-    from the state, CDK's own reader grants the whole bucket) and Decrypt with the data key, which CDK's
-    reader leaves out, so any state machine hosting the stage can read the encrypted selection."""
-
-    def __init__(self, *, key_arn: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._key_arn = key_arn
-
-    def provide_policy_statements(self) -> list[iam.PolicyStatement]:
-        return [
-            iam.PolicyStatement(actions=["s3:GetObject"],
-                                resources=[self.bucket.arn_for_objects(f"{MANIFEST_PREFIX}*")]),
-            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[self._key_arn]),
-        ]
-
-
-class _MapResultWriter(sfn.ResultWriterV2):
-    """Exports child results under reports/ingest/map-results/, granting the state machine that prefix only
-    (CDK's own writer grants the whole bucket) and the data key's GenerateDataKey/Decrypt (multipart
-    uploads of large result files need both), which CDK's writer leaves out."""
-
-    def __init__(self, *, key_arn: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._key_arn = key_arn
-
-    def provide_policy_statements(self) -> list[iam.PolicyStatement]:
-        return [
-            iam.PolicyStatement(
-                actions=["s3:PutObject", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"],
-                resources=[self.bucket.arn_for_objects(f"{MAP_RESULTS_PREFIX}/*")],
-            ),
-            iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=[self._key_arn]),
-        ]
 
 
 class IngestStage(StageFragment):
@@ -139,8 +100,9 @@ class IngestStage(StageFragment):
             self,
             "CopyImages",
             comment="One child execution per batch of images from the selection CSV",
-            item_reader=_SelectionReader(
+            item_reader=CsvReader(
                 key_arn=data_key.key_arn,
+                granted_prefix=MANIFEST_PREFIX,
                 bucket=data_bucket,
                 key=sfn.JsonPath.string_at("$.ingest.selectionKey"),
                 csv_headers=sfn.CsvHeaders.use_first_row(),
@@ -154,7 +116,7 @@ class IngestStage(StageFragment):
             tolerated_failure_percentage=settings.ingest_tolerated_failure_percent,
             # Standard children: a batch with its retries can outlast the 5 minutes an express child gets.
             map_execution_type=sfn.StateMachineType.STANDARD,
-            result_writer_v2=_MapResultWriter(key_arn=data_key.key_arn, bucket=data_bucket, prefix=MAP_RESULTS_PREFIX),
+            result_writer_v2=ResultWriter(key_arn=data_key.key_arn, bucket=data_bucket, prefix=MAP_RESULTS_PREFIX),
             result_path="$.ingest.copy",
         )
         copy.item_processor(copy_batch)

@@ -19,8 +19,6 @@ As in infra/ingest.py, the states register every grant the hosting state machine
 
 from __future__ import annotations
 
-from typing import Any
-
 from aws_cdk import Duration, FeatureFlags
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -31,7 +29,7 @@ from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PythonFunction
-from infra.ingest import RESULT_WRITER_V2_FLAG
+from infra.maps import RESULT_WRITER_V2_FLAG, JsonReader, ResultWriter
 from infra.nag import distributed_map_children, suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MANIFEST_PREFIX, RAW_PREFIX, SHARD_PREFIX
@@ -44,40 +42,6 @@ PACK_THREADS = 32
 # One shard of 1,000 photos takes seconds; the timeout leaves room for S3's slow moments and the SDK's retries,
 # well inside Lambda's 15 minutes.
 PACKER_TIMEOUT_SECONDS = 5 * 60
-
-
-class _PlanReader(sfn.S3JsonItemReader):
-    """The plan reader. It grants the state machine GetObject on reports/pack/plans/ only (with a key taken from
-    the state, CDK's own reader grants the whole bucket) and Decrypt with the data key, which CDK's reader
-    leaves out."""
-
-    def __init__(self, *, key_arn: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._key_arn = key_arn
-
-    def provide_policy_statements(self) -> list[iam.PolicyStatement]:
-        return [
-            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{PLAN_PREFIX}*")]),
-            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[self._key_arn]),
-        ]
-
-
-class _MapResultWriter(sfn.ResultWriterV2):
-    """Exports child results under reports/pack/map-results/ only, with the data key's GenerateDataKey/Decrypt
-    (multipart uploads of large result files need both), which CDK's writer leaves out."""
-
-    def __init__(self, *, key_arn: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._key_arn = key_arn
-
-    def provide_policy_statements(self) -> list[iam.PolicyStatement]:
-        return [
-            iam.PolicyStatement(
-                actions=["s3:PutObject", "s3:GetObject", "s3:ListMultipartUploadParts", "s3:AbortMultipartUpload"],
-                resources=[self.bucket.arn_for_objects(f"{MAP_RESULTS_PREFIX}/*")],
-            ),
-            iam.PolicyStatement(actions=["kms:GenerateDataKey", "kms:Decrypt"], resources=[self._key_arn]),
-        ]
 
 
 class PackStage(StageFragment):
@@ -111,14 +75,14 @@ class PackStage(StageFragment):
         pack = sfn.DistributedMap(
             self, "PackShards",
             comment="One child execution per shard of the plan",
-            item_reader=_PlanReader(key_arn=data_key.key_arn, bucket=data_bucket,
+            item_reader=JsonReader(key_arn=data_key.key_arn, granted_prefix=PLAN_PREFIX, bucket=data_bucket,
                                     key=sfn.JsonPath.string_at("$.pack.planKey")),
             max_concurrency=settings.pack_max_concurrency,
             # Every shard runs whatever others do; the finish step applies the tolerance per photo.
             tolerated_failure_percentage=100,
             # Standard children: a shard with its retries can outlast the 5 minutes an express child gets.
             map_execution_type=sfn.StateMachineType.STANDARD,
-            result_writer_v2=_MapResultWriter(key_arn=data_key.key_arn, bucket=data_bucket, prefix=MAP_RESULTS_PREFIX),
+            result_writer_v2=ResultWriter(key_arn=data_key.key_arn, bucket=data_bucket, prefix=MAP_RESULTS_PREFIX),
             result_path="$.pack.packed",
         )
         pack.item_processor(pack_shard)

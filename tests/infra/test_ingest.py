@@ -15,7 +15,8 @@ from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks, NagPackSuppression, NagSuppressions
 
 from infra.config import default_context, settings_from_context
-from infra.ingest import RESULT_WRITER_V2_FLAG, Ingest
+from infra.ingest import Ingest
+from infra.maps import RESULT_WRITER_V2_FLAG
 from infra.storage import Storage
 from lambdas.ingest.worker import ITEM_FROM_PLAN
 from tests.infra.conftest import definition_of
