@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -31,3 +33,9 @@ def data_bucket() -> str:
     except KeyError:
         raise RuntimeError("DATA_BUCKET is not set: the ingest and pack functions need the data bucket's "
                            "name") from None
+
+
+def put_json(s3: Any, bucket: str, key: str, document: Any) -> None:
+    """A report or manifest, indented so a person can read it in the console."""
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=1).encode(),
+                  ContentType="application/json")

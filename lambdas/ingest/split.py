@@ -17,7 +17,6 @@ and returns the ``$.ingest`` object of the state contract.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -99,7 +98,7 @@ def report_failed_map(event: dict[str, Any], *, s3: Any, data_bucket: str) -> No
     reason = f"copy map failed: {error.get('Error') or 'unknown error'}: {error.get('Cause') or 'no cause given'}"
     ids = sorted(_read_selection(s3, data_bucket, event["selectionKey"]))
     report_key = f"{REPORT_PREFIX}{plan.run_id}.json"
-    _put_json(s3, data_bucket, report_key, {
+    aws.put_json(s3, data_bucket, report_key, {
         "runId": plan.run_id,
         "plan": plan.to_dict(),
         "selected": len(ids),
@@ -165,13 +164,13 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
         "failures": failures,
     }
     if failed_percent > plan.tolerated_failure_percent:
-        _put_json(s3, data_bucket, report_key, report)
+        aws.put_json(s3, data_bucket, report_key, report)
         raise TooManyFailures(
             f"{len(failures)} of {selected} images failed ({failed_percent:.1f} %), above the tolerated "
             f"{plan.tolerated_failure_percent:g} %; every failure and its reason: s3://{data_bucket}/{report_key}"
         )
     if not records:
-        _put_json(s3, data_bucket, report_key, report)
+        aws.put_json(s3, data_bucket, report_key, report)
         raise EmptyDataset(f"no image was ingested; see s3://{data_bucket}/{report_key}")
 
     s3.put_object(Bucket=data_bucket, Key=records_key, Body=abid.records_jsonl(records).encode(),
@@ -179,11 +178,11 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
     channels = {}
     for name, part in parts.items():
         manifest_key = f"{manifests}{name}.manifest"
-        _put_json(s3, data_bucket, manifest_key, abid.sagemaker_manifest(part, raw_prefix))
+        aws.put_json(s3, data_bucket, manifest_key, abid.sagemaker_manifest(part, raw_prefix))
         s3.put_object(Bucket=data_bucket, Key=f"{manifests}{name}.jsonl", Body=abid.records_jsonl(part).encode(),
                       ContentType="application/x-ndjson")
         channels[name] = f"s3://{data_bucket}/{manifest_key}"
-    _put_json(s3, data_bucket, report_key, report)
+    aws.put_json(s3, data_bucket, report_key, report)
     return {
         "runId": run,
         "recordsKey": records_key,
@@ -192,10 +191,6 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
         "reportKey": report_key,
     }
 
-
-def _put_json(s3: Any, bucket: str, key: str, document: Any) -> None:
-    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=1).encode(),
-                  ContentType="application/json")
 
 
 @metrics.log_metrics

@@ -100,10 +100,6 @@ def gather(plan: list[dict[str, Any]], children: list[map_results.Child]) -> dic
             "unchanged": unchanged, "failures": sorted(failures, key=lambda f: (f["split"], f["imageId"]))}
 
 
-def _put_json(s3: Any, bucket: str, key: str, document: Any) -> None:
-    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(document, indent=1).encode(),
-                  ContentType="application/json")
-
 
 def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: float) -> dict[str, Any]:
     run = event.run_id
@@ -117,7 +113,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
     if event.pack_error and not details.get("Key"):
         error = event.pack_error
         reason = f"pack map failed: {error.get('Error') or 'unknown error'}: {error.get('Cause') or 'no cause given'}"
-        _put_json(s3, data_bucket, report_key, {
+        aws.put_json(s3, data_bucket, report_key, {
             "runId": run, "planKey": event.plan_key, "planned": dict(planned), "packed": 0, "failed": total,
             "packError": error, "failures": [{"imageId": image_id, "split": item["split"], "reason": reason}
                                              for item in plan for image_id in item["ids"]],
@@ -145,7 +141,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
         "mapResults": f"s3://{details.get('Bucket') or data_bucket}/{details['Key']}",
         "failures": gathered["failures"],
     }
-    _put_json(s3, data_bucket, report_key, report)
+    aws.put_json(s3, data_bucket, report_key, report)
     where = f"every failure and its reason: s3://{data_bucket}/{report_key}"
     if failed_percent > tolerated_percent:
         raise TooManyFailures(f"{failed} of {total} photos could not be packed ({failed_percent:.1f} %), above "
