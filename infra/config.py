@@ -360,7 +360,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
     "studio_domain": ("studioDomain", _bool),
-    "studio_network_access": ("studioNetworkAccess", _choice("PublicInternetOnly", "VpcOnly")),
+    # ByStage: VpcOnly in prod, PublicInternetOnly elsewhere (infra/studio.py network_access).
+    "studio_network_access": ("studioNetworkAccess", _choice("ByStage", "PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
     "cost_report_schedule": ("costReportSchedule", _rate_or_cron),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),

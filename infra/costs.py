@@ -9,6 +9,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_scheduler as scheduler
+from aws_cdk import aws_sqs as sqs
+from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
@@ -115,6 +117,16 @@ class Costs(Construct):
         invoker.add_to_principal_policy(
             iam.PolicyStatement(actions=["lambda:InvokeFunction"], resources=[self.report.function.function_arn])
         )
+        # A schedule whose invocation still fails after its retries drops the event unless it has a dead-letter
+        # queue; with one, the missed report is visible (and the reason is in the message attributes). SQS-managed
+        # encryption: a queue under the AWS-managed SQS KMS key cannot receive from AWS services, whose key policy
+        # nobody can change.
+        self.dlq = sqs.Queue(self, "ScheduleDeadLetters", encryption=sqs.QueueEncryption.SQS_MANAGED,
+                             enforce_ssl=True, retention_period=Duration.days(14))
+        NagSuppressions.add_resource_suppressions(
+            self.dlq, [{"id": "AwsSolutions-SQS3", "reason": "This queue is the cost-report schedule's dead-letter "
+                        "queue."}])
+        self.dlq.grant_send_messages(invoker)
         self.schedule = scheduler.CfnSchedule(
             self,
             "Weekly",
@@ -130,5 +142,6 @@ class Costs(Construct):
                 retry_policy=scheduler.CfnSchedule.RetryPolicyProperty(
                     maximum_retry_attempts=2, maximum_event_age_in_seconds=6 * 3600
                 ),
+                dead_letter_config=scheduler.CfnSchedule.DeadLetterConfigProperty(arn=self.dlq.queue_arn),
             ),
         )

@@ -8,7 +8,7 @@ SageMaker Batch Transform and loads the results into the same table through the 
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import Aws, Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
@@ -23,9 +23,10 @@ from cdk_nag import NagPackSuppression, NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
+from infra.execution_roles import DLC_ACCOUNT, container_statements, execution_role, log_group_arn, volume_grant
 from infra.function import PythonFunction, log_group
 from infra.nag import IAM4, STATE_MACHINE_REASON, flatten, suppress, wildcard_suppression
-from infra.storage import REPORT_PREFIX
+from infra.storage import MODEL_PREFIX, REPORT_PREFIX, grant_read_prefix
 
 # The count path's time budget, sized together (lambdas/count/handler.py reads the ENDPOINT_* values):
 #
@@ -59,13 +60,16 @@ VISIBILITY_TIMEOUT = Duration.seconds(6 * COUNT_TIMEOUT_SECONDS)
 MAX_RECEIVE_COUNT = 5
 assert 2 * RECORD_BUDGET_SECONDS < COUNT_TIMEOUT_SECONDS, "two stalled records must fit in one invocation"
 BULK_PREFIX = f"{REPORT_PREFIX}bulk/"
-# What CDK's Bucket.grant_read (and grant_put) on the KMS-encrypted data bucket allow, as cdk-nag names them.
-READ_GRANT_ACTIONS = ("s3:GetObject*", "s3:GetBucket*", "s3:List*", "kms:GenerateDataKey*", "kms:ReEncrypt*")
+# SageMaker writes every transform job's logs into this one group per region.
+TRANSFORM_LOG_GROUP = "/aws/sagemaker/TransformJobs"
+# What CDK's table grant (the table is encrypted with the data key) and bucket put grant allow, as cdk-nag names
+# them; reads are granted by infra.storage.grant_read_prefix, which uses no wildcard action.
+READ_GRANT_ACTIONS = ("kms:GenerateDataKey*", "kms:ReEncrypt*")
 READ_PUT_GRANT_ACTIONS = (*READ_GRANT_ACTIONS, "s3:Abort*")
-READ_GRANT_REASON = ("CDK's bucket read grant and the data key's encrypt/decrypt grant expand to these action "
-                     "families (GetObject* includes GetObjectVersion for versioned photos; List* lets a missing "
-                     "object answer 404); the resources are held to the prefixes and key suppressed beside them.")
-READ_PUT_GRANT_REASON = READ_GRANT_REASON + " Abort* comes from the put grant under reports/bulk/."
+READ_GRANT_REASON = ("CDK's table grant on a table encrypted with the data key expands to the key's "
+                     "GenerateDataKey*/ReEncrypt*, on the one data key only.")
+READ_PUT_GRANT_REASON = (READ_GRANT_REASON + " s3:Abort* (aborting its own multipart uploads) comes from the put "
+                         "grant under reports/bulk/.")
 
 
 def endpoint_concurrency(settings: Settings) -> int:
@@ -87,7 +91,7 @@ class Count(Construct):
         data_bucket: s3.IBucket,
         data_key: kms.IKey,
         endpoint_name: str,
-        sagemaker_role: iam.IRole | None = None,
+        bulk: bool = True,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
@@ -106,6 +110,8 @@ class Count(Construct):
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True
             ),
+            # A production table outlives a mistaken `cdk destroy` or a delete in the console.
+            deletion_protection=settings.is_production,
             removal_policy=removal,
         )
         self.table.add_global_secondary_index(
@@ -211,7 +217,7 @@ class Count(Construct):
             max_concurrency=endpoint_concurrency(settings),
         ))
         role = self.count.role
-        data_bucket.grant_read(role, f"{settings.incoming_prefix}*")
+        grant_read_prefix(data_bucket, data_key, role, f"{settings.incoming_prefix}*", missing_is_404=True)
         self.table.grant_read_write_data(role)
         self.idempotency_table.grant_read_write_data(role)
         role.add_to_principal_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"],
@@ -233,10 +239,23 @@ class Count(Construct):
         )
 
         self._bucket_notification_suppressions(stack)
-        if sagemaker_role is not None:
+        self._hold_s3_to_this_bucket(stack, data_bucket)
+        if bulk:
             self.bulk = BulkCount(self, "Bulk", settings=settings, data_bucket=data_bucket, data_key=data_key,
-                                  table=self.table, endpoint_arn=endpoint_arn, endpoint_name=endpoint_name,
-                                  sagemaker_role=sagemaker_role)
+                                  table=self.table, endpoint_arn=endpoint_arn, endpoint_name=endpoint_name)
+
+    def _hold_s3_to_this_bucket(self, stack: Stack, data_bucket: s3.IBucket) -> None:
+        """CDK's S3 notification destination and queue grant add s3.amazonaws.com statements to the queue key
+        with no condition, or aws:SourceArn only. Every S3 statement of the key gets both aws:SourceAccount and
+        aws:SourceArn (this bucket), the confused-deputy conditions AWS advises for service principals."""
+        key = self.queue_key.node.default_child
+        document = stack.resolve(key.key_policy)  # type: ignore[union-attr]
+        for statement in document["Statement"]:
+            if statement.get("Principal") == {"Service": "s3.amazonaws.com"}:
+                condition = statement.setdefault("Condition", {})
+                condition.setdefault("StringEquals", {})["aws:SourceAccount"] = stack.resolve(stack.account)
+                condition.setdefault("ArnLike", {})["aws:SourceArn"] = stack.resolve(data_bucket.bucket_arn)
+        key.add_property_override("KeyPolicy", document)  # type: ignore[union-attr]
 
     @staticmethod
     def _bucket_notification_suppressions(stack: Stack) -> None:
@@ -271,10 +290,10 @@ class BulkCount(Construct):
     """
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, data_bucket: s3.IBucket,
-                 data_key: kms.IKey, table: dynamodb.ITable, endpoint_arn: str, endpoint_name: str,
-                 sagemaker_role: iam.IRole) -> None:
+                 data_key: kms.IKey, table: dynamodb.ITable, endpoint_arn: str, endpoint_name: str) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
+        self.transform_role = self._transform_role(settings, data_bucket, data_key)
         environment = {
             "DATA_BUCKET": data_bucket.bucket_name,
             "COUNTS_TABLE": table.table_name,
@@ -285,6 +304,7 @@ class BulkCount(Construct):
             "BULK_PREFIX": BULK_PREFIX,
             "TRANSFORM_INSTANCE_TYPE": settings.endpoint_instance_type,
             "KMS_KEY_ID": data_key.key_arn,
+            "TRANSFORM_ROLE_ARN": self.transform_role.role_arn,
         }
         self.plan = PythonFunction(self, "Plan", settings=settings, handler="lambdas.count.bulk.plan_handler",
                                    service="count-bulk-plan", environment=environment, timeout_seconds=300,
@@ -293,10 +313,10 @@ class BulkCount(Construct):
                                    service="count-bulk-load", environment=environment, timeout_seconds=300,
                                    description="Loads Batch Transform results into the counts table")
         # Bulk counting covers uploads: any prefix under the incoming prefix, nothing else of the bucket.
-        data_bucket.grant_read(self.plan.role, f"{settings.incoming_prefix}*")
+        grant_read_prefix(data_bucket, data_key, self.plan.role, f"{settings.incoming_prefix}*")
         data_bucket.grant_put(self.plan.role, f"{BULK_PREFIX}*")
         # The loader reads only the job's inputs and .out files, under reports/bulk/<job>/.
-        data_bucket.grant_read(self.load.role, f"{BULK_PREFIX}*")
+        grant_read_prefix(data_bucket, data_key, self.load.role, f"{BULK_PREFIX}*", missing_is_404=True)
         data_bucket.grant_put(self.load.role, f"{BULK_PREFIX}*")
         for fn in (self.plan, self.load):
             table.grant_read_write_data(fn.role)
@@ -306,17 +326,19 @@ class BulkCount(Construct):
             resources=[endpoint_arn, stack.format_arn(service="sagemaker", resource="endpoint-config",
                                                       resource_name="*")],
         ))
-        # The transform job reads the photos and writes .out files with the SageMaker role.
-        self.transform_access = iam.Policy(self, "TransformAccess", roles=[sagemaker_role], statements=[
-            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]),
-            iam.PolicyStatement(actions=["s3:GetObject"],
-                                resources=[data_bucket.arn_for_objects(f"{settings.incoming_prefix}*"),
-                                           data_bucket.arn_for_objects(f"{BULK_PREFIX}*")]),
-            iam.PolicyStatement(actions=["s3:PutObject", "s3:AbortMultipartUpload"],
-                                resources=[data_bucket.arn_for_objects(f"{BULK_PREFIX}*")]),
-            iam.PolicyStatement(actions=["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey*", "kms:CreateGrant"],
-                                resources=[data_key.key_arn]),
-        ])
+        # The transform job runs a model of its own, made by the planner from the model in service with the
+        # transform role (a transform job has no role of its own: it uses its model's).
+        models = stack.format_arn(service="sagemaker", resource="model", resource_name=f"{endpoint_name}-*")
+        transform_models = stack.format_arn(service="sagemaker", resource="model",
+                                            resource_name=f"{endpoint_name}-bulk-*")
+        self.plan.role.add_to_principal_policy(iam.PolicyStatement(actions=["sagemaker:DescribeModel"],
+                                                                   resources=[models]))
+        self.plan.role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["sagemaker:CreateModel", "sagemaker:AddTags"], resources=[transform_models]))
+        self.plan.role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["iam:PassRole"], resources=[self.transform_role.role_arn],
+            conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+        ))
 
         plan = tasks.LambdaInvoke(self, "Plan bulk count", lambda_function=self.plan.function,
                                   payload=sfn.TaskInput.from_object({"input.$": "$", "execution.$":
@@ -396,9 +418,11 @@ class BulkCount(Construct):
             wildcard_suppression(
                 self.plan, "Bulk counting may be pointed at any prefix under the incoming prefix, so the planner "
                 "reads (lists, heads, sniffs) objects anywhere below it; DescribeEndpointConfig on any config reads "
-                "the one serving the endpoint, whose name the plan learns from DescribeEndpoint.",
+                "the one serving the endpoint, whose name the plan learns from DescribeEndpoint; DescribeModel "
+                "reads the model in service (named <endpoint>-<execution>) and CreateModel makes the transform's "
+                "own, named <endpoint>-bulk-<time>.",
                 resources=[incoming, stack.format_arn(service="sagemaker", resource="endpoint-config",
-                                                        resource_name="*")],
+                                                        resource_name="*"), models, transform_models],
             ),
             wildcard_suppression(self.plan, table_and_bulk, resources=[bulk, indexes]),
             wildcard_suppression(self.plan, READ_PUT_GRANT_REASON, actions=READ_PUT_GRANT_ACTIONS),
@@ -407,19 +431,6 @@ class BulkCount(Construct):
             self.load.role,
             wildcard_suppression(self.load, table_and_bulk, resources=[bulk, indexes]),
             wildcard_suppression(self.load, READ_PUT_GRANT_REASON, actions=READ_PUT_GRANT_ACTIONS),
-        )
-        suppress(
-            self.transform_access,
-            wildcard_suppression(
-                self.transform_access, "The transform job reads the photos of the chosen prefix (always under "
-                "the incoming prefix) and its manifest, and writes .out files, under reports/bulk/ only.",
-                resources=[incoming, bulk],
-            ),
-            wildcard_suppression(
-                self.transform_access, "SageMaker encrypts transform output with the one data key and needs "
-                "GenerateDataKey* (GenerateDataKey and its WithoutPlaintext variant) on it.",
-                actions=["kms:GenerateDataKey*"],
-            ),
         )
         suppress(
             role,
@@ -434,3 +445,42 @@ class BulkCount(Construct):
             ),
             wildcard_suppression(self.state_machine, STATE_MACHINE_REASON, resources=["*"]),
         )
+
+    def _transform_role(self, settings: Settings, data_bucket: s3.IBucket, data_key: kms.IKey) -> iam.Role:
+        """The role the transform job's model names: read the model artifact, the job's manifest and the photos
+        under the incoming prefix; write .out files under reports/bulk/<job>/out/; nothing else."""
+        role = execution_role(self, "TransformRole",
+                              description=f"{settings.project}: Batch Transform for bulk counting (reads uploads, "
+                              "writes reports/bulk/*/out/ only)")
+        models = data_bucket.arn_for_objects(f"{MODEL_PREFIX}*")
+        incoming = data_bucket.arn_for_objects(f"{settings.incoming_prefix}*")
+        manifests = data_bucket.arn_for_objects(f"{BULK_PREFIX}*/manifest.json")
+        outputs = data_bucket.arn_for_objects(f"{BULK_PREFIX}*/out/*")
+        # Pre-created so that it has the logs key and a retention (SageMaker would make it without either).
+        self.job_logs = log_group(self, settings, "JobLogs", name=TRANSFORM_LOG_GROUP)
+        repository = f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{DLC_ACCOUNT}:repository/pytorch-inference"
+        for statement in [
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[models, incoming, manifests]),
+            iam.PolicyStatement(actions=["s3:PutObject", "s3:AbortMultipartUpload"], resources=[outputs]),
+            # The manifest names every object, so listing is needed at most for the incoming prefix.
+            iam.PolicyStatement(actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn],
+                                conditions={"StringLike": {"s3:prefix": [f"{settings.incoming_prefix}*"]}}),
+            iam.PolicyStatement(actions=["kms:Decrypt", "kms:GenerateDataKey"], resources=[data_key.key_arn]),
+            volume_grant(data_key),
+            *container_statements(repositories=[repository], log_groups=[TRANSFORM_LOG_GROUP]),
+        ]:
+            role.add_to_policy(statement)
+        suppress(
+            role,
+            wildcard_suppression(
+                role, "The transform job loads model.tar.gz from models/, reads the photos of the chosen prefix "
+                "(always under the incoming prefix) and its job's manifest, writes .out files under its job's out/ "
+                "only, and writes the streams (':*') of SageMaker's transform log group.",
+                resources=[models, incoming, manifests, outputs, log_group_arn(TRANSFORM_LOG_GROUP)],
+            ),
+            wildcard_suppression(
+                role, "ecr:GetAuthorizationToken and cloudwatch:PutMetricData (held to SageMaker's namespaces by a "
+                "condition) accept no resource narrower than '*'.", resources=["*"],
+            ),
+        )
+        return role

@@ -13,7 +13,7 @@ service) or fails with the reason (Failed, or rolled back to the old config).
 
 from __future__ import annotations
 
-from aws_cdk import ArnFormat, Duration, Stack
+from aws_cdk import ArnFormat, Aws, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -23,13 +23,12 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import Settings
-from infra.function import PythonFunction
+from infra.execution_roles import DLC_ACCOUNT, container_statements, execution_role, log_group_arn, volume_grant
+from infra.function import PythonFunction, log_group
 from infra.nag import suppress, wildcard_suppression
 from infra.pipeline import StageFragment
-from infra.storage import MODEL_PREFIX
+from infra.storage import MODEL_PREFIX, grant_read_prefix
 from lambdas.deploy import plan
-
-DLC_ACCOUNT = "763104351884"  # AWS Deep Learning Containers' registry in the commercial regions
 
 
 def endpoint_name(settings: Settings) -> str:
@@ -189,11 +188,11 @@ class Deploy(Construct):
         settings: Settings,
         data_bucket: s3.IBucket,
         data_key: kms.IKey,
-        sagemaker_role: iam.IRole,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         self.endpoint_name = endpoint_name(settings)
+        self.inference_role = self._inference_role(settings, data_bucket, data_key)
         self.endpoint_arn = self._sagemaker_arn("endpoint", self.endpoint_name)
         rollback_alarm_name = f"{self.endpoint_name}-invocation-5xx"
         self.rollback_alarm = cloudwatch.Alarm(
@@ -225,7 +224,8 @@ class Deploy(Construct):
             target_invocations_per_instance=settings.endpoint_target_invocations_per_instance,
             min_improvement=settings.deploy_min_improvement,
             image_uri=serving_image(self, settings),
-            role_arn=sagemaker_role.role_arn,
+            role_arn=self.inference_role.role_arn,
+            kms_key_arn=data_key.key_arn,
             # The literal name: a Ref would be a token inside the JSON setting.
             rollback_alarms=[rollback_alarm_name],
             bake_seconds=settings.deploy_bake_seconds,
@@ -244,7 +244,7 @@ class Deploy(Construct):
                                "Autoscaling and the in-service record once the endpoint is InService")
 
         in_service = plan.in_service_key(self.endpoint_name)
-        data_bucket.grant_read(self.gate.role, in_service)
+        grant_read_prefix(data_bucket, data_key, self.gate.role, in_service, missing_is_404=True)
         data_bucket.grant_put(self.gate.role, f"{plan.REPORT_PREFIX}*")
         data_bucket.grant_put(self.finish.role, in_service)
         for fn in (self.gate, self.finish):
@@ -270,9 +270,15 @@ class Deploy(Construct):
         ))
         self.release.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["iam:PassRole"],
-            resources=[sagemaker_role.role_arn],
+            resources=[self.inference_role.role_arn],
             conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
         ))
+        # CreateEndpoint/UpdateEndpoint on a config with KmsKeyId: the caller's role must be allowed to use the
+        # key for the instance volumes ("The KMS key policy must grant permission to the IAM role that you specify
+        # in your CreateEndpoint, UpdateEndpoint requests", CreateEndpointConfig API reference, KmsKeyId).
+        self.release.role.add_to_principal_policy(volume_grant(data_key))
+        self.release.role.add_to_principal_policy(iam.PolicyStatement(actions=["kms:DescribeKey"],
+                                                                      resources=[data_key.key_arn]))
         scaling = ["application-autoscaling:RegisterScalableTarget", "application-autoscaling:PutScalingPolicy",
                    "application-autoscaling:DescribeScalableTargets", "application-autoscaling:DescribeScalingPolicies"]
         self.release.role.add_to_principal_policy(iam.PolicyStatement(
@@ -298,17 +304,17 @@ class Deploy(Construct):
                 "AWSServiceRoleForApplicationAutoScaling_SageMakerEndpoint")],
             conditions={"StringLike": {"iam:AWSServiceName": "sagemaker.application-autoscaling.amazonaws.com"}},
         ))
-        bucket_grants = ("CDK's bucket grants expand to these action families (GetObject*, GetBucket*, List*, "
-                         "Abort*, and the data key's GenerateDataKey*/ReEncrypt*), held to the in-service record "
-                         "and the deploy reports of this endpoint and the one data key.")
+        bucket_grants = ("CDK's bucket put grant and the data key's encrypt/decrypt grant expand to these action "
+                         "families (Abort*, and the key's GenerateDataKey*/ReEncrypt*), held to the in-service "
+                         "record and the deploy reports of this endpoint and the one data key.")
         suppress(
             self.gate.role,
             wildcard_suppression(
                 self.gate, "The gate writes one decision report per execution, so its put grant is the "
                 "reports/deploy/ prefix.", resources=[data_bucket.arn_for_objects(f"{plan.REPORT_PREFIX}*")],
             ),
-            wildcard_suppression(self.gate, bucket_grants, actions=[
-                "s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
+            wildcard_suppression(self.gate, bucket_grants, actions=["s3:Abort*", "kms:GenerateDataKey*",
+                                                                    "kms:ReEncrypt*"]),
         )
         suppress(
             self.release.role,
@@ -341,39 +347,6 @@ class Deploy(Construct):
                                  actions=["s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
         )
 
-        # What the endpoint's containers need through the SageMaker execution role, in a policy of this
-        # construct's own so that its suppression below covers these statements and nothing of the role's.
-        models = data_bucket.arn_for_objects(f"{MODEL_PREFIX}*")
-        endpoint_logs = stack.format_arn(service="logs", resource="log-group",
-                                         resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
-                                         arn_format=ArnFormat.COLON_RESOURCE_NAME)
-        self.endpoint_access = iam.Policy(self, "EndpointAccess", roles=[sagemaker_role], statements=[
-            iam.PolicyStatement(actions=["s3:GetObject"], resources=[models]),
-            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[data_key.key_arn]),
-            iam.PolicyStatement(
-                actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-                resources=[f"arn:{stack.partition}:ecr:{stack.region}:{DLC_ACCOUNT}:repository/pytorch-inference"],
-            ),
-            iam.PolicyStatement(actions=["ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"], resources=["*"]),
-            iam.PolicyStatement(
-                actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
-                         "logs:DescribeLogStreams"],
-                resources=[endpoint_logs],
-            ),
-        ])
-        suppress(
-            self.endpoint_access,
-            wildcard_suppression(
-                self.endpoint_access, "The endpoint loads model.tar.gz from the models/ prefix (one artifact per "
-                "training job) and writes the streams (':*') of its own log group only.",
-                resources=[models, endpoint_logs],
-            ),
-            wildcard_suppression(
-                self.endpoint_access, "ecr:GetAuthorizationToken and cloudwatch:PutMetricData accept no "
-                "resource narrower than '*'.", resources=["*"],
-            ),
-        )
-
         self.stage = DeployStage(self, "Stage", gate=self.gate, release=self.release, finish=self.finish,
                                  endpoint=self.endpoint_name, endpoint_arn=self.endpoint_arn)
 
@@ -384,6 +357,37 @@ class Deploy(Construct):
             "tasks may call a version or alias of those three functions, and nothing else.",
             resources=[f"{fn.function.function_arn}:*" for fn in (self.gate, self.release, self.finish)],
         ))
+
+    def _inference_role(self, settings: Settings, data_bucket: s3.IBucket, data_key: kms.IKey) -> iam.Role:
+        """The role CreateModel names: the endpoint's container decodes every untrusted upload, so it may read
+        model artifacts, decrypt them, pull the inference image and write its own log group; it writes nothing
+        in S3 and reads nothing else."""
+        role = execution_role(self, "InferenceRole",
+                              description=f"{settings.project}: the counting endpoint's model (read models/ only)")
+        models = data_bucket.arn_for_objects(f"{MODEL_PREFIX}*")
+        group = f"/aws/sagemaker/Endpoints/{self.endpoint_name}"
+        # Pre-created so that it has the logs key and a retention (SageMaker would make it without either).
+        self.endpoint_logs = log_group(self, settings, "EndpointLogs", name=group)
+        repository = f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:{DLC_ACCOUNT}:repository/pytorch-inference"
+        for statement in [
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[models]),
+            iam.PolicyStatement(actions=["kms:Decrypt"], resources=[data_key.key_arn]),
+            volume_grant(data_key),
+            *container_statements(repositories=[repository], log_groups=[group]),
+        ]:
+            role.add_to_policy(statement)
+        suppress(
+            role,
+            wildcard_suppression(
+                role, "The endpoint loads model.tar.gz from the models/ prefix (one artifact per training job) and "
+                "writes the streams (':*') of its own log group only.", resources=[models, log_group_arn(group)],
+            ),
+            wildcard_suppression(
+                role, "ecr:GetAuthorizationToken and cloudwatch:PutMetricData (held to SageMaker's namespaces by a "
+                "condition) accept no resource narrower than '*'.", resources=["*"],
+            ),
+        )
+        return role
 
     def _sagemaker_arn(self, resource: str, name: str) -> str:
         return Stack.of(self).format_arn(service="sagemaker", resource=resource, resource_name=name)

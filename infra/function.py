@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Aws, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -119,11 +120,49 @@ def retention(days: int) -> logs.RetentionDays:
     return _RETENTIONS[next((choice for choice in _RETENTION_DAYS if choice >= days), _RETENTION_DAYS[-1])]
 
 
-def log_group(scope: Construct, settings: Settings, construct_id: str = "Logs") -> logs.LogGroup:
-    """A log group with the configured retention, kept in production and removed with a dev stack."""
+def log_group(scope: Construct, settings: Settings, construct_id: str = "Logs", *,
+              name: str | None = None) -> logs.LogGroup:
+    """A log group with the configured retention, encrypted with the stack's logs key, kept in production and
+    removed with a dev stack. ``name`` pre-creates a group a service writes to by name (SageMaker's own)."""
     return logs.LogGroup(
         scope,
         construct_id,
+        log_group_name=name,
         retention=retention(settings.log_retention_days),
+        encryption_key=logs_key(scope, settings),
         removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
     )
+
+
+LOGS_KEY_ID = "LogsKey"
+
+
+def logs_key(scope: Construct, settings: Settings) -> kms.Key:
+    """The stack's one customer-managed key for CloudWatch Logs, made on first use.
+
+    CloudWatch Logs uses the key as the regional service principal, and its key policy may hold that principal to
+    this account's log groups with the ``kms:EncryptionContext:aws:logs:arn`` condition ("Encrypt log data in
+    CloudWatch Logs using AWS KMS", Step 2: set permissions on the key,
+    docs.aws.amazon.com/AmazonCloudWatch/latest/logs/encrypt-log-data-kms.html).
+    """
+    stack = Stack.of(scope)
+    existing = stack.node.try_find_child(LOGS_KEY_ID)
+    if existing is not None:
+        return existing  # type: ignore[return-value]
+    key = kms.Key(
+        stack,
+        LOGS_KEY_ID,
+        description=f"{settings.project}: encrypts every log group of the stack (Lambdas, state machines, SageMaker)",
+        enable_key_rotation=True,
+        removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
+    )
+    key.add_to_resource_policy(iam.PolicyStatement(
+        sid="CloudWatchLogsForThisAccountsLogGroups",
+        principals=[iam.ServicePrincipal(f"logs.{Aws.REGION}.amazonaws.com")],
+        actions=["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+        resources=["*"],
+        conditions={"ArnLike": {
+            "kms:EncryptionContext:aws:logs:arn": f"arn:{Aws.PARTITION}:logs:{Aws.REGION}:{Aws.ACCOUNT_ID}:log-group:*",
+        }},
+    ))
+    return key

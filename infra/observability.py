@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration, Stack
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_iam as iam
@@ -78,21 +78,42 @@ class Observability(Construct):
         count_dlq: sqs.IQueue,
         count_function: lambda_.IFunction,
         functions: Sequence[lambda_.IFunction],
-        key: kms.IKey,
         domain_alarms: Sequence[cloudwatch.Alarm] = (),
     ) -> None:
         """``domain_alarms`` are alarms the domains own (the endpoint's rollback alarm): they
         get the same notification and a place on the dashboard instead of a second alarm on the same metric."""
         super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        # The topic has a key of its own: CloudWatch must be allowed to use it, and that statement on the data key
+        # would let CloudWatch use the key of the bucket, the table and the training volumes too.
+        self.key = kms.Key(
+            self,
+            "AlarmKey",
+            description=f"{settings.project}: encrypts the alarm topic",
+            enable_key_rotation=True,
+            removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
+        )
         self.topic = sns.Topic(
             self,
             "Alarms",
             display_name=f"{settings.project} {settings.stage} alarms",
-            master_key=key,
+            master_key=self.key,
             enforce_ssl=True,
         )
-        # CloudWatch publishes to the topic with the key: it needs to use it.
-        key.grant_encrypt_decrypt(iam.ServicePrincipal("cloudwatch.amazonaws.com"))
+        # CloudWatch publishes to the topic with the key, for this account's alarms only (aws:SourceAccount and
+        # aws:SourceArn on the service principal: the confused-deputy conditions CloudWatch sets on its calls).
+        self.key.add_to_resource_policy(iam.PolicyStatement(
+            sid="CloudWatchAlarmsOfThisAccount",
+            principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+            resources=["*"],
+            conditions={
+                "StringEquals": {"aws:SourceAccount": stack.account},
+                "ArnLike": {"aws:SourceArn": stack.format_arn(
+                    service="cloudwatch", resource="alarm", resource_name="*",
+                    arn_format=ArnFormat.COLON_RESOURCE_NAME)},
+            },
+        ))
         if settings.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(settings.alarm_email))
         notify = actions.SnsAction(self.topic)

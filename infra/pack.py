@@ -149,7 +149,7 @@ class Pack(Construct):
         # "Permissions"): without it a missing photo would read as access denied, and a shard not yet written
         # as an error to retry.
         self.packer.role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]))
+            sid="ListBucketSoAMissingObjectIs404", actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]))
         self.packer.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["s3:GetObject"], resources=objects(RAW_PREFIX, SHARD_PREFIX)))
         self.packer.role.add_to_principal_policy(iam.PolicyStatement(

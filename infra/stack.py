@@ -35,9 +35,10 @@ class InvmonStack(Stack):
         self.ingest = Ingest(self, "Ingest", **data)
         self.pack = Pack(self, "Pack", **data)
         self.training = Training(self, "Training", **data)
-        self.deploy = Deploy(self, "Deploy", **data, sagemaker_role=self.training.role)
-        self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name,
-                           sagemaker_role=self.training.role)
+        # Each SageMaker workload has its own execution role: training (infra/training.py), the endpoint's model
+        # (infra/deploy.py) and bulk counting's transform model (infra/count.py).
+        self.deploy = Deploy(self, "Deploy", **data)
+        self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name)
         self.costs = Costs(self, "Costs", **data)
 
         training_hours = -(-stage_timeout_seconds(settings) // 3600)
@@ -76,7 +77,6 @@ class InvmonStack(Stack):
             count_dlq=self.count.dlq,
             count_function=self.count.function,
             functions=functions,
-            key=self.storage.key,
             domain_alarms=[self.deploy.rollback_alarm],
         )
 

@@ -4,6 +4,7 @@ access-log bucket. Private, KMS-encrypted, TLS only, versioned."""
 from __future__ import annotations
 
 from aws_cdk import CfnResource, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from cdk_nag import NagSuppressions
@@ -18,6 +19,34 @@ SHARD_PREFIX = "shards/"
 MODEL_PREFIX = "models/"
 CHECKPOINT_PREFIX = "checkpoints/"
 REPORT_PREFIX = "reports/"
+
+# s3:ListBucket without an s3:prefix condition, by statement id, with the reason it is bucket-wide. S3 answers a
+# missing key with 404 (NoSuchKey) only to a caller that holds s3:ListBucket on the bucket, otherwise with 403 (S3
+# API reference, GetObject, "Permissions"); an s3:prefix condition does not count there, since a GetObject request
+# carries no prefix. Every other listing is held to prefixes (tests/infra/test_least_privilege.py checks).
+BUCKET_WIDE_LISTING = {
+    "ListBucketSoAMissingObjectIs404": (
+        "The reader tells a missing object (404: a photo deleted before counting, no model in service yet, a "
+        "shard or transform answer not written) from a denied one (403), which S3 allows only to a caller "
+        "holding s3:ListBucket on the whole bucket."
+    ),
+}
+
+
+def grant_read_prefix(bucket: s3.IBucket, key: kms.IKey, grantee: iam.IGrantable, pattern: str, *,
+                      missing_is_404: bool = False) -> None:
+    """Read (GetObject, GetObjectVersion) objects matching ``pattern`` and decrypt them. Listing is held to the
+    pattern's prefix unless ``missing_is_404`` asks for the bucket-wide ListBucket that S3's 404 needs."""
+    grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+        actions=["s3:GetObject", "s3:GetObjectVersion"], resources=[bucket.arn_for_objects(pattern)]))
+    if missing_is_404:
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            sid="ListBucketSoAMissingObjectIs404", actions=["s3:ListBucket"], resources=[bucket.bucket_arn]))
+    else:
+        grantee.grant_principal.add_to_principal_policy(iam.PolicyStatement(
+            actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+            conditions={"StringLike": {"s3:prefix": [pattern.split("*")[0] + "*"]}}))
+    key.grant_decrypt(grantee)
 
 
 class Storage(Construct):

@@ -9,7 +9,8 @@ A domain needs a VPC and subnets even with public internet access (its home dire
 system with mount targets there). The stack has no VPC of its own (training uses ``trainingSubnetIds`` where
 given), so this construct makes a minimal one: two isolated subnets, no NAT gateway. ``studioNetworkAccess``:
 
-- ``PublicInternetOnly`` (default): the apps reach the internet and AWS APIs through SageMaker's own network;
+- ``ByStage`` (default): ``VpcOnly`` in prod, ``PublicInternetOnly`` in any other stage.
+- ``PublicInternetOnly``: the apps reach the internet and AWS APIs through SageMaker's own network;
   the VPC only hosts the EFS mount targets. Cheapest, and ``pip install`` works in a notebook.
 - ``VpcOnly``: all app traffic stays in this VPC. With no NAT gateway, the apps reach only the AWS services
   given an endpoint here (S3 and DynamoDB gateways; SageMaker API and runtime, STS, Step Functions, CloudWatch
@@ -24,13 +25,13 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sagemaker as sagemaker
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from infra.config import Settings
+from infra.function import log_group
 from infra.nag import suppress, wildcard_suppression
 from infra.storage import MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX
 
@@ -47,11 +48,23 @@ VPC_ONLY_ENDPOINTS = {
 }
 # What Studio does with the execution role to open the user's apps (JupyterLab, code editor) and spaces.
 STUDIO_APP_ACTIONS = [
-    "sagemaker:CreateApp", "sagemaker:DeleteApp", "sagemaker:DescribeApp", "sagemaker:ListApps",
+    "sagemaker:DeleteApp", "sagemaker:DescribeApp", "sagemaker:ListApps",
     "sagemaker:CreateSpace", "sagemaker:UpdateSpace", "sagemaker:DeleteSpace", "sagemaker:DescribeSpace",
     "sagemaker:ListSpaces", "sagemaker:DescribeDomain", "sagemaker:DescribeUserProfile",
     "sagemaker:ListTags", "sagemaker:AddTags",
 ]
+
+
+def network_access(settings: Settings) -> str:
+    """The domain's AppNetworkAccessType: production notebooks keep their traffic in the VPC unless told otherwise."""
+    if settings.studio_network_access == "ByStage":
+        return "VpcOnly" if settings.is_production else "PublicInternetOnly"
+    return settings.studio_network_access
+
+
+# What Studio apps may run on (CreateApp's sagemaker:InstanceTypes): Studio's own "system" apps and the small
+# general-purpose types a notebook on these reports needs; training belongs to the pipeline.
+STUDIO_INSTANCE_TYPES = ["system", "ml.t3.*", "ml.m5.large", "ml.m5.xlarge", "ml.c5.large", "ml.c5.xlarge"]
 
 
 class Studio(Construct):
@@ -71,7 +84,8 @@ class Studio(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
-        vpc_only = settings.studio_network_access == "VpcOnly"
+        access = network_access(settings)
+        vpc_only = access == "VpcOnly"
         removal = RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY
 
         self.vpc = ec2.Vpc(
@@ -79,7 +93,7 @@ class Studio(Construct):
             subnet_configuration=[ec2.SubnetConfiguration(name="studio", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED,
                                                           cidr_mask=24)],
         )
-        flow_logs = logs.LogGroup(self, "FlowLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=removal)
+        flow_logs = log_group(self, settings, "FlowLogs")
         self.vpc.add_flow_log("FlowLog", destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_logs))
         self.security_group = ec2.SecurityGroup(
             self, "Apps", vpc=self.vpc, allow_all_outbound=False,
@@ -90,8 +104,23 @@ class Studio(Construct):
         self.security_group.add_egress_rule(self.security_group, ec2.Port.all_traffic(),
                                             "Studio apps and their EFS home directories")
         if vpc_only:
-            self.vpc.add_gateway_endpoint("S3", service=ec2.GatewayVpcEndpointAwsService.S3)
-            self.vpc.add_gateway_endpoint("DynamoDb", service=ec2.GatewayVpcEndpointAwsService.DYNAMODB)
+            # The gateway endpoints reach this stack's data bucket and counts table only, so a notebook cannot copy
+            # data to any other bucket or table through them (the security group's 443 egress goes nowhere else:
+            # there is no NAT or internet gateway).
+            s3_gateway = self.vpc.add_gateway_endpoint("S3", service=ec2.GatewayVpcEndpointAwsService.S3)
+            s3_gateway.add_to_policy(iam.PolicyStatement(
+                sid="ThisStacksDataBucketOnly", principals=[iam.AnyPrincipal()],
+                actions=["s3:GetObject", "s3:GetObjectVersion", "s3:ListBucket"],
+                resources=[data_bucket.bucket_arn, data_bucket.arn_for_objects("*")],
+            ))
+            dynamodb_gateway = self.vpc.add_gateway_endpoint("DynamoDb",
+                                                             service=ec2.GatewayVpcEndpointAwsService.DYNAMODB)
+            dynamodb_gateway.add_to_policy(iam.PolicyStatement(
+                sid="ThisStacksCountsTableOnly", principals=[iam.AnyPrincipal()],
+                actions=["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query", "dynamodb:Scan",
+                         "dynamodb:DescribeTable"],
+                resources=[counts_table.table_arn, f"{counts_table.table_arn}/index/*"],
+            ))
             # HTTPS to the endpoints: the interface ones (in this security group, so reachable by the rule above)
             # and the gateway ones, whose addresses are AWS prefix lists outside the VPC. With no NAT gateway and
             # no internet gateway nothing else is reachable on 443.
@@ -109,7 +138,7 @@ class Studio(Construct):
             self, "Domain",
             domain_name=f"{settings.project}-{settings.stage}",
             auth_mode="IAM",
-            app_network_access_type=settings.studio_network_access,
+            app_network_access_type=access,
             vpc_id=self.vpc.vpc_id,
             subnet_ids=[subnet.subnet_id for subnet in self.vpc.isolated_subnets],
             kms_key_id=self.key.key_arn,
@@ -175,6 +204,12 @@ class Studio(Construct):
         domain_arn = stack.format_arn(service="sagemaker", resource="domain", resource_name=domain)
         self.role.add_to_policy(iam.PolicyStatement(sid="RunStudioAppsInThisDomain", actions=STUDIO_APP_ACTIONS,
                                                     resources=[*in_domain, domain_arn]))
+        # The instance-type condition key of CreateApp ("Limit access to SageMaker AI resources by instance type",
+        # SageMaker AI identity-based policy examples): a notebook cannot start a GPU app on this role.
+        self.role.add_to_policy(iam.PolicyStatement(
+            sid="CreateSmallStudioAppsInThisDomain", actions=["sagemaker:CreateApp"], resources=in_domain[:1],
+            conditions={"ForAllValues:StringLike": {"sagemaker:InstanceTypes": STUDIO_INSTANCE_TYPES}},
+        ))
         studio_logs = f"arn:{Aws.PARTITION}:logs:{Aws.REGION}:{Aws.ACCOUNT_ID}:log-group:/aws/sagemaker/studio:*"
         self.role.add_to_policy(iam.PolicyStatement(
             sid="StudioAppLogs", actions=["logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],

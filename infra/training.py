@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aws_cdk import Aws, Duration, Stack
+from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -27,16 +28,28 @@ from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import Settings
-from infra.function import PROJECT_ROOT, PythonFunction
+from infra.execution_roles import container_statements, execution_role, log_group_arn, volume_grant
+from infra.function import PROJECT_ROOT, PythonFunction, log_group
 from infra.images import debugger_image_for_stack_region, image_for_stack_region
 from infra.nag import suppress, wildcard_suppression
 from infra.pipeline import StageFragment
-from infra.storage import CHECKPOINT_PREFIX, MANIFEST_PREFIX, MODEL_PREFIX, RAW_PREFIX, REPORT_PREFIX, SHARD_PREFIX
+from infra.storage import (
+    CHECKPOINT_PREFIX,
+    MANIFEST_PREFIX,
+    MODEL_PREFIX,
+    RAW_PREFIX,
+    REPORT_PREFIX,
+    SHARD_PREFIX,
+    grant_read_prefix,
+)
 from lambdas.training.prepare import DEPLOYMENT_ENV
 from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
 from ml.pretrained import weights_path
 
 TRAINING_REPORT_PREFIX = f"{REPORT_PREFIX}training/"
+# SageMaker writes every training job's logs (tuning trials' included) into this one group per region.
+TRAINING_LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+PROCESSING_LOG_GROUP = "/aws/sagemaker/ProcessingJobs"
 # Debugger/profiler rules usually finish minutes after the job; the report step looks again this often, at
 # most this many times, then records whatever state they are in.
 RULE_POLL_INTERVAL = Duration.seconds(60)
@@ -47,8 +60,7 @@ SAGEMAKER_RETRYABLE = ["SageMaker.AmazonSageMakerException", "SageMaker.Throttli
 _SOURCE_EXCLUDED_PARTS = {"__pycache__", ".pytest_cache"}
 
 
-# What CDK's Bucket.grant_read / grant_put on the KMS-encrypted data bucket allow, as cdk-nag names them.
-BUCKET_READ_ACTIONS = ("s3:GetObject*", "s3:GetBucket*", "s3:List*")
+# What CDK's Bucket.grant_put on the KMS-encrypted data bucket allows, as cdk-nag names it.
 BUCKET_PUT_ACTIONS = ("s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*")
 
 
@@ -283,6 +295,10 @@ class Training(Construct):
         # "pretrained" channel unless an execution names other weights.
         self.pretrained = s3_assets.Asset(self, "PretrainedWeights", path=str(weights_path()))
         self.role = self._execution_role(settings, data_bucket, data_key)
+        # SageMaker's own group, pre-created so that it has the logs key and a retention (SageMaker would make it
+        # without either).
+        self.job_logs = log_group(self, settings, "JobLogs", name=TRAINING_LOG_GROUP)
+        self._allow_encrypted_traffic_between_instances(settings)
         # The container downloads sagemaker_submit_directory and the channels with GetObject (HeadObject
         # included): these two objects, not the whole CDK asset bucket that Asset.grant_read would open
         # (every asset of the account).
@@ -361,7 +377,7 @@ class Training(Construct):
         ))
         data_bucket.grant_put(self.report.role, f"{TRAINING_REPORT_PREFIX}*")
         # output.tar.gz (the trainer's metrics file) sits beside model.tar.gz.
-        data_bucket.grant_read(self.report.role, f"{MODEL_PREFIX}*")
+        grant_read_prefix(data_bucket, data_key, self.report.role, f"{MODEL_PREFIX}*")
         suppress(
             self.report.role,
             wildcard_suppression(
@@ -372,10 +388,9 @@ class Training(Construct):
                            data_bucket.arn_for_objects(f"{TRAINING_REPORT_PREFIX}*")],
             ),
             wildcard_suppression(
-                self.report, "CDK's bucket grant_read/grant_put expand to these action families (GetObject*, "
-                "GetBucket*, List*, Abort*, and the data key's GenerateDataKey*/ReEncrypt*), limited to the "
-                "models/ and reports/training/ prefixes and the one data key.",
-                actions=[*BUCKET_READ_ACTIONS, *BUCKET_PUT_ACTIONS],
+                self.report, "CDK's bucket grant_put expands to these action families (Abort*, and the data key's "
+                "GenerateDataKey*/ReEncrypt*), limited to the reports/training/ prefix and the one data key.",
+                actions=BUCKET_PUT_ACTIONS,
             ),
         )
 
@@ -398,19 +413,31 @@ class Training(Construct):
             ),
         )
 
+    def _allow_encrypted_traffic_between_instances(self, settings: Settings) -> None:
+        """Inter-container traffic encryption (on whenever a job has more than one instance,
+        lambdas/training/request.py) needs IKE (UDP 500) and ESP (IP protocol 50) between the job's instances, in and
+        out, in the job's own security groups ("Protect Communications Between ML Compute Instances in a
+        Distributed Training Job", docs.aws.amazon.com/sagemaker/latest/dg/train-encrypt.html). Without subnets the
+        job runs in SageMaker's own network, which needs no rule."""
+        for index, group in enumerate(settings.training_security_group_ids):
+            for protocol, ports in (("udp", (500, 500)), ("50", (None, None))):
+                rule = {"group_id": group, "ip_protocol": protocol, "from_port": ports[0], "to_port": ports[1],
+                        "description": "SageMaker inter-container traffic encryption (IKE/ESP) between instances"}
+                name = "Ike" if protocol == "udp" else "Esp"
+                ec2.CfnSecurityGroupIngress(self, f"{name}In{index}", source_security_group_id=group, **rule)
+                ec2.CfnSecurityGroupEgress(self, f"{name}Out{index}", destination_security_group_id=group, **rule)
+
     def _execution_role(self, settings: Settings, bucket: s3.IBucket, key: kms.IKey) -> iam.Role:
-        partition, region, account = Aws.PARTITION, Aws.REGION, Aws.ACCOUNT_ID
-        role = iam.Role(
+        role = execution_role(
             self, "ExecutionRole",
-            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
-            description=f"{settings.project}: SageMaker training jobs, tuning trials and models",
+            description=f"{settings.project}: SageMaker training jobs and tuning trials (never named by CreateModel)",
         )
         # Debugger's hook output (reports/training/), its rules' processing-job logs and rule image are granted
         # only to a deployment that opts into Debugger (closed to new customers; off by default).
         debugger = settings.training_debugger or settings.training_profiler
         debug_output = [TRAINING_REPORT_PREFIX] if debugger else []
         # shards/ holds the channels the pipeline passes; raw/ and manifests/ stay readable for a ManifestFile
-        # channel that a user passes instead.
+        # channel that a user passes instead; models/ for a pretrained channel taken from an earlier model.
         readable = [RAW_PREFIX, MANIFEST_PREFIX, SHARD_PREFIX, MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         writable = [MODEL_PREFIX, CHECKPOINT_PREFIX, *debug_output]
         role.add_to_policy(iam.PolicyStatement(
@@ -430,42 +457,19 @@ class Training(Construct):
             conditions={"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in readable]}},
         ))
         key.grant_encrypt_decrypt(role)
-        log_groups = [
-            f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/{group}:*"
-            # Debugger and profiler rules run as processing jobs.
-            for group in ("TrainingJobs", *(["ProcessingJobs"] if debugger else []))
-        ]
-        repositories = [f"arn:{partition}:ecr:{region}:*:repository/{repository}"
-                        for repository in ("pytorch-training", "pytorch-inference",
-                                           *(["sagemaker-debugger-rules"] if debugger else []))]
-        # Encrypting the training volumes with the data key makes SageMaker create grants for the instances.
-        role.add_to_policy(iam.PolicyStatement(
-            sid="GrantVolumeEncryption",
-            actions=["kms:CreateGrant"],
-            resources=[key.key_arn],
-            conditions={"Bool": {"kms:GrantIsForAWSResource": "true"}},
-        ))
-        role.add_to_policy(iam.PolicyStatement(
-            sid="JobLogs",
-            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            resources=log_groups,
-        ))
-        role.add_to_policy(iam.PolicyStatement(
-            sid="JobMetrics",
-            actions=["cloudwatch:PutMetricData"],
-            resources=["*"],
-            conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*", "aws/sagemaker/*"]}},
-        ))
-        role.add_to_policy(iam.PolicyStatement(
-            sid="PullFrameworkAndRuleImages",
-            actions=["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-            resources=repositories,
-        ))
-        role.add_to_policy(iam.PolicyStatement(
-            sid="EcrLogin", actions=["ecr:GetAuthorizationToken"], resources=["*"],
-        ))
-        # No Cost Explorer access here (the seed had it): this role runs training code and serves models, and
-        # the account's billing is none of their business. The cost-analysis role holds it (infra/costs.py).
+        # Debugger and profiler rules run as processing jobs, in a log group SageMaker creates.
+        log_groups = [TRAINING_LOG_GROUP, *([PROCESSING_LOG_GROUP] if debugger else [])]
+        repositories = [f"arn:{Aws.PARTITION}:ecr:{Aws.REGION}:*:repository/{repository}"
+                        for repository in ("pytorch-training", *(["sagemaker-debugger-rules"] if debugger else []))]
+        role.add_to_policy(volume_grant(key))
+        for statement in container_statements(repositories=repositories, log_groups=log_groups):
+            role.add_to_policy(statement)
+        if debugger:
+            role.add_to_policy(iam.PolicyStatement(actions=["logs:CreateLogGroup"],
+                                                   resources=[log_group_arn(PROCESSING_LOG_GROUP)]))
+        log_groups = [log_group_arn(group) for group in log_groups]
+        # No Cost Explorer access here (the seed had it): this role runs training code, and the account's
+        # billing is none of its business. The cost-analysis role holds it (infra/costs.py).
         if settings.training_subnet_ids:
             role.add_to_policy(iam.PolicyStatement(
                 sid="TrainInVpc",
@@ -484,12 +488,12 @@ class Training(Construct):
                 resources=[bucket.arn_for_objects(f"{prefix}*") for prefix in readable],
             ),
             wildcard_suppression(
-                role, "Training jobs and Debugger/profiler processing jobs write to one log stream per job "
-                "inside the two SageMaker log groups; ':*' is the streams of those groups.",
+                role, "Training jobs (and Debugger/profiler processing jobs, when opted in) write one log stream "
+                "per job inside SageMaker's log group; ':*' is the streams of that group.",
                 resources=log_groups,
             ),
             wildcard_suppression(
-                role, "The PyTorch framework and Debugger rule images live in AWS-owned ECR accounts that differ "
+                role, "The PyTorch training and Debugger rule images live in AWS-owned ECR accounts that differ "
                 "by region, so the account is '*'; the repository names are fixed.",
                 resources=repositories,
             ),

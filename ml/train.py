@@ -907,7 +907,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt_file = checkpoint_path(args, rank)
     if ckpt_file.exists() and checkpoint_path(args, 0).exists():
-        checkpoint = torch.load(checkpoint_path(args, 0), map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is read as tensors and plain data, so a checkpoint someone wrote under
+        # checkpoints/ cannot run code in this job (torch.load's unpickler refuses any other global).
+        checkpoint = torch.load(checkpoint_path(args, 0), map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["model"])
         if checkpoint.get("products"):
             trainer.products.load_state_dict(checkpoint["products"])
@@ -919,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("epoch", "step", "global_step"):
             state[key] = checkpoint[key]
         history, best = checkpoint["history"], checkpoint["best"]
-        own = checkpoint if rank == 0 else torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        own = checkpoint if rank == 0 else torch.load(ckpt_file, map_location="cpu", weights_only=True)
         set_rng_state(own["rng"], state["augment_rng"])
         # A stream's ranks stop an epoch at different batches: each resumes at its own.
         state["step"] = own.get("step", state["step"])

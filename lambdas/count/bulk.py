@@ -23,6 +23,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from lambdas.count import records as rec
+from lambdas.training.request import has_local_storage
 
 logger = Logger()
 tracer = Tracer()
@@ -52,6 +53,15 @@ def model_in_service(sagemaker: Any, endpoint_name: str) -> str:
     return config["ProductionVariants"][0]["ModelName"]
 
 
+def transform_model_request(described: dict[str, Any], model_name: str, role_arn: str) -> dict[str, Any]:
+    """CreateModel for one transform job: the container and artifact of the model in service, under the transform
+    role (a transform job runs with its model's role) and with no network, which Batch Transform supports."""
+    container = {key: described["PrimaryContainer"][key]
+                 for key in ("Image", "ModelDataUrl", "Environment") if key in described["PrimaryContainer"]}
+    return {"ModelName": model_name, "ExecutionRoleArn": role_arn, "PrimaryContainer": container,
+            "EnableNetworkIsolation": True, "Tags": [{"Key": "source", "Value": described["ModelName"]}]}
+
+
 def _screen(s3: Any, bucket: str, obj: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], rec.Rejection | None]:
     """One listed object: its first bytes and metadata (a ranged GET), and a rejection where it has one."""
     size = int(obj["Size"])
@@ -66,9 +76,9 @@ def _screen(s3: Any, bucket: str, obj: dict[str, Any], max_bytes: int) -> tuple[
 
 
 def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_name: str, endpoint_name: str,
-         instance_type: str, kms_key_id: str | None, bulk_prefix: str, threshold: float | None, max_bytes: int
-         ) -> dict[str, Any]:
-    model_name = model_in_service(sagemaker, endpoint_name)
+         instance_type: str, kms_key_id: str | None, bulk_prefix: str, threshold: float | None, max_bytes: int,
+         role_arn: str) -> dict[str, Any]:
+    serving = sagemaker.describe_model(ModelName=model_in_service(sagemaker, endpoint_name))
     listed = [obj for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
               for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
     # Ranged GETs are latency-bound: a few dozen in flight keep a 10,000-photo prefix within minutes.
@@ -95,8 +105,15 @@ def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_n
     s3.put_object(Bucket=bucket, Key=f"{base}inputs.json", Body=json.dumps(accepted).encode())
     output: dict[str, Any] = {"S3OutputPath": f"s3://{bucket}/{base}out/", "Accept": "application/json",
                               "AssembleWith": "None"}
+    resources: dict[str, Any] = {"InstanceType": instance_type, "InstanceCount": 1}
     if kms_key_id:
         output["KmsKeyId"] = kms_key_id
+        # Instance types with local NVMe storage refuse a volume key (TransformResources API reference).
+        if not has_local_storage(instance_type):
+            resources["VolumeKmsKeyId"] = kms_key_id
+    # Made last, once the manifest is written: a failed screening leaves no model behind.
+    model_name = job_name
+    sagemaker.create_model(**transform_model_request(serving, model_name, role_arn))
     return {
         "TransformJobName": job_name,
         "ModelName": model_name,
@@ -108,7 +125,7 @@ def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_n
             "SplitType": "None",
         },
         "TransformOutput": output,
-        "TransformResources": {"InstanceType": instance_type, "InstanceCount": 1},
+        "TransformResources": resources,
         "Bucket": bucket,
         "Base": base,
         "Accepted": len(accepted),
@@ -168,7 +185,7 @@ def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
                endpoint_name=endpoint_name, instance_type=os.environ["TRANSFORM_INSTANCE_TYPE"],
                kms_key_id=os.environ.get("KMS_KEY_ID"), bulk_prefix=os.environ["BULK_PREFIX"],
                threshold=rec.parse_threshold(os.environ["CONFIDENCE_THRESHOLD"]),
-               max_bytes=int(os.environ["MAX_IMAGE_BYTES"]))
+               max_bytes=int(os.environ["MAX_IMAGE_BYTES"]), role_arn=os.environ["TRANSFORM_ROLE_ARN"])
     logger.info("bulk count planned", extra={k: job[k] for k in ("TransformJobName", "Accepted", "Rejected")})
     return job
 

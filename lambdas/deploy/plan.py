@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from lambdas.training.request import has_local_storage
+
 VARIANT = "AllTraffic"  # blue/green needs the same variant name in the old and the new endpoint config
 PRIMARY_METRIC = "valid_accuracy"
 TIE_METRIC = "valid_rmse"
@@ -52,6 +54,8 @@ class EndpointSettings:
     role_arn: str
     rollback_alarms: list[str] = field(default_factory=list)
     bake_seconds: int = 300
+    # The data key: encrypts a real-time endpoint's instance volumes (KmsKeyId on the endpoint config).
+    kms_key_arn: str = ""
 
     @classmethod
     def from_json(cls, text: str) -> EndpointSettings:
@@ -149,10 +153,25 @@ def resource_name(endpoint_name: str, execution: str, now: datetime) -> str:
     return f"{base}-{stamp}-{digest}"
 
 
+# Serverless Inference does not support network isolation (nor VPC configuration, GPUs or data capture): "Feature
+# exclusions", docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints.html. A serverless model runs without
+# it; the inference role it names can read models/ and write its own log streams, nothing else.
+SERVERLESS_EXCLUDES_NETWORK_ISOLATION = True
+
+
+def network_isolation(settings: EndpointSettings) -> bool:
+    """Whether the serving model runs with no network: always, except where SageMaker refuses it (serverless)."""
+    return not (settings.mode == "serverless" and SERVERLESS_EXCLUDES_NETWORK_ISOLATION)
+
+
 def model_request(settings: EndpointSettings, model_name: str, model_data_url: str, region: str) -> dict[str, Any]:
+    """CreateModel for the endpoint: it names the inference role (read models/, decrypt, pull the image, write
+    its own log group), never the training role that writes models/."""
     return {
         "ModelName": model_name,
         "ExecutionRoleArn": settings.role_arn,
+        # The container needs no network: the model is in model.tar.gz and the code under code/ inside it.
+        "EnableNetworkIsolation": network_isolation(settings),
         "PrimaryContainer": {
             "Image": settings.image_uri,
             "ModelDataUrl": model_data_url,
@@ -181,11 +200,18 @@ def endpoint_config_request(settings: EndpointSettings, config_name: str, model_
             InitialInstanceCount=settings.min_instances,
             InitialVariantWeight=1.0,
         )
-    return {
+    request: dict[str, Any] = {
         "EndpointConfigName": config_name,
         "ProductionVariants": [variant],
         "Tags": [{"Key": "endpoint", "Value": settings.endpoint_name}],
     }
+    # KmsKeyId encrypts "the storage volume attached to the ML compute instance that hosts the endpoint"
+    # (CreateEndpointConfig API reference): a serverless variant has no instance volume of its own, so only a
+    # real-time config carries it. Instance types with local NVMe storage refuse it (the same reference); those
+    # are encrypted by the instance's hardware module.
+    if settings.mode == "realtime" and settings.kms_key_arn and not has_local_storage(settings.instance_type):
+        request["KmsKeyId"] = settings.kms_key_arn
+    return request
 
 
 def deployment_config(settings: EndpointSettings) -> dict[str, Any]:

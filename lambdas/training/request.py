@@ -533,7 +533,9 @@ def _common(deployment: Deployment, plan: Plan, channels: dict[str, str], checkp
         "StoppingCondition": _stopping(plan),
         "EnableManagedSpotTraining": plan.use_spot,
         "EnableNetworkIsolation": plan.network_isolation,
-        "EnableInterContainerTrafficEncryption": False,
+        # Instances of one job exchange weights (DDP); SageMaker encrypts that traffic when asked. One instance
+        # has no such traffic, so it pays nothing for it (docs.aws.amazon.com/sagemaker/latest/dg/train-encrypt.html).
+        "EnableInterContainerTrafficEncryption": plan.instance_count > 1,
     }
     if checkpoints:
         common["CheckpointConfig"] = {"S3Uri": checkpoints, "LocalPath": CHECKPOINT_LOCAL_PATH}

@@ -7,7 +7,6 @@ import re
 
 import aws_cdk as cdk
 import pytest
-from aws_cdk import aws_iam as iam
 from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks
 
@@ -23,9 +22,8 @@ def build(**overrides):
     settings = settings_from_context(app.node.try_get_context)
     stack = cdk.Stack(app, "CountTest", env=cdk.Environment(account="123456789012", region="eu-west-1"))
     storage = Storage(stack, "Storage", settings=settings)
-    role = iam.Role(stack, "SageMakerRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
     count = Count(stack, "Count", settings=settings, data_bucket=storage.data, data_key=storage.key,
-                  endpoint_name="invmon-dev-counter", sagemaker_role=role)
+                  endpoint_name="invmon-dev-counter")
     return stack, count, Template.from_stack(stack)
 
 

@@ -6,7 +6,6 @@ import json
 
 import aws_cdk as cdk
 import pytest
-from aws_cdk import aws_iam as iam
 from aws_cdk.assertions import Annotations, Match, Template
 from cdk_nag import AwsSolutionsChecks
 
@@ -22,9 +21,7 @@ def build(**overrides):
     settings = settings_from_context(app.node.try_get_context)
     stack = cdk.Stack(app, "DeployTest", env=cdk.Environment(account="123456789012", region="eu-west-1"))
     storage = Storage(stack, "Storage", settings=settings)
-    role = iam.Role(stack, "SageMakerRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
-    deploy = Deploy(stack, "Deploy", settings=settings, data_bucket=storage.data, data_key=storage.key,
-                    sagemaker_role=role)
+    deploy = Deploy(stack, "Deploy", settings=settings, data_bucket=storage.data, data_key=storage.key)
     # The stage inside the lead's pipeline, as the stack composes it.
     Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("deploy", deploy.stage)])
     return app, stack, deploy

@@ -404,6 +404,20 @@ def test_plain_expected_counts_are_read(value, expected):
 # --- bulk counting -------------------------------------------------------------------------------------
 
 
+TRANSFORM_ROLE = "arn:aws:iam::123456789012:role/invmon-transform"
+
+
+def test_the_transform_model_names_the_transform_role_with_network_isolation():
+    from lambdas.count import bulk
+
+    served = {"ModelName": MODEL, "ExecutionRoleArn": "arn:aws:iam::123456789012:role/invmon-inference",
+              "PrimaryContainer": {"Image": "img", "ModelDataUrl": "s3://b/m.tar.gz", "Environment": {"A": "1"}}}
+    request = bulk.transform_model_request(served, "invmon-dev-counter-bulk-1", TRANSFORM_ROLE)
+    assert request["ExecutionRoleArn"] == TRANSFORM_ROLE
+    assert request["EnableNetworkIsolation"] is True
+    assert request["PrimaryContainer"] == served["PrimaryContainer"]
+
+
 def test_bulk_plan_screens_the_prefix_and_load_stores_the_transform_answers(aws, sample_dir, labels):
     from lambdas.count import bulk
 
@@ -425,8 +439,12 @@ def test_bulk_plan_screens_the_prefix_and_load_stores_the_transform_answers(aws,
     job = bulk.plan(aws["s3"], sagemaker, table, bucket=BUCKET, prefix="incoming/2026-11/",
                     job_name="invmon-dev-counter-bulk-1", endpoint_name="invmon-dev-counter",
                     instance_type="ml.c6i.large", kms_key_id=None, bulk_prefix="reports/bulk/", threshold=0.5,
-                    max_bytes=MAX_BYTES)
-    assert (job["ModelName"], job["Accepted"], job["Rejected"]) == (MODEL, 3, 2)
+                    max_bytes=MAX_BYTES, role_arn=TRANSFORM_ROLE)
+    assert (job["ModelName"], job["Accepted"], job["Rejected"]) == ("invmon-dev-counter-bulk-1", 3, 2)
+    # The transform job runs its own model: the serving container and artifact, under the transform role.
+    transform_model = sagemaker.describe_model(ModelName=job["ModelName"])
+    assert transform_model["ExecutionRoleArn"] == TRANSFORM_ROLE
+    assert transform_model["PrimaryContainer"]["ModelDataUrl"] == "s3://b/m.tar.gz"
     manifest = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key=f"{job['Base']}manifest.json")["Body"].read())
     assert manifest == [{"prefix": f"s3://{BUCKET}/"}, *[f"incoming/2026-11/{i}.jpg" for i in ids]]
     assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3DataType"] == "ManifestFile"

@@ -15,14 +15,15 @@ from moto import mock_aws
 from lambdas.deploy import finish, gate, plan, release
 
 BUCKET = "invmon-data-test"
-ROLE = "arn:aws:iam::123456789012:role/invmon-sagemaker"
+ROLE = "arn:aws:iam::123456789012:role/invmon-inference"
+KEY = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 ARTIFACT = f"s3://{BUCKET}/models/job-1/output/model.tar.gz"
 SERVERLESS = plan.EndpointSettings(
     endpoint_name="invmon-dev-counter", mode="serverless", serverless_memory_mb=3072,
     serverless_max_concurrency=5, instance_type="ml.c6i.large", min_instances=1, max_instances=4,
     target_invocations_per_instance=100, min_improvement=0.0,
     image_uri="763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.3-cpu-py311", role_arn=ROLE,
-    rollback_alarms=["invmon-dev-counter-invocation-5xx"], bake_seconds=300,
+    rollback_alarms=["invmon-dev-counter-invocation-5xx"], bake_seconds=300, kms_key_arn=KEY,
 )
 REALTIME = replace(SERVERLESS, mode="realtime", min_instances=2, max_instances=4)
 
@@ -183,7 +184,7 @@ def test_realtime_update_with_new_instance_type_deregisters_autoscaling_then_can
     stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/new"},
                       {"EndpointConfigName": "new", "Tags": ANY, "ProductionVariants": [{
                           "VariantName": "AllTraffic", "ModelName": "new", "InstanceType": "ml.c6i.xlarge",
-                          "InitialInstanceCount": 2, "InitialVariantWeight": 1.0}]})
+                          "InitialInstanceCount": 2, "InitialVariantWeight": 1.0}], "KmsKeyId": KEY})
     scaling.add_response("deregister_scalable_target", {}, {
         "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/invmon-dev-counter/variant/AllTraffic",
         "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"})
@@ -197,6 +198,28 @@ def test_realtime_update_with_new_instance_type_deregisters_autoscaling_then_can
     routing = plan.deployment_config(settings)["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]
     assert routing == {"Type": "CANARY", "CanarySize": {"Type": "INSTANCE_COUNT", "Value": 1},
                        "WaitIntervalInSeconds": 300}
+
+
+@pytest.mark.parametrize(("settings", "isolated"), [(REALTIME, True), (SERVERLESS, False)])
+def test_create_model_names_the_inference_role_and_isolates_the_container_wherever_sagemaker_allows(settings,
+                                                                                                     isolated):
+    # Serverless Inference lists network isolation among its feature exclusions
+    # (docs.aws.amazon.com/sagemaker/latest/dg/serverless-endpoints.html), so only a real-time model has it.
+    request = plan.model_request(settings, "new", ARTIFACT, "us-east-1")
+    assert request["ExecutionRoleArn"] == settings.role_arn == ROLE
+    assert request["EnableNetworkIsolation"] is isolated
+
+
+@pytest.mark.parametrize(("settings", "key"), [
+    (REALTIME, KEY),
+    # No instance volume to encrypt: KmsKeyId is "the storage volume attached to the ML compute instance".
+    (SERVERLESS, None),
+    # Local NVMe storage: CreateEndpointConfig fails if KmsKeyId is given (API reference, KmsKeyId).
+    (replace(REALTIME, instance_type="ml.g5.xlarge"), None),
+    (replace(REALTIME, kms_key_arn=""), None),
+])
+def test_a_realtime_endpoint_config_encrypts_its_instance_volumes_with_the_data_key(settings, key):
+    assert plan.endpoint_config_request(settings, "new", "new").get("KmsKeyId") == key
 
 
 def test_realtime_to_serverless_is_refused_before_anything_is_created():

@@ -274,6 +274,17 @@ def test_three_instances_replicated_get_every_channel_for_the_trainers_own_ddp()
     assert any("3 instances" in note for note in result["notes"])
 
 
+@pytest.mark.parametrize(("count", "encrypted"), [(1, False), (2, True), (3, True)])
+def test_inter_container_traffic_is_encrypted_whenever_a_job_has_more_than_one_instance(count: int,
+                                                                                       encrypted: bool) -> None:
+    # One instance has no inter-container traffic (docs.aws.amazon.com/sagemaker/latest/dg/train-encrypt.html).
+    config = deployment(dataDistribution="FullyReplicated")
+    single = prepared({"instanceCount": count}, config=config)["request"]
+    tuned = prepared({"instanceCount": count, "tuning": {"enabled": True}}, config=config)["request"]
+    assert single["EnableInterContainerTrafficEncryption"] is encrypted
+    assert tuned["TrainingJobDefinition"]["EnableInterContainerTrafficEncryption"] is encrypted
+
+
 def test_the_trainer_splits_the_train_shards_the_way_sagemaker_delivers_them() -> None:
     # ShardedByS3Key: "each instance gets approximately 1/n of the number of S3 objects" (S3DataSource); the trainer
     # must not split that share again by rank, so the request tells it the channel is already sharded.
