@@ -11,12 +11,22 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup demo test lint synth bench clean
 
-setup: $(STAMP) $(NPM_STAMP)
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
+
+setup: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[ml,dev]'
+	@touch $@
+
+# checkov in an environment of its own (its boto3 pin conflicts with the dev extra's), at the version pyproject's
+# "checkov" extra pins.
+$(CHECKOV_STAMP): pyproject.toml
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "$$($(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["checkov"][0])')"
 	@touch $@
 
 $(NPM_STAMP): package.json package-lock.json

@@ -118,15 +118,18 @@ class Costs(Construct):
             iam.PolicyStatement(actions=["lambda:InvokeFunction"], resources=[self.report.function.function_arn])
         )
         # A schedule whose invocation still fails after its retries drops the event unless it has a dead-letter
-        # queue; with one, the missed report is visible (and the reason is in the message attributes). SQS-managed
-        # encryption: a queue under the AWS-managed SQS KMS key cannot receive from AWS services, whose key policy
-        # nobody can change.
-        self.dlq = sqs.Queue(self, "ScheduleDeadLetters", encryption=sqs.QueueEncryption.SQS_MANAGED,
-                             enforce_ssl=True, retention_period=Duration.days(14))
+        # queue; with one, the missed report is visible (and the reason is in the message attributes). Scheduler
+        # sends to it with the schedule's role, which the send grant lets use the data key.
+        self.dlq = sqs.Queue(self, "ScheduleDeadLetters", encryption=sqs.QueueEncryption.KMS,
+                             encryption_master_key=data_key, enforce_ssl=True, retention_period=Duration.days(14))
         NagSuppressions.add_resource_suppressions(
             self.dlq, [{"id": "AwsSolutions-SQS3", "reason": "This queue is the cost-report schedule's dead-letter "
                         "queue."}])
         self.dlq.grant_send_messages(invoker)
+        suppress(invoker, wildcard_suppression(
+            invoker, "Sending to the KMS-encrypted dead-letter queue: CDK's send grant expands to the data key's "
+            "GenerateDataKey*/ReEncrypt*, on the one data key only.",
+            actions=["kms:GenerateDataKey*", "kms:ReEncrypt*"]))
         self.schedule = scheduler.CfnSchedule(
             self,
             "Weekly",

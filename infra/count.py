@@ -168,10 +168,7 @@ class Count(Construct):
             visibility_timeout=VISIBILITY_TIMEOUT,
             dead_letter_queue=sqs.DeadLetterQueue(queue=self.dlq, max_receive_count=MAX_RECEIVE_COUNT),
         )
-        NagSuppressions.add_resource_suppressions(
-            self.dlq,
-            [{"id": "AwsSolutions-SQS3", "reason": "This queue is the dead-letter queue of the uploads queue."}],
-        )
+        # No AwsSolutions-SQS3 suppression: cdk-nag already recognises the uploads queue's dead-letter queue.
         data_bucket.add_event_notification(
             s3.EventType.OBJECT_CREATED,
             s3n.SqsDestination(self.queue),

@@ -279,11 +279,19 @@ class Deploy(Construct):
         self.release.role.add_to_principal_policy(volume_grant(data_key))
         self.release.role.add_to_principal_policy(iam.PolicyStatement(actions=["kms:DescribeKey"],
                                                                       resources=[data_key.key_arn]))
-        scaling = ["application-autoscaling:RegisterScalableTarget", "application-autoscaling:PutScalingPolicy",
-                   "application-autoscaling:DescribeScalableTargets", "application-autoscaling:DescribeScalingPolicies"]
+        # Application Auto Scaling names a scalable target by a generated id, so writes are held to this account's
+        # and region's scalable targets (the resource type its Register/PutScalingPolicy/Deregister actions take,
+        # Service Authorization Reference, Application Auto Scaling); its Describe* accept only '*' and only read.
+        scalable_targets = stack.format_arn(service="application-autoscaling", resource="scalable-target",
+                                            resource_name="*")
         self.release.role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["application-autoscaling:DeregisterScalableTarget"], resources=["*"]))
-        self.finish.role.add_to_principal_policy(iam.PolicyStatement(actions=scaling, resources=["*"]))
+            actions=["application-autoscaling:DeregisterScalableTarget"], resources=[scalable_targets]))
+        self.finish.role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["application-autoscaling:RegisterScalableTarget", "application-autoscaling:PutScalingPolicy"],
+            resources=[scalable_targets]))
+        self.finish.role.add_to_principal_policy(iam.PolicyStatement(
+            actions=["application-autoscaling:DescribeScalableTargets",
+                     "application-autoscaling:DescribeScalingPolicies"], resources=["*"]))
         # What Application Auto Scaling checks that its caller may do to the variant it is given.
         self.finish.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["sagemaker:DescribeEndpoint", "sagemaker:UpdateEndpointWeightsAndCapacities"],
@@ -328,16 +336,18 @@ class Deploy(Construct):
                 ],
             ),
             wildcard_suppression(
-                self.release, "Application Auto Scaling's DeregisterScalableTarget accepts no resource narrower "
-                "than '*' (the same '*' also covers X-Ray, suppressed by PythonFunction).", resources=["*"],
+                self.release, "Application Auto Scaling names scalable targets by a generated id: "
+                "DeregisterScalableTarget is held to this account's and region's scalable targets.",
+                resources=[scalable_targets],
             ),
         )
         suppress(
             self.finish.role,
             wildcard_suppression(
-                self.finish, "Application Auto Scaling's RegisterScalableTarget, PutScalingPolicy and Describe* "
-                "accept no resource narrower than '*' (the same '*' also covers X-Ray, suppressed by "
-                "PythonFunction).", resources=["*"],
+                self.finish, "Application Auto Scaling's Describe* accept no resource narrower than '*' and only "
+                "read (the same '*' also covers X-Ray, suppressed by PythonFunction); Register/PutScalingPolicy are "
+                "held to this account's and region's scalable targets, whose ids are generated.",
+                resources=["*", scalable_targets],
             ),
             wildcard_suppression(
                 self.finish, "Target tracking names its alarms TargetTracking-endpoint/<endpoint>/..., so the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aws_cdk import Aws, Duration, RemovalPolicy, Stack
+from aws_cdk import Aws, Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
@@ -156,6 +156,7 @@ def logs_key(scope: Construct, settings: Settings) -> kms.Key:
         enable_key_rotation=True,
         removal_policy=RemovalPolicy.RETAIN if settings.is_production else RemovalPolicy.DESTROY,
     )
+    Tags.of(key).add("component", "observability")
     key.add_to_resource_policy(iam.PolicyStatement(
         sid="CloudWatchLogsForThisAccountsLogGroups",
         principals=[iam.ServicePrincipal(f"logs.{Aws.REGION}.amazonaws.com")],

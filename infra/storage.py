@@ -7,7 +7,6 @@ from aws_cdk import CfnResource, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
-from cdk_nag import NagSuppressions
 from constructs import Construct
 
 from infra.config import Settings
@@ -77,15 +76,7 @@ class Storage(Construct):
             # A dev stack must go away whole on `cdk destroy`; CloudFormation cannot delete a bucket with objects.
             auto_delete_objects=not settings.is_production,
         )
-        NagSuppressions.add_resource_suppressions(
-            self.access_logs,
-            [
-                {
-                    "id": "AwsSolutions-S1",
-                    "reason": "This is the access-log destination itself; logging it into itself would loop.",
-                }
-            ],
-        )
+        # No AwsSolutions-S1 suppression: cdk-nag already recognises a bucket that receives access logs.
         self.data = s3.Bucket(
             self,
             "Data",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from aws_cdk.assertions import Template
 
-from infra.studio import READABLE_PREFIXES, STUDIO_APP_ACTIONS
+from infra.studio import READABLE_PREFIXES, STUDIO_APP_ACTIONS, STUDIO_INSTANCE_TYPES
 from tests.infra.conftest import nag_findings, synth_stack
 from tests.infra.test_costs import role_actions, trusted_services
 from tests.infra.test_synth import CDK, _cdk_synth
@@ -86,7 +86,7 @@ def test_the_user_role_reads_data_starts_the_pipeline_reads_counts_and_nothing_w
     role = user_role_id(studio)
     assert trusted_services(studio.find_resources("AWS::IAM::Role")[role]) == {"sagemaker.amazonaws.com"}
     actions = role_actions(studio)[role]
-    assert actions - set(STUDIO_APP_ACTIONS) == USER_ACTIONS
+    assert actions - set(STUDIO_APP_ACTIONS) - {"sagemaker:CreateApp"} == USER_ACTIONS
     statements = statements_of(studio, role)
     (reads,) = [s for s in statements if s.get("Sid") == "ReadDataAndReports"]
     assert sorted(part["Fn::Join"][1][-1] for part in reads["Resource"]) == sorted(
@@ -103,12 +103,16 @@ def test_the_user_role_reads_data_starts_the_pipeline_reads_counts_and_nothing_w
     # Studio's own actions are held to this one domain.
     (apps,) = [s for s in statements if s.get("Sid") == "RunStudioAppsInThisDomain"]
     assert all("DomainId" in json.dumps(resource) for resource in apps["Resource"])
+    # CreateApp only on the small instance types (and Studio's own "system" apps), in this domain.
+    (create,) = [s for s in statements if "sagemaker:CreateApp" in s["Action"]]
+    assert create["Condition"] == {"ForAllValues:StringLike": {"sagemaker:InstanceTypes": STUDIO_INSTANCE_TYPES}}
+    assert "DomainId" in json.dumps(create["Resource"])
 
 
 def test_still_no_role_that_sagemaker_assumes_reads_costs_with_the_domain_on(studio):
     sagemaker_roles = [r for r, role in studio.find_resources("AWS::IAM::Role").items()
                        if "sagemaker.amazonaws.com" in trusted_services(role)]
-    assert len(sagemaker_roles) == 2  # the training/endpoint role and the Studio user's
+    assert len(sagemaker_roles) == 4  # training, inference, batch transform, and the Studio user's
     actions = role_actions(studio)
     assert not [a for r in sagemaker_roles for a in actions[r] if a.lower().startswith("ce:")]
 

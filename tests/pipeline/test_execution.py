@@ -322,9 +322,16 @@ def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: C
     assert execution.status == "SUCCEEDED", execution.cause
     assert execution.states_entered()[-1] == "Bulk count done"
     (_, request), = [r for r in cloud.bridge.requests if r[0] == "CreateTransformJob"]
-    assert request["ModelName"] == cloud.client("sagemaker").describe_endpoint_config(
-        EndpointConfigName=cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)[
-            "EndpointConfigName"])["ProductionVariants"][0]["ModelName"]
+    sagemaker = cloud.client("sagemaker")
+    serving = sagemaker.describe_model(ModelName=sagemaker.describe_endpoint_config(
+        EndpointConfigName=sagemaker.describe_endpoint(EndpointName=ENDPOINT)[
+            "EndpointConfigName"])["ProductionVariants"][0]["ModelName"])
+    # The job runs a model of its own: the serving artifact under the transform role, never the endpoint's role.
+    transform = sagemaker.describe_model(ModelName=request["ModelName"])
+    assert request["ModelName"].startswith(f"{ENDPOINT}-bulk-")
+    assert transform["PrimaryContainer"]["ModelDataUrl"] == serving["PrimaryContainer"]["ModelDataUrl"]
+    assert transform["ExecutionRoleArn"] != serving["ExecutionRoleArn"]
+    assert "TransformRole" in transform["ExecutionRoleArn"] and "InferenceRole" in serving["ExecutionRoleArn"]
     table = cloud.name("AWS::DynamoDB::Table", "CountCounts")
     items = cloud.client("dynamodb").scan(TableName=table)["Items"]
     assert sorted(item["count"]["N"] for item in items) == ["4"] * len(keys)
