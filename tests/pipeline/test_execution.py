@@ -331,7 +331,8 @@ def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: C
     assert request["ModelName"].startswith(f"{ENDPOINT}-bulk-")
     assert transform["PrimaryContainer"]["ModelDataUrl"] == serving["PrimaryContainer"]["ModelDataUrl"]
     assert transform["ExecutionRoleArn"] != serving["ExecutionRoleArn"]
-    assert "TransformRole" in transform["ExecutionRoleArn"] and "InferenceRole" in serving["ExecutionRoleArn"]
+    assert "transformrole" in transform["ExecutionRoleArn"].lower()
+    assert "inferencerole" in serving["ExecutionRoleArn"].lower()
     table = cloud.name("AWS::DynamoDB::Table", "CountCounts")
     items = cloud.client("dynamodb").scan(TableName=table)["Items"]
     assert sorted(item["count"]["N"] for item in items) == ["4"] * len(keys)
