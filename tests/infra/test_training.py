@@ -273,6 +273,18 @@ def test_a_vpc_and_debugger_off_change_the_mapped_fields() -> None:
     assert "DebugRuleConfigurations" not in fields and "VpcConfig" in fields
     vpc = statements_with(other.policies_of("TrainingExecutionRole"), "ec2:CreateNetworkInterface")
     assert vpc
+    # Inter-container traffic encryption (on above one instance) needs IKE (UDP 500) and ESP (protocol 50)
+    # between the job's instances, in and out of its security group
+    # (docs.aws.amazon.com/sagemaker/latest/dg/train-encrypt.html).
+    rules = {(kind, r["Properties"]["IpProtocol"], r["Properties"].get("FromPort"))
+             for kind in ("AWS::EC2::SecurityGroupIngress", "AWS::EC2::SecurityGroupEgress")
+             for r in other.template.find_resources(kind).values()
+             if r["Properties"]["GroupId"] == "sg-0123456789abcdef0"
+             and "sg-0123456789abcdef0" in (r["Properties"].get("SourceSecurityGroupId"),
+                                            r["Properties"].get("DestinationSecurityGroupId"))}
+    assert rules == {(kind, protocol, port) for kind in ("AWS::EC2::SecurityGroupIngress",
+                                                         "AWS::EC2::SecurityGroupEgress")
+                     for protocol, port in (("udp", 500), ("50", None))}
     assert nag_findings(other.stack) == []
 
 
