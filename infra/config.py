@@ -128,6 +128,17 @@ def _training_instance_type(value: Any) -> str:
     return instance_type
 
 
+def _instance_types(value: Any) -> tuple[str, ...]:
+    """A non-empty list of training instance types (a comma-separated string from ``-c`` works too), each one the
+    prepare step would accept."""
+    if isinstance(value, str):
+        value = _json(value, "a list of instance types", '["ml.g4dn.xlarge"]') if value.strip().startswith("[") \
+            else [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of instance types such as [\"ml.g4dn.xlarge\"], got {value!r}")
+    return tuple(_training_instance_type(item) for item in value)
+
+
 def _photos_per_shard(value: Any) -> int:
     """Photos per shard, up to the most whose packer result still fits a Step Functions state (the bound the
     plan step enforces on every execution: lambdas/pack/plan.py)."""
@@ -255,6 +266,7 @@ class Settings:
     pack_photos_per_shard: int
     pack_max_concurrency: int
     packer_memory_mb: int
+    shard_retention_days: int
     # training
     training_instance_type: str
     training_instance_count: int
@@ -264,6 +276,10 @@ class Settings:
     training_volume_size_gb: int
     training_epochs: int
     training_network_isolation: bool
+    allow_network_isolation_off: bool
+    training_allowed_instance_types: tuple[str, ...]
+    training_max_instance_count: int
+    training_max_seconds: int
     training_debugger: bool
     training_profiler: bool
     # How the training job reads its channels (lambdas/training/request.py)
@@ -275,6 +291,8 @@ class Settings:
     tuning_enabled: bool
     tuning_max_jobs: int
     tuning_max_parallel_jobs: int
+    tuning_max_jobs_cap: int
+    tuning_max_parallel_jobs_cap: int
     tuning_learning_rate_range: tuple[float, float]
     tuning_batch_sizes: tuple[int, ...]
     tuning_epochs_range: tuple[int, int]
@@ -289,6 +307,7 @@ class Settings:
     endpoint_min_instances: int
     endpoint_max_instances: int
     deploy_min_improvement: float
+    allow_force_deploy: bool
     endpoint_target_invocations_per_instance: int
     deploy_bake_seconds: int
     # counting
@@ -298,6 +317,7 @@ class Settings:
     count_max_image_bytes: int
     # notebooks (optional SageMaker Studio domain, infra/studio.py)
     studio_domain: bool
+    studio_can_start_pipeline: bool
     studio_network_access: str
     # platform
     alarm_email: str
@@ -324,6 +344,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pack_max_concurrency": ("packMaxConcurrency", _int(1, 1000)),
     # Lambda gives a function between 128 MB and 10,240 MB (Lambda developer guide, "Lambda quotas").
     "packer_memory_mb": ("packerMemoryMb", _int(128, 10240)),
+    # Days until shards/ and manifests/ (each run's packed shards and lists) expire by a lifecycle rule.
+    "shard_retention_days": ("shardRetentionDays", _int(1, 3650)),
     "training_instance_type": ("trainingInstanceType", _training_instance_type),
     "training_instance_count": ("trainingInstanceCount", _int(1, 20)),
     "training_use_spot": ("trainingUseSpot", _bool),
@@ -332,6 +354,14 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "training_volume_size_gb": ("trainingVolumeSizeGb", _int(1, 16384)),
     "training_epochs": ("trainingEpochs", _int(1, 500)),
     "training_network_isolation": ("trainingNetworkIsolation", _bool),
+    # Whether an execution input may set training.networkIsolation=false (the stack's own default aside).
+    "allow_network_isolation_off": ("allowNetworkIsolationOff", _bool),
+    # The instance types an execution input may name in training.instanceType.
+    "training_allowed_instance_types": ("trainingAllowedInstanceTypes", _instance_types),
+    # The most instances an execution input may ask for (training.instanceCount).
+    "training_max_instance_count": ("trainingMaxInstanceCount", _int(1, 100)),
+    # The longest training.maxRuntimeSeconds / maxWaitSeconds an execution input may ask for.
+    "training_max_seconds": ("trainingMaxSeconds", _int(60, 28 * 24 * 3600)),
     "training_debugger": ("trainingDebugger", _bool),
     "training_profiler": ("trainingProfiler", _bool),
     "training_input_mode": ("trainingInputMode", _choice("File", "FastFile")),
@@ -341,6 +371,10 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "tuning_enabled": ("tuningEnabled", _bool),
     "tuning_max_jobs": ("tuningMaxJobs", _int(1, 500)),
     "tuning_max_parallel_jobs": ("tuningMaxParallelJobs", _int(1, 100)),
+    # The most tuning jobs (training.tuning.maxJobs) an execution input may ask for.
+    "tuning_max_jobs_cap": ("tuningMaxJobsCap", _int(1, 500)),
+    # The most parallel tuning jobs (training.tuning.maxParallelJobs) an execution input may ask for.
+    "tuning_max_parallel_jobs_cap": ("tuningMaxParallelJobsCap", _int(1, 100)),
     "tuning_learning_rate_range": ("tuningLearningRateRange", _number_range(1e-7, 10.0, integer=False)),
     "tuning_batch_sizes": ("tuningBatchSizes", _int_choices(1, 4096)),
     "tuning_epochs_range": ("tuningEpochsRange", _number_range(1, 500, integer=True)),
@@ -354,12 +388,16 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "endpoint_min_instances": ("endpointMinInstances", _int(1, 100)),
     "endpoint_max_instances": ("endpointMaxInstances", _int(1, 100)),
     "deploy_min_improvement": ("deployMinImprovement", _float(0.0, 1.0)),
+    # Whether an execution input may set deploy.force=true (deploy whatever the gate's metrics say).
+    "allow_force_deploy": ("allowForceDeploy", _bool),
     "endpoint_target_invocations_per_instance": ("endpointTargetInvocationsPerInstance", _int(1, 100000)),
     "deploy_bake_seconds": ("deployBakeSeconds", _int(0, 3600)),
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
     "studio_domain": ("studioDomain", _bool),
+    # Whether the Studio user may start the pipeline (states:StartExecution); it may always follow it.
+    "studio_can_start_pipeline": ("studioCanStartPipeline", _bool),
     # ByStage: VpcOnly in prod, PublicInternetOnly elsewhere (infra/studio.py network_access).
     "studio_network_access": ("studioNetworkAccess", _choice("ByStage", "PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
@@ -370,6 +408,26 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
 assert set(_SPEC) == {f.name for f in fields(Settings)}, "every Settings field needs a context key"
 
 CONTEXT_KEYS: tuple[str, ...] = tuple(key for key, _ in _SPEC.values())
+
+
+def _allowance_checks(settings: Settings) -> None:
+    """The stack's own defaults must be what it allows an execution input to ask for."""
+    if settings.training_instance_type not in settings.training_allowed_instance_types:
+        raise ConfigError(f"trainingAllowedInstanceTypes: must include trainingInstanceType "
+                          f"({settings.training_instance_type})")
+    for key, value, cap_key, cap in (
+        ("trainingInstanceCount", settings.training_instance_count, "trainingMaxInstanceCount",
+         settings.training_max_instance_count),
+        ("trainingMaxRuntimeSeconds", settings.training_max_runtime_seconds, "trainingMaxSeconds",
+         settings.training_max_seconds),
+        ("trainingMaxWaitSeconds", settings.training_max_wait_seconds, "trainingMaxSeconds",
+         settings.training_max_seconds),
+        ("tuningMaxJobs", settings.tuning_max_jobs, "tuningMaxJobsCap", settings.tuning_max_jobs_cap),
+        ("tuningMaxParallelJobs", settings.tuning_max_parallel_jobs, "tuningMaxParallelJobsCap",
+         settings.tuning_max_parallel_jobs_cap),
+    ):
+        if value > cap:
+            raise ConfigError(f"{cap_key}: must be at least {key} ({value}), got {cap}")
 
 
 def _cross_checks(settings: Settings) -> None:
@@ -391,6 +449,7 @@ def _cross_checks(settings: Settings) -> None:
             f"tuningMaxParallelJobs: must not exceed tuningMaxJobs ({settings.tuning_max_jobs}), "
             f"got {settings.tuning_max_parallel_jobs}"
         )
+    _allowance_checks(settings)
     if settings.endpoint_min_instances > settings.endpoint_max_instances:
         raise ConfigError(
             f"endpointMinInstances: must not exceed endpointMaxInstances ({settings.endpoint_max_instances}), "

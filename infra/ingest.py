@@ -166,6 +166,8 @@ class Ingest(Construct):
             "INGEST_TOLERATED_FAILURE_PERCENT": str(settings.ingest_tolerated_failure_percent),
             "INGEST_WORKER_THREADS": str(WORKER_THREADS),
         }
+        # The dataset defaults the execution-input check resolves a request against (infra/execution_input.py).
+        self.environment = environment
         self.select = PythonFunction(
             self,
             "Select",

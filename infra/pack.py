@@ -114,6 +114,7 @@ class Pack(Construct):
             "PACK_PHOTOS_PER_SHARD": str(settings.pack_photos_per_shard),
             "PACK_THREADS": str(PACK_THREADS),
             "INGEST_TOLERATED_FAILURE_PERCENT": str(settings.ingest_tolerated_failure_percent),
+            "SHARD_RETENTION_DAYS": str(settings.shard_retention_days),
         }
         self.plan = PythonFunction(
             self, "Plan", settings=settings, handler="lambdas.pack.plan.handler", service="pack-plan",
@@ -152,8 +153,10 @@ class Pack(Construct):
             sid="ListBucketSoAMissingObjectIs404", actions=["s3:ListBucket"], resources=[data_bucket.bucket_arn]))
         self.packer.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["s3:GetObject"], resources=objects(RAW_PREFIX, SHARD_PREFIX)))
+        # DeleteObject: a planned shard with no readable photo is removed, so a plan's prefix holds only the
+        # shards its run reports (lambdas/pack/packer.py).
         self.packer.role.add_to_principal_policy(iam.PolicyStatement(
-            actions=["s3:PutObject"], resources=objects(SHARD_PREFIX)))
+            actions=["s3:PutObject", "s3:DeleteObject"], resources=objects(SHARD_PREFIX)))
         # finish: read the plan and the map results, write the report (all under reports/pack/).
         self.finish.role.add_to_principal_policy(iam.PolicyStatement(
             actions=["s3:GetObject", "s3:PutObject"], resources=objects(REPORT_PREFIX)))
@@ -167,7 +170,7 @@ class Pack(Construct):
              "reports/pack/plans/ (keys named per run, so the grant is the prefix)."),
             (self.packer, objects(RAW_PREFIX, SHARD_PREFIX),
              "The packer reads the run's photos and metadata under raw/ (keys come from the dataset) and writes "
-             "shards under shards/ (keys named per run, split and index)."),
+             "shards under shards/ (keys named per plan digest, split and index)."),
             (self.finish, objects(REPORT_PREFIX),
              "The finish step reads the plan and the Distributed Map results and writes the report, all per run "
              "under reports/pack/."),

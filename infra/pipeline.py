@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aws_cdk import Duration
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
 from infra.config import Settings
@@ -52,14 +54,24 @@ class Pipeline(Construct):
         *,
         settings: Settings,
         stages: Sequence[Stage],
+        input_check: lambda_.IFunction,
         timeout_hours: int = 48,
     ) -> None:
         super().__init__(scope, construct_id)
-        prepare = sfn.Pass(
+        # The first state: the execution input ($, passed whole: a wrapper around an input near Step Functions'
+        # 262,144-byte limit would itself overflow it) is checked against the one schema and the stack's allowances
+        # (lambdas/execution_input/check.py). A refusal fails the execution here, with a cause naming the field;
+        # otherwise the state becomes {"input": <normalized input>, "execution": <name>}, and the raw input is
+        # never carried further.
+        prepare = tasks.LambdaInvoke(
             self,
-            "Prepare",
-            comment="Keep the execution input at $.input ({} means every default) and name the run",
-            parameters={"input.$": "$$.Execution.Input", "execution.$": "$$.Execution.Name"},
+            "Check input",
+            comment="Checks the execution input ({} means every default); a refusal names the field and ends here",
+            lambda_function=input_check,
+            # No payload: with payloadResponseOnly the task then hands the function its whole input ($) as is.
+            payload_response_only=True,
+            result_selector={"input.$": "$", "execution.$": "$$.Execution.Name"},
+            result_path="$",
         )
         failed = sfn.Fail(
             self,

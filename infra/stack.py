@@ -9,6 +9,7 @@ from infra.config import Settings
 from infra.costs import Costs
 from infra.count import Count
 from infra.deploy import Deploy
+from infra.execution_input import ExecutionInputCheck
 from infra.ingest import Ingest
 from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
@@ -41,6 +42,10 @@ class InvmonStack(Stack):
         self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name)
         self.costs = Costs(self, "Costs", **data)
 
+        self.execution_input = ExecutionInputCheck(
+            self, "ExecutionInput", settings=settings, ingest_environment=self.ingest.environment,
+            training_environment=self.training.deployment_environment)
+
         training_hours = -(-stage_timeout_seconds(settings) // 3600)
         self.pipeline = Pipeline(
             self,
@@ -52,16 +57,18 @@ class InvmonStack(Stack):
                 Stage("training", self.training.stage),
                 Stage("deploy", self.deploy.stage),
             ],
+            input_check=self.execution_input.function,
             timeout_hours=training_hours + OTHER_STAGES_HOURS,
         )
         # Each stage suppresses the wildcards it grants the pipeline's role; '*' (tracing, log delivery) is
         # the pipeline's own.
-        for domain in (self.ingest, self.pack, self.training, self.deploy):
+        for domain in (self.execution_input, self.ingest, self.pack, self.training, self.deploy):
             domain.add_nag_evidence(self.pipeline.state_machine)
         suppress(self.pipeline.state_machine,
                  wildcard_suppression(self.pipeline.state_machine, STATE_MACHINE_REASON, resources=["*"]))
 
         functions = [
+            self.execution_input.function,
             self.ingest.select.function, self.ingest.worker.function, self.ingest.split.function,
             *self.pack.functions,
             self.training.prepare.function, self.training.report.function,
@@ -93,7 +100,7 @@ class InvmonStack(Stack):
         for component, construct in (
             ("storage", self.storage), ("ingest", self.ingest), ("pack", self.pack), ("training", self.training),
             ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
-            ("pipeline", self.pipeline), ("observability", self.observability),
+            ("pipeline", self.pipeline), ("pipeline", self.execution_input), ("observability", self.observability),
         ):
             Tags.of(construct).add("component", component)
 

@@ -93,12 +93,25 @@ class Storage(Construct):
             lifecycle_rules=[
                 s3.LifecycleRule(noncurrent_version_expiration=Duration.days(90)),
                 s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(7)),
+                *run_data_expiry(settings),
             ],
             removal_policy=removal,
             auto_delete_objects=not settings.is_production,
         )
         if not settings.is_production:
             _tag_auto_delete_provider(Stack.of(self), settings)
+
+
+def run_data_expiry(settings: Settings) -> list[s3.LifecycleRule]:
+    """Each run's shards and lists (shards/, manifests/) expire shardRetentionDays after they were written; a rerun
+    that reuses a shard past half that age refreshes it first (lambdas/pack/packer.py). In this versioned bucket
+    an expiry leaves a delete marker and makes the data a noncurrent version, which the 90-day rule then removes
+    (S3 user guide, "Lifecycle configuration elements": Expiration on a versioning-enabled bucket)."""
+    return [
+        s3.LifecycleRule(id=f"expire-{prefix.rstrip('/')}", prefix=prefix,
+                         expiration=Duration.days(settings.shard_retention_days))
+        for prefix in (SHARD_PREFIX, MANIFEST_PREFIX)
+    ]
 
 
 def _tag_auto_delete_provider(stack: Stack, settings: Settings) -> None:

@@ -164,8 +164,9 @@ class Studio(Construct):
         role = iam.Role(
             self, "UserRole",
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
-            description=f"{settings.project}: Studio user ({USER_PROFILE}); reads data and reports, starts the "
-                        "pipeline, reads counts, may assume the cost-analysis role",
+            description=f"{settings.project}: Studio user ({USER_PROFILE}); reads data and reports, follows "
+                        f"{'and starts ' if settings.studio_can_start_pipeline else ''}the pipeline, reads counts, "
+                        "may assume the cost-analysis role",
         )
         objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in READABLE_PREFIXES]
         role.add_to_policy(iam.PolicyStatement(sid="ReadDataAndReports", actions=["s3:GetObject"],
@@ -181,9 +182,15 @@ class Studio(Construct):
             arn_format=ArnFormat.COLON_RESOURCE_NAME,
         )
         role.add_to_policy(iam.PolicyStatement(
-            sid="StartAndFollowThePipeline", actions=["states:StartExecution", "states:ListExecutions"],
+            sid="ListPipelineExecutions", actions=["states:ListExecutions"],
             resources=[state_machine.state_machine_arn],
         ))
+        if settings.studio_can_start_pipeline:
+            # Starting the pipeline trains and deploys on the stack's account: off unless the stack grants it.
+            role.add_to_policy(iam.PolicyStatement(
+                sid="StartThePipeline", actions=["states:StartExecution"],
+                resources=[state_machine.state_machine_arn],
+            ))
         role.add_to_policy(iam.PolicyStatement(
             sid="FollowPipelineExecutions", actions=["states:DescribeExecution", "states:GetExecutionHistory"],
             resources=[executions],

@@ -347,13 +347,15 @@ class Training(Construct):
                 "epochs": list(settings.tuning_epochs_range),
             },
         }
+        # The prepare step's, and the execution-input check's (infra/execution_input.py): one deployment, one JSON.
+        self.deployment_environment = {DEPLOYMENT_ENV: stack.to_json_string(deployment)}
         self.prepare = PythonFunction(
             self, "Prepare",
             settings=settings,
             handler="lambdas.training.prepare.handler",
             service="training",
             description="Builds and checks the SageMaker training or tuning request for one execution",
-            environment={DEPLOYMENT_ENV: stack.to_json_string(deployment)},
+            environment=self.deployment_environment,
             timeout_seconds=30,
             memory_size=256,
         )

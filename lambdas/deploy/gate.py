@@ -20,6 +20,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from lambdas.deploy import plan
+from lambdas.deploy.options import DeployOptions
 
 logger = Logger()
 tracer = Tracer()
@@ -52,10 +53,6 @@ def read_in_service(s3: Any, bucket: str, endpoint_name: str) -> dict[str, Any]:
     return json.loads(body)
 
 
-def truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
-
-
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -64,6 +61,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     s3, sagemaker = clients()
     training = event.get("training") or {}
     options = (event.get("input") or {}).get("deploy") or {}
+    # Read with the model that checked it at the pipeline's first state (lambdas/execution_input/schema.py).
+    requested = DeployOptions.model_validate(options)
     execution = str(event["execution"])
 
     in_service = (read_in_service(s3, bucket, settings.endpoint_name)
@@ -71,8 +70,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     decision = plan.decide(
         training.get("metrics"),
         in_service,
-        margin=float(options.get("minImprovement", settings.min_improvement)),
-        force=truthy(options.get("force")),
+        margin=settings.min_improvement if requested.min_improvement is None else float(requested.min_improvement),
+        force=bool(requested.force),
         serving_shape=settings.serving_shape(),
     )
     if decision.deploy and not training.get("modelArtifact"):

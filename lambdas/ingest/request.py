@@ -8,6 +8,7 @@ wrong field; the state machine does not retry that error, so the execution fails
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -33,7 +34,9 @@ class InvalidDatasetRequest(ValueError):
 class DatasetRequest(BaseModel):
     """``$.input.dataset``. Field names are camelCase in the request (``minCount``), snake_case here."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    # strict: "3" is not a count and true is not a limit (JSON gives each its own type).
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              strict=True)
 
     selector: Literal["file-list", "count-range", "challenge", "manifest", "all"] | None = None
     min_count: int | None = Field(default=None, ge=0)
@@ -123,12 +126,20 @@ def parse_request(dataset: Any) -> DatasetRequest:
         raise InvalidDatasetRequest(f"invalid dataset request: {_describe(error)}") from None
 
 
+# Step Functions execution names are at most 80 characters; a run id keeps that length: the name made safe for an
+# S3 key (at most 69 characters), "-", and 10 hex digits of the exact name's SHA-256.
+RUN_ID_DIGEST_CHARS = 10
+
+
 def run_id_from(execution: str | None, now: str) -> str:
-    """The execution name, made safe for an S3 key; a manual invocation without one gets a time stamp."""
+    """A run id unique per execution name: the name made safe for an S3 key, plus a digest of the exact name, so
+    ``exp-1``, ``exp+1``, ``exp@1`` and ``expü1`` (one safe form, four executions) never share a run's prefixes.
+    A manual invocation without a name gets a time stamp."""
     if execution:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", execution.rsplit(":", 1)[-1]).strip(".-")
-        if safe:
-            return safe[:80]
+        name = execution.rsplit(":", 1)[-1]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name).strip(".-")[:80 - RUN_ID_DIGEST_CHARS - 1].rstrip(".-")
+        digest = hashlib.sha256(name.encode()).hexdigest()[:RUN_ID_DIGEST_CHARS]
+        return f"{safe or 'run'}-{digest}"
     return f"manual-{now}"
 
 

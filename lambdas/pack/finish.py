@@ -6,7 +6,7 @@ packer's own, the error of a shard whose packer kept failing, or "no result" for
 reported). Above ``INGEST_TOLERATED_FAILURE_PERCENT`` of the planned photos failed, the report is written and
 the stage fails; otherwise it returns::
 
-    {"runId", "channels": {"train": "s3://<bucket>/shards/<run>/train/", ...}, "shards": {...}, "photos": {...},
+    {"runId", "channels": {"train": "s3://<bucket>/shards/<plan id>/train/", ...}, "shards": {...}, "photos": {...},
      "reportKey"}
 
 A split with no packed photo gets no channel (an empty S3Prefix channel would fail the training job); train and
@@ -56,6 +56,7 @@ class FinishEvent(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     run_id: str = Field(alias="runId", min_length=1)
+    plan_id: str = Field(alias="planId", pattern=r"^[0-9a-f]{16}$")
     plan_key: str = Field(alias="planKey", min_length=1)
     packed: dict[str, Any] | None = None
     pack_error: dict[str, Any] | None = Field(default=None, alias="packError")
@@ -128,6 +129,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
     report = {
         "runId": run,
         "planKey": event.plan_key,
+        "planId": event.plan_id,
         "planned": dict(planned),
         "photos": gathered["photos"],
         "shards": gathered["shards"],
@@ -152,7 +154,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
                            f"{'train' if 'train' in empty else 'validate'} on; {where}")
     return {
         "runId": run,
-        "channels": {split: f"s3://{data_bucket}/{layout.channel_prefix(run, split)}"
+        "channels": {split: f"s3://{data_bucket}/{layout.channel_prefix(event.plan_id, split)}"
                      for split in abid.SPLITS if gathered["photos"].get(split)},
         "shards": gathered["shards"],
         "photos": gathered["photos"],

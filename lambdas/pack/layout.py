@@ -28,13 +28,14 @@ def split_records_key(records_key: str, split: str) -> str:
     return f"{records_key.rsplit('/', 1)[0]}/{split}.jsonl"
 
 
-def channel_prefix(run: str, split: str) -> str:
-    """A split's shards: the S3Prefix channel training reads (ends in '/', so no other split shares it)."""
-    return f"{SHARD_PREFIX}{run}/{split}/"
+def channel_prefix(plan_id: str, split: str) -> str:
+    """A split's shards: the S3Prefix channel training reads (ends in '/', so no other split shares it). Keyed by
+    the plan's digest (lambdas/pack/plan.plan_id), not the run: the prefix holds exactly one plan's shards."""
+    return f"{SHARD_PREFIX}{plan_id}/{split}/"
 
 
-def shard_key(run: str, split: str, index: int) -> str:
-    return channel_prefix(run, split) + shards.shard_name(split, index)
+def shard_key(plan_id: str, split: str, index: int) -> str:
+    return channel_prefix(plan_id, split) + shards.shard_name(split, index)
 
 
 def raw_keys(image_id: str) -> tuple[str, str]:

@@ -1,8 +1,8 @@
-"""Packer: one plan item -> one shard, ``shards/<run>/<split>/<split>-NNNNNN.tar`` (ml/shards.py's format).
+"""Packer: one plan item -> one shard, ``shards/<plan id>/<split>/<split>-NNNNNN.tar`` (ml/shards.py's format).
 
 Input: one item of the plan (lambdas/pack/plan.py), as the Distributed Map passes it::
 
-    {"runId": "run-1", "split": "train", "index": 12, "ids": ["00012", "00107", ...]}
+    {"runId": "run-1", "planId": "0123456789abcdef", "split": "train", "index": 12, "ids": ["00012", ...]}
 
 Each photo and its metadata are read from ``raw/`` (``PACK_THREADS`` requests at a time), the photos that
 could be read are packed in the item's id order, and the shard is written unless the object there already
@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
@@ -69,6 +70,7 @@ class ShardTask(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     run_id: str = Field(alias="runId", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    plan_id: str = Field(alias="planId", pattern=r"^[0-9a-f]{16}$")
     split: str = Field(pattern=r"^(train|validation|test)$")
     index: int = Field(ge=0, le=999_999)
     ids: list[str] = Field(min_length=1, max_length=MAX_PHOTOS_PER_SHARD)
@@ -120,7 +122,20 @@ def fetch(s3: Any, bucket: str, image_id: str) -> _Fetched:
     return _Fetched(image_id, sample=shards.Sample(image_id, image, metadata))
 
 
-def _write_if_changed(s3: Any, bucket: str, key: str, data: bytes, digest: str) -> bool:
+def _refresh(s3: Any, bucket: str, key: str, head: dict[str, Any], digest: str, retention_days: int) -> None:
+    """A reused shard past half its retention is copied onto itself: S3 expires objects by creation date (the
+    lifecycle rule on shards/, shardRetentionDays), and a training job that reuses the shard must not see it go."""
+    modified = head.get("LastModified")
+    if not retention_days or modified is None or datetime.now(UTC) - modified < timedelta(days=retention_days / 2):
+        return
+    try:
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
+                       MetadataDirective="REPLACE", Metadata={CONTENT_DIGEST: digest}, ContentType="application/x-tar")
+    except (ClientError, BotoCoreError) as error:
+        raise TransientPackError(f"CopyObject s3://{bucket}/{key}: {error}") from error
+
+
+def _write_if_changed(s3: Any, bucket: str, key: str, data: bytes, digest: str, retention_days: int = 0) -> bool:
     """Put the shard unless the object already holds these bytes; True when written."""
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
@@ -131,6 +146,7 @@ def _write_if_changed(s3: Any, bucket: str, key: str, data: bytes, digest: str) 
         raise TransientPackError(f"HeadObject s3://{bucket}/{key}: {error}") from error
     else:
         if head.get("Metadata", {}).get(CONTENT_DIGEST) == digest and head.get("ContentLength") == len(data):
+            _refresh(s3, bucket, key, head, digest, retention_days)
             return False
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType="application/x-tar",
@@ -140,7 +156,15 @@ def _write_if_changed(s3: Any, bucket: str, key: str, data: bytes, digest: str) 
     return True
 
 
-def pack_shard(task: ShardTask, *, s3: Any, data_bucket: str, threads: int = 1) -> dict[str, Any]:
+def _delete(s3: Any, bucket: str, key: str) -> None:
+    try:
+        s3.delete_object(Bucket=bucket, Key=key)  # S3 answers 204 whether or not the key existed
+    except (ClientError, BotoCoreError) as error:
+        raise TransientPackError(f"DeleteObject s3://{bucket}/{key}: {error}") from error
+
+
+def pack_shard(task: ShardTask, *, s3: Any, data_bucket: str, threads: int = 1,
+               retention_days: int = 0) -> dict[str, Any]:
     """Make one shard; the result names it, counts what went in, and lists every photo left out and why."""
 
     def one(image_id: str) -> _Fetched:
@@ -157,12 +181,15 @@ def pack_shard(task: ShardTask, *, s3: Any, data_bucket: str, threads: int = 1) 
         "runId": task.run_id, "split": task.split, "index": task.index, "key": None,
         "photos": len(samples), "bytes": 0, "digest": None, "written": False, "failures": failures,
     }
+    key = layout.shard_key(task.plan_id, task.split, task.index)
     if not samples:
-        return result  # nothing to train on in this shard; every photo is a failure above
+        # Nothing to train on in this shard; every photo is a failure above. An earlier run of the same plan may
+        # have packed it: removed, so the plan's prefix holds only the shards this run reports.
+        _delete(s3, data_bucket, key)
+        return result
     data = shards.pack(samples)
     digest = shards.digest(data)
-    key = layout.shard_key(task.run_id, task.split, task.index)
-    written = _write_if_changed(s3, data_bucket, key, data, digest)
+    written = _write_if_changed(s3, data_bucket, key, data, digest, retention_days)
     return {**result, "key": key, "bytes": len(data), "digest": digest, "written": written}
 
 
@@ -172,7 +199,8 @@ def pack_shard(task: ShardTask, *, s3: Any, data_bucket: str, threads: int = 1) 
 @event_parser(model=ShardTask)
 def handler(event: ShardTask, context: LambdaContext) -> dict[str, Any]:
     result = pack_shard(event, s3=aws.s3(), data_bucket=aws.data_bucket(),
-                        threads=int(os.environ.get("PACK_THREADS", "32")))
+                        threads=int(os.environ.get("PACK_THREADS", "32")),
+                        retention_days=int(os.environ.get("SHARD_RETENTION_DAYS", "0")))
     logger.info("shard packed", extra={k: result[k] for k in ("key", "photos", "bytes", "written")}
                 | {"failed": len(result["failures"])})
     for failure in result["failures"]:

@@ -3,12 +3,14 @@
 Each split's records (``manifests/<run>/<split>.jsonl``, written by ingest's split step) are taken in image-id
 order and cut into shards of ``PACK_PHOTOS_PER_SHARD`` photos (the last one holds the rest), so the same run
 always gives the same shards with the same photos: a rerun of the packers can recognise what they already
-wrote. The plan is a JSON array, one item per shard (``{"runId", "split", "index", "ids"}``), read by the
-Distributed Map's S3 JSON ItemReader; each item is one packer's whole input.
+wrote. The plan is a JSON array, one item per shard (``{"runId", "planId", "split", "index", "ids"}``), read by
+the Distributed Map's S3 JSON ItemReader; each item is one packer's whole input. The shards go under
+``shards/<planId>/``: see :func:`plan_id`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -33,6 +35,8 @@ DEFAULT_PHOTOS_PER_SHARD = 1000
 # 262144"), even when every photo of its shard failed, each with its reason. tests/lambdas/test_pack.py checks
 # that a shard of this many missing photos stays under it.
 MAX_PHOTOS_PER_SHARD = 2000
+# 64 bits of SHA-256: a shard prefix (shards/<plan id>/) shared by two different plans is out of reach.
+PLAN_ID_CHARS = 16
 
 
 class IngestResult(BaseModel):
@@ -62,6 +66,16 @@ def cut(run: str, split: str, ids: list[str], size: int) -> list[dict[str, Any]]
     ]
 
 
+def plan_id(items: list[dict[str, Any]]) -> str:
+    """What the plan's shards hold (split, index and the ids of each), as a digest: the shards' prefix.
+
+    Two runs whose plans are identical write the same shards under the same prefix, so a rerun reuses them (the
+    packer leaves a shard alone when its bytes are unchanged); two plans that differ never share a prefix, so a
+    training job that reads ``shards/<plan id>/<split>/`` reads the shards of its own plan and no others."""
+    canonical = json.dumps([[item["split"], item["index"], item["ids"]] for item in items], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:PLAN_ID_CHARS]
+
+
 def plan(event: IngestResult, *, s3: Any, data_bucket: str, size: int) -> dict[str, Any]:
     """Read each split's records, write the plan; return what the stage's next steps need at ``$.pack``."""
     items: list[dict[str, Any]] = []
@@ -76,10 +90,13 @@ def plan(event: IngestResult, *, s3: Any, data_bucket: str, size: int) -> dict[s
         items += part
         photos[split] = sum(len(item["ids"]) for item in part)
         shards[split] = len(part)
+    identity = plan_id(items)
+    items = [{**item, "planId": identity} for item in items]
     key = layout.plan_key(event.run_id)
     s3.put_object(Bucket=data_bucket, Key=key, Body=json.dumps(items, separators=(",", ":")).encode(),
                   ContentType="application/json")
-    return {"runId": event.run_id, "planKey": key, "photosPerShard": size, "shards": shards, "photos": photos}
+    return {"runId": event.run_id, "planId": identity, "planKey": key, "photosPerShard": size, "shards": shards,
+            "photos": photos}
 
 
 @metrics.log_metrics

@@ -9,6 +9,7 @@ from typing import Any
 import aws_cdk as cdk
 import pytest
 from aws_cdk import Aspects
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk.assertions import Annotations, Match, Template
@@ -230,7 +231,9 @@ def test_stage_runs_inside_the_pipeline_with_its_grants():
     stack = cdk.Stack(app, "PipelineWithIngest")
     storage = Storage(stack, "Storage", settings=settings)
     ingest = Ingest(stack, "Ingest", settings=settings, data_bucket=storage.data, data_key=storage.key)
-    Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("ingest", ingest.stage)])
+    check = lambda_.Function(stack, "Check", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
+                             code=lambda_.Code.from_inline("def handler(event, context):\n    return event\n"))
+    Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("ingest", ingest.stage)], input_check=check)
     # No grant call: the map's reader and writer register their S3 and KMS grants themselves.
     template = Template.from_stack(stack)
 

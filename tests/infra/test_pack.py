@@ -118,9 +118,14 @@ def test_each_function_reads_and_writes_only_its_prefixes(synthesized) -> None:
     assert object_grants(template, "PackPacker", "s3:ListBucket") == {BUCKET}
     assert object_grants(template, "PackFinish", "s3:GetObject") == {f"{BUCKET}/reports/pack/*"}
     assert object_grants(template, "PackFinish", "s3:PutObject") == {f"{BUCKET}/reports/pack/*"}
+    # The packer deletes only a planned shard of its plan's prefix that this run left with no photo (so the prefix
+    # a training job reads holds exactly the plan's packed shards); nothing else deletes.
+    assert object_grants(template, "PackPacker", "s3:DeleteObject") == {f"{BUCKET}/shards/*"}
     for role in ("PackPlan", "PackPacker", "PackFinish", "Machine"):
         for statement in statements_of(template, role):
-            assert not any(a in ("s3:*", "*") or a.startswith("s3:Delete") for a in actions(statement)), statement
+            deletes = [a for a in actions(statement) if a.startswith("s3:Delete")]
+            assert not any(a in ("s3:*", "*") for a in actions(statement)), statement
+            assert deletes == [] or (role == "PackPacker" and deletes == ["s3:DeleteObject"]), statement
         assert any("kms:Decrypt" in actions(s) for s in statements_of(template, role)), role
 
 

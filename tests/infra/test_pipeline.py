@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import aws_cdk as cdk
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk.assertions import Template
 from constructs import Construct
@@ -30,6 +33,8 @@ class _Fragment(sfn.StateMachineFragment):
 
 def _definition() -> tuple[dict, dict]:
     stack = cdk.Stack(cdk.App())
+    check = lambda_.Function(stack, "Check", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
+                             code=lambda_.Code.from_inline("def handler(event, context):\n    return event\n"))
     pipeline = Pipeline(
         stack,
         "Pipeline",
@@ -38,6 +43,7 @@ def _definition() -> tuple[dict, dict]:
             Stage("ingest", _Fragment(stack, "Ingest", result={"runId": "r"})),
             Stage("training", _Fragment(stack, "Training", result={"jobName": "j"})),
         ],
+        input_check=check,
     )
     template = Template.from_stack(stack)
     (machine,) = template.find_resources("AWS::StepFunctions::StateMachine").values()
@@ -45,14 +51,19 @@ def _definition() -> tuple[dict, dict]:
     return machine, definition_of(machine)
 
 
-def test_execution_input_is_kept_at_input_and_stages_run_in_order():
-    _, definition = _definition()
-    assert definition["StartAt"] == "Prepare"
-    assert definition["States"]["Prepare"]["Parameters"] == {
-        "input.$": "$$.Execution.Input",
-        "execution.$": "$$.Execution.Name",
-    }
-    assert definition["States"]["Prepare"]["Next"] == "Ingest stage"
+def test_the_first_state_checks_the_whole_input_and_only_the_normalized_input_is_carried_on():
+    machine, definition = _definition()
+    assert definition["StartAt"] == "Check input"
+    check = definition["States"]["Check input"]
+    assert check["Type"] == "Task" and check["Resource"] == "${ref}"  # the function itself: payloadResponseOnly
+    # The input is passed whole, not wrapped: a wrapper around a 262,144-byte input would overflow the state.
+    assert "Parameters" not in check and check.get("InputPath", "$") == "$"
+    assert check["ResultSelector"] == {"input.$": "$", "execution.$": "$$.Execution.Name"}
+    assert check["ResultPath"] == "$"
+    assert "Catch" not in check  # a refusal ends the execution here, with the function's cause
+    assert check["Next"] == "Ingest stage"
+    # No later state reaches for the raw execution input.
+    assert "$$.Execution.Input" not in json.dumps(machine)
     assert definition["States"]["Ingest stage"]["Next"] == "Training stage"
     assert definition["States"]["Training stage"]["Next"] == "Pipeline succeeded"
 

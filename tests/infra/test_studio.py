@@ -21,7 +21,7 @@ from tests.infra.test_synth import CDK, _cdk_synth
 # Everything the user role may do besides running Studio's own apps (STUDIO_APP_ACTIONS) and writing their logs.
 USER_ACTIONS = {
     "s3:GetObject", "s3:ListBucket", "kms:Decrypt", "kms:DescribeKey", "sts:AssumeRole",
-    "states:StartExecution", "states:ListExecutions", "states:DescribeExecution", "states:GetExecutionHistory",
+    "states:ListExecutions", "states:DescribeExecution", "states:GetExecutionHistory",
     "dynamodb:BatchGetItem", "dynamodb:GetRecords", "dynamodb:GetShardIterator", "dynamodb:Query",
     "dynamodb:GetItem", "dynamodb:Scan", "dynamodb:ConditionCheckItem", "dynamodb:DescribeTable",
     "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams",
@@ -82,7 +82,7 @@ def test_vpc_only_access_adds_the_endpoints_the_notebooks_need():
         assert service in endpoints, service
 
 
-def test_the_user_role_reads_data_starts_the_pipeline_reads_counts_and_nothing_wider(studio):
+def test_the_user_role_reads_data_follows_the_pipeline_reads_counts_and_nothing_wider(studio):
     role = user_role_id(studio)
     assert trusted_services(studio.find_resources("AWS::IAM::Role")[role]) == {"sagemaker.amazonaws.com"}
     actions = role_actions(studio)[role]
@@ -91,10 +91,8 @@ def test_the_user_role_reads_data_starts_the_pipeline_reads_counts_and_nothing_w
     (reads,) = [s for s in statements if s.get("Sid") == "ReadDataAndReports"]
     assert sorted(part["Fn::Join"][1][-1] for part in reads["Resource"]) == sorted(
         f"/{prefix}*" for prefix in READABLE_PREFIXES)
-    (start,) = [s for s in statements if "states:StartExecution" in s["Action"]]
-    (machine,) = [m for m in studio.find_resources("AWS::StepFunctions::StateMachine")
-                  if {"Ref": m} == start["Resource"]]
-    assert machine.startswith("PipelineStateMachine")  # the pipeline, not the bulk-count machine
+    # Starting the pipeline trains and deploys: the user may not unless the stack grants it (#23 item 3).
+    assert "states:StartExecution" not in actions
     (assume,) = [s for s in statements if s["Action"] == "sts:AssumeRole"]
     analysis = assume["Resource"]["Fn::GetAtt"][0]
     assert role_actions(studio)[analysis] == {"ce:GetCostAndUsage"}
@@ -107,6 +105,16 @@ def test_the_user_role_reads_data_starts_the_pipeline_reads_counts_and_nothing_w
     (create,) = [s for s in statements if "sagemaker:CreateApp" in s["Action"]]
     assert create["Condition"] == {"ForAllValues:StringLike": {"sagemaker:InstanceTypes": STUDIO_INSTANCE_TYPES}}
     assert "DomainId" in json.dumps(create["Resource"])
+
+
+def test_the_user_starts_the_pipeline_only_where_the_stack_grants_it():
+    granted = Template.from_stack(synth_stack({"studioDomain": True, "studioCanStartPipeline": True}))
+    statements = statements_of(granted, user_role_id(granted))
+    (start,) = [s for s in statements if "states:StartExecution" in s["Action"]]
+    assert start["Action"] == "states:StartExecution"
+    (machine,) = [m for m in granted.find_resources("AWS::StepFunctions::StateMachine")
+                  if {"Ref": m} == start["Resource"]]
+    assert machine.startswith("PipelineStateMachine")  # the pipeline, not the bulk-count machine
 
 
 def test_still_no_role_that_sagemaker_assumes_reads_costs_with_the_domain_on(studio):

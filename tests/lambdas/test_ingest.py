@@ -16,7 +16,7 @@ import pytest
 from moto import mock_aws
 
 from lambdas.ingest import aws, select, split, worker
-from lambdas.ingest.request import InvalidDatasetRequest
+from lambdas.ingest.request import InvalidDatasetRequest, run_id_from
 from ml import abid
 
 SOURCE = "aft-vbi-pds"
@@ -160,16 +160,17 @@ def test_sample_is_ingested_copied_and_split_into_training_channels(s3, sample_d
 
     assert plan["selected"] == 240
     assert totals(outputs) == {"copied": 480, "unchanged": 0, "filtered": 0}
-    assert result["runId"] == "run-1"
-    assert result["recordsKey"] == "manifests/run-1/records.jsonl"
-    assert result["reportKey"] == "reports/ingest/run-1.json"
+    run = run_id_from("run-1", "unused")  # the execution name plus a digest of it
+    assert result["runId"] == run and run.startswith("run-1-")
+    assert result["recordsKey"] == f"manifests/{run}/records.jsonl"
+    assert result["reportKey"] == f"reports/ingest/{run}.json"
     assert set(result["channels"]) == {"train", "validation", "test"}
     assert sum(result["counts"].values()) == 240
     # Labels come from the copied metadata, identical to the dataset's own labels file.
     records = abid.parse_records_jsonl(s3.get_object(Bucket=DATA, Key=result["recordsKey"])["Body"].read().decode())
     assert {r.image_id: r.quantity for r in records} == labels
     # Stratified: each count class is in every split in proportion (20 empty bins -> 2 validation, 2 test).
-    validation = read_json(s3, "manifests/run-1/validation.manifest")
+    validation = read_json(s3, f"manifests/{run}/validation.manifest")
     assert validation[0] == {"prefix": f"s3://{DATA}/raw/"}
     val_ids = {abid.image_id_from_key(k) for k in validation[1:]}
     assert sum(1 for i in val_ids if labels[i] == 0) == 2
@@ -187,7 +188,7 @@ def test_channel_manifest_materializes_to_a_folder_that_ml_reads(s3, sample_dir,
     labels = sample_labels(sample_dir)
     _, _, result = ingest(s3, {"selector": "manifest", "manifestUri": upload_list(s3, sorted(labels))}, "run-ml")
     # What SageMaker does with a ManifestFile channel: every key, relative to the prefix, lands in the channel.
-    manifest = read_json(s3, "manifests/run-ml/train.manifest")
+    manifest = read_json(s3, f"manifests/{run_id_from('run-ml', '')}/train.manifest")
     prefix = manifest[0]["prefix"].removeprefix(f"s3://{DATA}/")
     for key in manifest[1:]:
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,8 @@ def test_channel_manifest_materializes_to_a_folder_that_ml_reads(s3, sample_dir,
     records, rejected = abid.scan_folder(tmp_path)
     assert rejected == []
     assert len(records) == result["counts"]["train"]
-    expected = s3.get_object(Bucket=DATA, Key="manifests/run-ml/train.jsonl")["Body"].read().decode()
+    records_key = f"manifests/{run_id_from('run-ml', '')}/train.jsonl"
+    expected = s3.get_object(Bucket=DATA, Key=records_key)["Body"].read().decode()
     assert records == abid.parse_records_jsonl(expected)
 
 
@@ -251,7 +253,8 @@ def test_missing_and_corrupt_objects_are_reported_while_the_rest_succeed(s3, sam
     assert sum(result["counts"].values()) == len(labels) - 3
     listed = set()
     for name in ("train", "validation", "test"):
-        listed |= {abid.image_id_from_key(k) for k in read_json(s3, f"manifests/with-failures/{name}.manifest")[1:]}
+        manifest = f"manifests/{run_id_from('with-failures', '')}/{name}.manifest"
+        listed |= {abid.image_id_from_key(k) for k in read_json(s3, manifest)[1:]}
     assert listed.isdisjoint(reasons)
     # A corrupt pair is not copied: raw/ holds only what training can use.
     assert "Contents" not in s3.list_objects_v2(Bucket=DATA, Prefix="raw/metadata/01117.json")
@@ -271,9 +274,9 @@ def test_failed_batch_reports_each_of_its_images_with_the_error(s3, sample_dir, 
 
 def test_too_many_failures_fail_the_step_after_writing_the_report(s3, sample_dir):
     uri = upload_list(s3, [*sorted(sample_labels(sample_dir))[:20], *(f"9{n:04d}" for n in range(5))])
-    with pytest.raises(split.TooManyFailures, match=r"5 of 25 images failed \(20.0 %\).*reports/ingest/too-many"):
+    with pytest.raises(split.TooManyFailures, match=r"5 of 25 images failed \(20.0 %\).*reports/ingest/too-many-"):
         ingest(s3, {"selector": "manifest", "manifestUri": uri}, "too-many")
-    assert read_json(s3, "reports/ingest/too-many.json")["failed"] == 5
+    assert read_json(s3, f"reports/ingest/{run_id_from('too-many', '')}.json")["failed"] == 5
 
 
 def test_a_failed_copy_map_still_reports_every_selected_image(s3):
@@ -282,9 +285,10 @@ def test_a_failed_copy_map_still_reports_every_selected_image(s3):
                            "execution": "map-failed"}, CONTEXT)
     error = {"Error": "States.ExceedToleratedFailureThreshold", "Cause": "The specified tolerated failure threshold "
              "was exceeded"}
-    with pytest.raises(split.CopyMapFailed, match=r"ExceedToleratedFailureThreshold.*reports/ingest/map-failed\.json"):
+    with pytest.raises(split.CopyMapFailed,
+                       match=r"ExceedToleratedFailureThreshold.*reports/ingest/map-failed-[0-9a-f]{10}\.json"):
         split.handler({**plan, "copyError": error}, CONTEXT)
-    report = read_json(s3, "reports/ingest/map-failed.json")
+    report = read_json(s3, f"reports/ingest/{run_id_from('map-failed', '')}.json")
     assert [f["imageId"] for f in report["failures"]] == sorted(f["imageId"] for f in report["failures"])
     assert {f["imageId"] for f in report["failures"]} == {"01046", "01062", "01117"}
     assert all("tolerated failure threshold" in f["reason"] for f in report["failures"])
@@ -319,7 +323,8 @@ def test_default_request_selects_the_classic_10441_list(s3):
     plan = select.handler({"input": {}, "execution": "defaults"}, CONTEXT)
     assert plan["selector"] == "file-list" and plan["sourceBucket"] == SOURCE
     assert plan["selected"] == 10441
-    text = s3.get_object(Bucket=DATA, Key="manifests/defaults/selection.csv")["Body"].read().decode()
+    selection = f"manifests/{run_id_from('defaults', '')}/selection.csv"
+    text = s3.get_object(Bucket=DATA, Key=selection)["Body"].read().decode()
     lines = text.splitlines()
     assert lines[0] == "image_id" and len(lines) == 10442
     assert "100313" in lines and len(set(lines)) == 10442
@@ -368,7 +373,7 @@ def test_challenge_selector_uses_the_shipped_split(s3, split_name, expected):
 def test_invalid_request_fails_with_a_message_naming_the_field(s3, dataset, field):
     with pytest.raises(InvalidDatasetRequest, match=field):
         select.handler({"input": {"dataset": dataset}, "execution": "bad"}, CONTEXT)
-    assert "Contents" not in s3.list_objects_v2(Bucket=DATA, Prefix="manifests/bad/")
+    assert "Contents" not in s3.list_objects_v2(Bucket=DATA, Prefix="manifests/bad")
 
 
 def test_user_manifest_outside_the_manifests_prefix_is_refused(s3):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ml import abid, shards
 from tests.lambdas.conftest import FakeLambdaContext
 
 RUN = "run-1"
+PLAN = "0123456789abcdef"  # a plan id, for packers called without a plan
 DATA = ""  # set per test by the s3 fixture
 CONTEXT = FakeLambdaContext(function_name="pack-test")
 
@@ -104,6 +106,12 @@ def pack(s3, **map_options: Any) -> dict[str, Any]:
     return finish.handler({**planned, "packed": run_pack_map(s3, planned, **map_options)}, CONTEXT)
 
 
+def plan_of(s3) -> str:
+    """The plan id of the run's plan as the plan step writes it (each item carries it)."""
+    (plan_id,) = {item["planId"] for item in read_json(s3, layout.plan_key(RUN))}
+    return plan_id
+
+
 def shard_objects(s3) -> dict[str, Any]:
     listed = s3.list_objects_v2(Bucket=DATA, Prefix=layout.SHARD_PREFIX).get("Contents", [])
     return {entry["Key"]: entry["LastModified"] for entry in listed}
@@ -115,7 +123,7 @@ def test_every_split_is_packed_into_shards_that_read_back_as_exactly_its_records
     assert set(result["channels"]) == set(abid.SPLITS)
     for split in abid.SPLITS:
         prefix = result["channels"][split]
-        assert prefix == f"s3://{DATA}/shards/{RUN}/{split}/"
+        assert prefix == f"s3://{DATA}/shards/{plan_of(s3)}/{split}/"
         keys = sorted(k for k in shard_objects(s3) if k.startswith(prefix.removeprefix(f"s3://{DATA}/")))
         assert len(keys) == result["shards"][split] == -(-len(split_records(s3, split)) // 16)
         assert keys[0].endswith(f"/{split}-000000.tar")
@@ -158,8 +166,8 @@ def test_a_shard_whose_photos_changed_is_written_again(s3, sample_dir: Path) -> 
     result = pack(s3)
     report = read_json(s3, result["reportKey"])
     assert report["shardsWritten"] == 1  # the first train shard only
-    head = s3.head_object(Bucket=DATA, Key=layout.shard_key(RUN, "train", 0))
-    body = s3.get_object(Bucket=DATA, Key=layout.shard_key(RUN, "train", 0))["Body"].read()
+    head = s3.head_object(Bucket=DATA, Key=layout.shard_key(plan_of(s3), "train", 0))
+    body = s3.get_object(Bucket=DATA, Key=layout.shard_key(plan_of(s3), "train", 0))["Body"].read()
     assert head["Metadata"][packer.CONTENT_DIGEST] == shards.digest(body)
 
 
@@ -188,7 +196,7 @@ def test_unreadable_photos_and_metadata_are_reported_not_packed(s3) -> None:
     ids = [r.image_id for r in split_records(s3, "train")[:2]]
     s3.put_object(Bucket=DATA, Key=layout.raw_keys(ids[0])[0], Body=b"<html>not a photo</html>")
     s3.put_object(Bucket=DATA, Key=layout.raw_keys(ids[1])[1], Body=b"{\"EXPECTED_QUANTITY\": -1}")
-    output = packer.handler({"runId": RUN, "split": "train", "index": 0, "ids": ids}, CONTEXT)
+    output = packer.handler({"runId": RUN, "planId": PLAN, "split": "train", "index": 0, "ids": ids}, CONTEXT)
     assert output["photos"] == 0 and output["key"] is None  # nothing left to pack: no empty shard is written
     reasons = {f["imageId"]: f["reason"] for f in output["failures"]}
     assert reasons[ids[0]] == f"raw/bin-images/{ids[0]}.jpg is unreadable: not a JPEG (24 bytes)"
@@ -235,7 +243,8 @@ def test_a_transient_s3_error_raises_so_the_state_machine_retries(s3, monkeypatc
     monkeypatch.setattr(client, "get_object", slow_down)
     record = split_records(s3, "train")[0]
     with pytest.raises(packer.TransientPackError, match="SlowDown"):
-        packer.handler({"runId": RUN, "split": "train", "index": 0, "ids": [record.image_id]}, CONTEXT)
+        packer.handler({"runId": RUN, "planId": PLAN, "split": "train", "index": 0, "ids": [record.image_id]},
+                       CONTEXT)
 
 
 def test_the_result_of_a_largest_shard_of_missing_photos_fits_a_step_functions_state(s3) -> None:
@@ -243,7 +252,7 @@ def test_the_result_of_a_largest_shard_of_missing_photos_fits_a_step_functions_s
     # TaskSucceededEventDetails: "Maximum length of 262144"); plan.MAX_PHOTOS_PER_SHARD keeps every result
     # under it, even one that lists every photo of its shard as failed. ABID ids have at most six digits.
     ids = [str(n) for n in range(900_000, 900_000 + plan.MAX_PHOTOS_PER_SHARD)]
-    output = packer.pack_shard(packer.ShardTask(runId=RUN, split="train", index=0, ids=ids), s3=aws.s3(),
+    output = packer.pack_shard(packer.ShardTask(runId=RUN, planId=PLAN, split="train", index=0, ids=ids), s3=aws.s3(),
                                data_bucket=DATA, threads=16)
     assert len(output["failures"]) == plan.MAX_PHOTOS_PER_SHARD
     assert len(json.dumps(output).encode()) < 262_144
@@ -267,3 +276,56 @@ def test_the_plan_cuts_each_split_in_id_order_into_shards_of_the_configured_size
 def test_a_photos_per_shard_outside_its_range_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="PACK_PHOTOS_PER_SHARD must be between 1 and"):
         plan.photos_per_shard({"PACK_PHOTOS_PER_SHARD": bad})
+
+
+# --- runs that cannot mix (#25 item 2) ------------------------------------------------------------------
+
+
+def test_the_shards_live_under_the_plans_digest_so_only_an_identical_plan_shares_them(s3) -> None:
+    planned = plan.handler(ingest_result(), CONTEXT)
+    items = read_json(s3, planned["planKey"])
+    assert planned["planId"] == plan.plan_id([{k: v for k, v in i.items() if k != "planId"} for i in items])
+    assert {item["planId"] for item in items} == {planned["planId"]}
+    # Another run of the same records: the same plan, the same prefix (reused); one photo fewer: another prefix.
+    assert plan.plan_id(plan.cut("other-run", "train", items[0]["ids"], 16)) == plan.plan_id(
+        plan.cut(RUN, "train", items[0]["ids"], 16))
+    assert plan.plan_id(plan.cut(RUN, "train", items[0]["ids"][1:], 16)) != plan.plan_id(
+        plan.cut(RUN, "train", items[0]["ids"], 16))
+    result = finish.handler({**planned, "packed": run_pack_map(s3, planned)}, CONTEXT)
+    assert all(uri.endswith(f"/shards/{planned['planId']}/{split}/") for split, uri in result["channels"].items())
+
+
+def test_a_planned_shard_left_with_no_photo_removes_what_an_earlier_run_of_the_plan_packed_there(s3) -> None:
+    pack(s3)
+    first = read_json(s3, layout.plan_key(RUN))[0]
+    key = layout.shard_key(first["planId"], first["split"], first["index"])
+    assert key in shard_objects(s3)
+    for image_id in first["ids"]:
+        s3.delete_object(Bucket=DATA, Key=layout.raw_keys(image_id)[0])
+    output = packer.handler(first, CONTEXT)
+    assert output["key"] is None
+    assert key not in shard_objects(s3)  # the plan's prefix holds only what this run reports
+
+
+def test_a_reused_shard_past_half_its_retention_is_refreshed_so_it_cannot_expire_under_a_job(
+        s3, monkeypatch) -> None:
+    pack(s3)
+    first = read_json(s3, layout.plan_key(RUN))[0]
+    key = layout.shard_key(first["planId"], first["split"], first["index"])
+    written = s3.head_object(Bucket=DATA, Key=key)
+    copies: list[str] = []
+    aws.s3().meta.events.register("provide-client-params.s3.CopyObject",
+                                  lambda params, **_: copies.append(params["Key"]))
+    monkeypatch.setenv("SHARD_RETENTION_DAYS", "30")
+    assert packer.handler(first, CONTEXT)["written"] is False
+    assert copies == []  # young: left alone
+    real_head = aws.s3().head_object
+
+    def aged(**kwargs: Any) -> Any:
+        return real_head(**kwargs) | {"LastModified": written["LastModified"] - timedelta(days=16)}
+
+    monkeypatch.setattr(aws.s3(), "head_object", aged)
+    assert packer.handler(first, CONTEXT)["written"] is False
+    assert copies == [key]
+    refreshed = s3.head_object(Bucket=DATA, Key=key)
+    assert refreshed["Metadata"] == written["Metadata"] and refreshed["ContentLength"] == written["ContentLength"]

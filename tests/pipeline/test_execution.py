@@ -15,11 +15,16 @@ from typing import Any
 import pytest
 
 from invmon import execution as offline
+from lambdas.ingest.request import run_id_from
 from tests.pipeline import harness
 from tests.pipeline.conftest import Cloud
 
 PIPELINE = "PipelineStateMachine"
 ENDPOINT = "invmon-dev-counter"
+
+
+def run_id(execution: str) -> str:
+    return run_id_from(execution, "unused")
 
 
 def data_bucket(cloud: Cloud) -> str:
@@ -207,7 +212,7 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
     entered = execution.states_entered()
     # A Distributed Map's iterations are child executions, with their own histories (CopyBatch and PackShard
     # are not here).
-    path = ["Prepare", "SelectDataset", "CopyImages", "SplitDataset", "Pack stage", "PlanShards", "PackShards",
+    path = ["Check input", "SelectDataset", "CopyImages", "SplitDataset", "Pack stage", "PlanShards", "PackShards",
             "FinishPack", "Training stage", "PrepareTraining", "TrainModel", "RecordTraining", "Decide deploy",
             "Release model", "Describe endpoint", "Finish deploy", "Pipeline succeeded"]
     assert [state for state in entered if state in path] == path
@@ -261,7 +266,8 @@ def test_photos_that_cannot_be_packed_fail_the_pack_stage_before_training(cloud:
     entered = execution.states_entered()
     assert entered[-2:] == ["Record pack failure", "Pipeline failed"]
     assert "Training stage" not in entered and cloud.bridge.requests == []
-    report = json.loads(cloud.client("s3").get_object(Bucket=bucket, Key="reports/pack/run.json")["Body"].read())
+    report = json.loads(cloud.client("s3").get_object(Bucket=bucket, Key=f"reports/pack/{run_id('run')}.json")
+                        ["Body"].read())
     assert sorted(f["imageId"] for f in report["failures"]) == sorted(ids[:2])
     assert all(f["reason"].endswith("does not exist (NoSuchKey)") for f in report["failures"])
 
@@ -376,3 +382,174 @@ def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
     assert execution.status == "FAILED"
     assert execution.cause.startswith("ingest stage failed:")
     assert "Training stage" not in execution.states_entered()
+
+
+# ----------------------------------------------------------------------------------- the first state (#25, #23)
+
+CHECK = "Check input"
+
+
+def first_state_only(cloud: Cloud) -> dict[str, Any]:
+    """The pipeline's own definition, ending after its first state: the check runs as synthesized, and what it
+    accepts goes straight to "Pipeline succeeded" (the stages after it have their own tests)."""
+    definition = cloud.definition(PIPELINE)
+    definition["States"][CHECK]["Next"] = "Pipeline succeeded"
+    return definition
+
+
+def allow(cloud: Cloud, **context: Any) -> None:
+    """The check function's environment as the stack writes it when deployed with ``-c key=value``."""
+    from infra.config import load_settings
+    from infra.execution_input import allowances
+    from lambdas.execution_input.check import ALLOWANCES_ENV
+
+    (name,) = [name for name in cloud.lambdas.functions if name.startswith("executioninputcheck")]
+    handler, environment = cloud.lambdas.functions[name]
+    cloud.lambdas.functions[name] = (handler, environment | {
+        ALLOWANCES_ENV: json.dumps(allowances(load_settings(context)))})
+
+
+def assert_refused_at_the_first_state(execution: offline.Execution, field: str) -> None:
+    execution.assert_no_runtime_error()
+    assert execution.status == "FAILED"
+    assert execution.states_entered() == [CHECK]
+    assert execution.error == "InvalidExecutionInput"
+    assert len(execution.cause) < 1000, execution.cause
+    message = json.loads(execution.cause)["errorMessage"]
+    assert message.startswith(f"invalid execution input: {field}"), message
+
+
+# Each #25 and #23 case once; the other strict-type cases are tests/lambdas/test_execution_input.py's.
+HOSTILE = {
+    "oversized": ({"training": {"pretrained": "x" * 259_000}}, "input"),
+    "top-level typo": ({"datset": {"limit": 10}}, "datset: unknown key; did you mean dataset?"),
+    "dataset typo": ({"dataset": {"limt": 10}}, "dataset.limt: unknown key; did you mean limit?"),
+    "training typo": ({"training": {"instanceTyp": "ml.g5.xlarge"}}, "training.instanceTyp: unknown key"),
+    "tuning typo": ({"training": {"tuning": {"maxJob": 2}}}, "training.tuning.maxJob: unknown key"),
+    "deploy typo": ({"deploy": {"forse": True}}, "deploy.forse: unknown key; did you mean force?"),
+    "string count": ({"dataset": {"selector": "count-range", "minCount": "3"}}, "dataset.minCount"),
+    "deploy as a string": ({"deploy": "force"}, "deploy"),
+    "minImprovement in words": ({"deploy": {"minImprovement": "a lot"}}, "deploy.minImprovement"),
+    "not an object": ([1, 2, 3], "input"),
+    "late training check": ({"training": {"useSpot": True, "maxRuntimeSeconds": 7200, "maxWaitSeconds": 3600}},
+                            "training.maxWaitSeconds"),
+    "isolation off": ({"training": {"networkIsolation": False}}, "training.networkIsolation"),
+    "p5": ({"training": {"instanceType": "ml.p5.48xlarge"}}, "training.instanceType"),
+    "100 instances": ({"training": {"instanceCount": 100}}, "training.instanceCount"),
+    "500 tuning jobs": ({"training": {"tuning": {"enabled": True, "maxJobs": 500}}}, "training.tuning.maxJobs"),
+    "forced deploy": ({"deploy": {"force": True}}, "deploy.force"),
+}
+
+
+def test_a_hostile_input_ends_the_execution_in_its_first_state_naming_the_field(cloud: Cloud) -> None:
+    # One machine, one execution per input (a fixture per input would cost seconds each for nothing).
+    definition = cloud.definition(PIPELINE)
+    for number, (case, (raw, field)) in enumerate(sorted(HOSTILE.items())):
+        execution = cloud.run(definition, raw, name=f"hostile-{number}")
+        try:
+            assert_refused_at_the_first_state(execution, field)
+        except AssertionError as error:
+            raise AssertionError(f"{case}: {error}") from None
+    assert [i.function for i in cloud.lambdas.invocations if not i.function.startswith("executioninput")] == []
+    assert cloud.bridge.requests == []
+
+
+ALLOWED = [
+    ({"training": {"networkIsolation": False}}, {"allowNetworkIsolationOff": True}),
+    ({"training": {"instanceType": "ml.p5.48xlarge"}},
+     {"trainingAllowedInstanceTypes": ["ml.g4dn.xlarge", "ml.p5.48xlarge"]}),
+    ({"training": {"instanceCount": 100}}, {"trainingMaxInstanceCount": 100}),
+    ({"deploy": {"force": True}}, {"allowForceDeploy": True}),
+]
+
+
+def test_a_control_is_accepted_at_the_first_state_where_the_stack_allows_it(cloud: Cloud) -> None:
+    definition = first_state_only(cloud)
+    for number, (raw, context) in enumerate(ALLOWED):
+        allow(cloud, **context)
+        execution = cloud.run(definition, raw, name=f"allowed-{number}")
+        execution.assert_no_runtime_error()
+        assert execution.status == "SUCCEEDED", (context, execution.cause)
+        assert execution.states_entered() == [CHECK, "Pipeline succeeded"]
+        section = next(iter(raw))
+        assert execution.output["input"][section].items() >= raw[section].items()
+        assert execution.output["execution"] == f"allowed-{number}"
+
+
+def test_only_the_normalized_input_travels_on(cloud: Cloud) -> None:
+    raw = {"dataset": {"selector": "count-range", "min_count": 1, "maxCount": None}}
+    execution = cloud.run(first_state_only(cloud), raw)
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert execution.output == {"input": {"dataset": {"selector": "count-range", "minCount": 1}}, "execution": "run"}
+
+
+def test_a_network_isolation_off_that_the_stack_allows_reaches_the_training_job(cloud: Cloud) -> None:
+    state = {"input": {"training": {"networkIsolation": False}}, "execution": "run", "pack": packed(cloud)}
+    execution = cloud.run(cloud.definition(PIPELINE, start_at="Training stage"), state)
+    assert execution.status == "SUCCEEDED", execution.cause
+    ((_, request),) = cloud.bridge.requests
+    assert request["EnableNetworkIsolation"] is False
+
+
+# ------------------------------------------------------------------------------------- runs that cannot mix
+
+
+def shard_ids(cloud: Cloud, channel: str) -> list[str]:
+    """The photo ids in every object under a channel prefix: what a job reading that S3Prefix gets."""
+    from ml import shards
+
+    s3, bucket = cloud.client("s3"), data_bucket(cloud)
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=channel.removeprefix(f"s3://{bucket}/")).get("Contents", [])
+    return sorted(sample.key for entry in listed for sample in shards.read_shard(
+        io.BytesIO(s3.get_object(Bucket=bucket, Key=entry["Key"])["Body"].read())))
+
+
+def pack_report(cloud: Cloud, execution: offline.Execution) -> dict[str, Any]:
+    key = execution.output["pack"]["reportKey"]
+    return json.loads(cloud.client("s3").get_object(Bucket=data_bucket(cloud), Key=key)["Body"].read())
+
+
+def test_executions_whose_names_made_one_run_id_never_mix_their_shards(cloud: Cloud, sample_dir: Path) -> None:
+    # Before: exp-1 and exp+1 both became run "exp-1"; the second (8 photos) trained on the first's 12 as well.
+    ids = publish_abid(cloud, sample_dir, images=12)
+    first = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(12)}, name="exp-1")
+    # The harness's ResultWriter stand-in takes every invocation so far as the Map's children: one run's at a time.
+    cloud.lambdas.invocations.clear()
+    second = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(8) | {"seed": "other"}}, name="exp+1")
+    for execution in (first, second):
+        execution.assert_no_runtime_error()
+        assert execution.status == "SUCCEEDED", execution.cause
+    assert first.output["ingest"]["runId"] != second.output["ingest"]["runId"]
+    assert all(e.output["ingest"]["runId"].startswith("exp-1-") for e in (first, second))
+    assert pack_report(cloud, first)["runId"] != pack_report(cloud, second)["runId"]
+    # Each job reads exactly the photos of its own pack plan, whatever the other run left in the bucket.
+    jobs = [request for operation, request in cloud.bridge.requests if operation == "CreateTrainingJob"]
+    assert len(jobs) == 2
+    s3 = cloud.client("s3")
+    for execution, job in zip((first, second), jobs, strict=True):
+        plan = json.loads(s3.get_object(Bucket=data_bucket(cloud), Key=pack_report(cloud, execution)["planKey"])
+                          ["Body"].read())
+        sources = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]}
+        for split in execution.output["pack"]["channels"]:
+            planned = sorted(i for item in plan if item["split"] == split for i in item["ids"])
+            assert shard_ids(cloud, sources[split]) == planned, split
+    assert sum(second.output["pack"]["photos"].values()) == 8
+    assert set(ids) >= {i for c in second.output["pack"]["channels"].values() for i in shard_ids(cloud, c)}
+
+
+def test_a_rerun_with_an_identical_plan_reuses_the_shards(cloud: Cloud, sample_dir: Path) -> None:
+    publish_abid(cloud, sample_dir, images=12)
+    first = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(12)}, name="again-1")
+    s3 = cloud.client("s3")
+    before = {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=data_bucket(cloud),
+                                                                       Prefix="shards/")["Contents"]}
+    cloud.lambdas.invocations.clear()  # the ResultWriter stand-in's children: this run's only
+    second = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(12)}, name="again-2")
+    assert first.status == second.status == "SUCCEEDED", (first.cause, second.cause)
+    assert first.output["ingest"]["runId"] != second.output["ingest"]["runId"]
+    assert second.output["pack"]["channels"] == first.output["pack"]["channels"]
+    report = pack_report(cloud, second)
+    assert report["shardsWritten"] == 0 and report["shardsUnchanged"] == len(before)
+    after = {o["Key"]: o["LastModified"] for o in s3.list_objects_v2(Bucket=data_bucket(cloud),
+                                                                      Prefix="shards/")["Contents"]}
+    assert after == before  # nothing repacked under a new prefix

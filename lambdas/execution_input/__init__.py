@@ -1,0 +1,2 @@
+"""The pipeline's execution input: one schema (schema.py), the first state that checks it (check.py), and the
+document generated from it (docs.py)."""
