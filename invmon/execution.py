@@ -414,6 +414,17 @@ class JobOutcome:
 
     status: str = "Completed"
     failure_reason: str = ""
+    # Whether the .sync task fails on this end (States.TaskFailed, the Describe output as cause) or returns the
+    # job as its output. None: it fails unless the job Completed. Step Functions' guide documents neither for a
+    # Stopped job ("Run a Job (.sync)" says only that the task waits for the job), and botocore's
+    # TrainingJobCompletedOrStopped waiter counts Stopped as success, so the tests run both.
+    task_fails: bool | None = None
+    # The task ran past its TimeoutSeconds: States.Timeout, which carries no cause.
+    timed_out: bool = False
+
+    @property
+    def fails_task(self) -> bool:
+        return self.status != "Completed" if self.task_fails is None else self.task_fails
 
 
 # The jobs a bridge answers: boto3's name for the kind of job, and the request's name field (whose "...Name"
@@ -449,6 +460,15 @@ class SageMakerBridge:
         kind, name_key = _JOBS[operation]
         getattr(sagemaker, f"create_{kind}_job")(**request)
         outcome = self.finish(operation, request)
+        if operation == "CreateTrainingJob":
+            # moto completes every job at once; DescribeTrainingJob (the report step's read) must say how the job
+            # really ended, as on AWS.
+            from moto.sagemaker.models import sagemaker_backends
+
+            job = sagemaker_backends[ACCOUNT][REGION].training_jobs[request[name_key]]
+            job.training_job_status = job.secondary_status = outcome.status
+            if outcome.failure_reason:
+                job.failure_reason = outcome.failure_reason
         described = getattr(sagemaker, f"describe_{kind}_job")(**{name_key: request[name_key]})
         described[name_key.removesuffix("Name") + "Status"] = outcome.status
         if outcome.failure_reason:
@@ -507,7 +527,10 @@ def _bridge_service_class() -> type:
         def _eval_service_task(self, env, resource_runtime_part, normalised_parameters, state_credentials) -> None:
             request = resolve_literal_path_keys(normalised_parameters, env.states.get_input())
             described, outcome = self.bridge.run(self.resource.api_action, request)
-            if outcome.status != "Completed":
+            if outcome.timed_out:
+                # States.Timeout has no cause on AWS either: the interpreter's own timeout event.
+                raise FailureEventException(failure_event=self._get_timed_out_failure_event(env))
+            if outcome.fails_task:
                 # Step Functions fails a .sync task whose job failed with States.TaskFailed and the Describe
                 # output as its cause. moto refuses a custom error named States.*, so the failure names
                 # the interpreter's own States.TaskFailed.

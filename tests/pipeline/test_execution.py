@@ -140,6 +140,72 @@ def test_a_failed_training_job_is_stopped_and_fails_the_pipeline_with_its_reason
     assert request["EnableManagedSpotTraining"] is True
 
 
+# What AWS documents for a .sync task whose SageMaker job ends Stopped: nothing either way. The Step Functions
+# developer guide ("Run a Job (.sync)", connect-to-resource) says only that the task waits for the job to
+# complete; the SageMaker integration page (connect-sagemaker) lists which APIs support .sync, not which end states
+# fail the task; and botocore's own TrainingJobCompletedOrStopped waiter (sagemaker waiters-2.json) treats Stopped
+# as success. A spot job whose MaxWaitTimeInSeconds ran out ends Stopped, partly trained, so both outcomes of the
+# task are run here, and both must fail the training stage with the job's reason before the deploy gate.
+SPOT_GAVE_UP = "Training job stopped: spot capacity was not available within MaxWaitTimeInSeconds"
+
+
+def test_a_stopped_job_whose_sync_task_fails_is_stopped_and_fails_the_stage_with_its_reason(cloud: Cloud) -> None:
+    cloud.bridge.outcome = lambda action, request: harness.Outcome("Stopped", SPOT_GAVE_UP, task_fails=True)
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.cause.startswith("training stage failed:")
+    assert SPOT_GAVE_UP in execution.cause and '"TrainingJobStatus":"Stopped"' in execution.cause
+    entered = execution.states_entered()
+    assert "StopTrainingJob" in entered and "RecordTraining" not in entered and "Deploy stage" not in entered
+
+
+def test_a_stopped_job_returned_by_its_sync_task_fails_the_stage_before_the_gate(cloud: Cloud) -> None:
+    # The .sync task returns the Stopped job as its output: the report step records it, the check refuses it.
+    cloud.bridge.outcome = lambda action, request: harness.Outcome(
+        "Stopped", SPOT_GAVE_UP, task_fails=False, serving_code=False)
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "TrainingJobUnusable"
+    ((_, request),) = cloud.bridge.requests
+    job = request["TrainingJobName"]
+    assert execution.cause.startswith(f"training stage failed: training job {job} ended Stopped: {SPOT_GAVE_UP}")
+    assert "holds no code/inference.py" in execution.cause
+    assert len(execution.cause) < 1000
+    entered = execution.states_entered()
+    assert entered.index("RecordTraining") < entered.index("TrainingUnusable") < entered.index("TrainingFailed")
+    assert "TrainingRecorded" not in entered
+
+
+def test_a_completed_job_whose_artifact_has_no_serving_code_fails_the_stage(cloud: Cloud) -> None:
+    cloud.bridge.outcome = lambda action, request: harness.Outcome(serving_code=False)
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "TrainingJobUnusable"
+    assert "holds no code/inference.py: the serving container could not load it" in execution.cause
+
+
+def test_a_job_with_a_fatal_health_finding_fails_the_stage_with_the_finding(cloud: Cloud) -> None:
+    health = {"status": "fatal", "findings": [
+        {"check": "non_finite_loss", "severity": "fatal", "epoch": 2, "message": "loss is nan at step 812"}]}
+    cloud.bridge.outcome = lambda action, request: harness.Outcome(health=health)
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "TrainingJobUnusable"
+    assert "fatal health finding (non_finite_loss: loss is nan at step 812)" in execution.cause
+
+
+def test_a_training_task_timeout_fails_the_stage_with_a_cause_naming_the_job(cloud: Cloud) -> None:
+    # States.Timeout carries no cause: the stage names the job and the timeout it ran past.
+    cloud.bridge.outcome = lambda action, request: harness.Outcome("InProgress", timed_out=True)
+    execution = run_training(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "States.Timeout"
+    ((_, request),) = cloud.bridge.requests
+    assert execution.cause.startswith(f"training stage failed: training job {request['TrainingJobName']} ran past "
+                                      "its state timeout of ")
+    assert "StopTrainingJob" in execution.states_entered()
+
+
 @pytest.mark.parametrize("bad", [{"training": {"instanceCount": "many"}}, {"training": {"nonsense": 1}}])
 def test_a_bad_training_input_fails_before_any_job_starts(cloud: Cloud, bad: dict[str, Any]) -> None:
     execution = run_training(cloud, **bad)
