@@ -39,6 +39,19 @@ def run_deploy(cloud: Cloud, name: str = "run", accuracy: float = 0.6, **input_:
     return execution
 
 
+def lock_items(cloud: Cloud) -> list[dict[str, Any]]:
+    return cloud.client("dynamodb").scan(TableName=cloud.name("AWS::DynamoDB::Table", "DeployLocks"))["Items"]
+
+
+def hold_lock(cloud: Cloud, holder: str = "other-execution", lease_seconds: int = 3600) -> None:
+    """The deploy lock as another execution's live lease leaves it (lambdas/deploy/lock.py)."""
+    import time
+
+    cloud.client("dynamodb").put_item(TableName=cloud.name("AWS::DynamoDB::Table", "DeployLocks"), Item={
+        "lock": {"S": ENDPOINT}, "owner": {"S": f"arn:aws:states:us-east-1:123456789012:execution:m:{holder}"},
+        "execution": {"S": holder}, "expiresAt": {"N": str(int(time.time()) + lease_seconds)}})
+
+
 def after_release(change: Any) -> Any:
     """An ``InProcessLambda.after`` hook that changes the endpoint once the release Lambda has started it."""
     def after(invocation: offline.Invocation) -> None:
@@ -55,7 +68,12 @@ def test_endpoint_out_of_service_fails_the_pipeline_with_the_endpoints_status(cl
     assert execution.error == "EndpointFailed"
     assert execution.cause == (f"deploy stage failed: Endpoint {ENDPOINT} is OutOfService: SageMaker gives no "
                                "FailureReason for this status, see the endpoint events")
-    assert execution.states_entered()[-3:] == ["Endpoint failed", "Record deploy failure", "Pipeline failed"]
+    entered = execution.states_entered()
+    # The stage's failure passes through the lock's release and is raised again with its own error and cause.
+    assert entered.index("Endpoint failed") < entered.index("Release deploy lock after failure") \
+        < entered.index("Deploy failed") < entered.index("Record deploy failure")
+    assert entered[-1] == "Pipeline failed"
+    assert lock_items(cloud) == []
 
 
 def test_endpoint_failed_fails_the_pipeline_with_its_failure_reason(cloud: Cloud) -> None:
@@ -66,6 +84,68 @@ def test_endpoint_failed_fails_the_pipeline_with_its_failure_reason(cloud: Cloud
     assert execution.error == "EndpointFailed"
     assert execution.cause == (f"deploy stage failed: Endpoint {ENDPOINT} is Failed: "
                                "the container did not pass the ping check")
+
+
+def test_a_deploy_waits_while_another_execution_holds_the_lock_then_deploys(cloud: Cloud) -> None:
+    hold_lock(cloud)
+    refused = []
+
+    def other_finishes(invocation: offline.Invocation) -> None:
+        if invocation.function.startswith("deploylock") and invocation.error:
+            refused.append(invocation.error)
+            if len(refused) == 2:  # the other deploy ends while this one waits
+                cloud.client("dynamodb").delete_item(TableName=cloud.name("AWS::DynamoDB::Table", "DeployLocks"),
+                                                     Key={"lock": {"S": ENDPOINT}})
+
+    cloud.lambdas.after = other_finishes
+    execution = run_deploy(cloud)
+    assert execution.status == "SUCCEEDED", execution.cause
+    assert all(error.startswith("DeployLockHeld: another deploy is in progress: other-execution holds the "
+                                f"deploy lock of {ENDPOINT}") for error in refused)
+    entered = execution.states_entered()
+    assert entered.index("Acquire deploy lock") < entered.index("Decide deploy") < entered.index("Release deploy lock")
+    assert lock_items(cloud) == []
+
+
+def test_a_deploy_that_never_gets_the_lock_fails_as_another_deploy_in_progress(cloud: Cloud) -> None:
+    from infra.deploy import LOCK_ATTEMPTS
+
+    hold_lock(cloud)
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "DeployLockHeld"
+    assert "another deploy is in progress: other-execution holds the deploy lock" in execution.cause
+    assert "Decide deploy" not in execution.states_entered()  # the gate never ran, nothing was released
+    attempts = [i for i in cloud.lambdas.invocations if i.function.startswith("deploylock")]
+    assert len(attempts) == 1 + LOCK_ATTEMPTS
+    assert lock_items(cloud)[0]["execution"]["S"] == "other-execution"  # the holder's lock is left alone
+
+
+def test_two_concurrent_deploys_take_turns_and_the_gate_sees_the_first_ones_model(cloud: Cloud) -> None:
+    # Before the lock both released at once: the model in service was whichever came last, and a forced race
+    # ended in DeploymentRolledBack although nothing had rolled back.
+    sfn = cloud.client("stepfunctions")
+    definition = cloud.definition(PIPELINE, start_at="Deploy stage")
+    arns = [offline.start(sfn, definition, {"input": {}, "execution": name, "training": trained(cloud, job=name,
+                                                                                              accuracy=0.6)},
+                          name=name) for name in ("deploy-a", "deploy-b")]
+    executions = [offline.wait(sfn, arn, timeout=120) for arn in arns]
+    for execution in executions:
+        execution.assert_no_runtime_error()
+        assert execution.status == "SUCCEEDED", execution.cause
+    decisions = sorted(e.output["deploy"]["decision"] for e in executions)
+    assert decisions == ["deploy", "skip"]  # the second gate compared with the first one's model, in service
+    lock_calls = [(i.event["action"], i.event["execution"], i.error is None) for i in cloud.lambdas.invocations
+                  if i.function.startswith("deploylock")]
+    held = None
+    for action, execution, ok in lock_calls:  # never two holders at once
+        if action == "acquire" and ok:
+            assert held is None, lock_calls
+            held = execution
+        elif action == "release":
+            assert held == execution, lock_calls
+            held = None
+    assert lock_items(cloud) == []
 
 
 def test_first_deploy_creates_the_endpoint_and_records_the_model_in_service(cloud: Cloud) -> None:
