@@ -359,6 +359,10 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
     assert [state for state in entered if state in path] == path
     workers = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")]
     assert sorted(item["image_id"] for w in workers for item in w.event["Items"]) == ids
+    # The real batch shape: the ItemBatcher's batches (ingestBatchSize 100: all twelve in one), each item
+    # through the ItemSelector. Before, each photo was a batch of one.
+    assert [len(w.event["Items"]) for w in workers] == [len(ids)]
+    assert all(set(item) > {"image_id"} for item in workers[0].event["Items"]), workers[0].event["Items"][0]
     s3 = cloud.client("s3")
     copied = s3.list_objects_v2(Bucket=data_bucket(cloud), Prefix="raw/")
     assert copied["KeyCount"] == 2 * len(ids)  # each photo and its metadata
@@ -490,7 +494,7 @@ def test_a_failed_transform_ends_the_bulk_count_incomplete(cloud: Cloud, sample_
 
 def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
         cloud: Cloud, sample_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # One batch of twelve (8 %, above the tolerated 5 %) fails on every attempt. On AWS the Map fails
+    # The one batch of twelve (100 %, above the tolerated 5 %) fails on every attempt. On AWS the Map fails
     # (States.ExceedToleratedFailureThreshold) and its Catch hands that to the split step; moto lets a
     # distributed Map succeed whatever fails in it (test_harness measures that), so the split step finds the
     # failed batch in the results instead. Either way the stage fails and training never starts, which is what
@@ -509,7 +513,7 @@ def test_a_copy_batch_that_keeps_failing_is_retried_then_fails_the_ingest_stage(
     execution = cloud.run(cloud.definition(PIPELINE), {"dataset": {"selector": "count-range", "limit": len(ids)}})
     execution.assert_no_runtime_error()
     attempts = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")
-                and i.event["Items"][0]["image_id"] == ids[0]]
+                and any(item["image_id"] == ids[0] for item in i.event["Items"])]
     assert len(attempts) == 5  # the first try and the Retry's MaxAttempts (4) more
     assert execution.status == "FAILED"
     assert execution.cause.startswith("ingest stage failed:")
