@@ -87,7 +87,7 @@ def test_state_machine_waits_for_in_service_on_the_new_config_and_fails_cleanly(
     first = ready["Choices"][0]["And"]
     assert {"Variable": "$.deploy.endpoint.EndpointConfigName",
             "StringEqualsPath": "$.deploy.release.endpointConfigName"} in first
-    assert ready["Default"] == "Wait for endpoint"
+    assert ready["Default"] == "Count endpoint check"  # bounded: see the attempt-limit test
     assert states["Endpoint failed"]["Type"] == "Fail"
     assert states["Deploy rolled back"]["Type"] == "Fail"
     assert states["Finish deploy"]["ResultPath"] == "$.deploy"

@@ -76,6 +76,24 @@ def test_endpoint_out_of_service_fails_the_pipeline_with_the_endpoints_status(cl
     assert lock_items(cloud) == []
 
 
+def test_an_endpoint_that_never_becomes_in_service_fails_after_the_wait_loops_limit(cloud: Cloud) -> None:
+    # Before, the loop had no attempt limit: an endpoint stuck Creating kept the execution polling until its
+    # timeout, which on AWS ends it without a cause.
+    from infra.config import load_settings
+    from infra.deploy import endpoint_checks
+
+    cloud.lambdas.after = after_release(lambda: offline.set_endpoint_status(ENDPOINT, "Creating"))
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "EndpointTimeout"
+    checks = endpoint_checks(load_settings())
+    assert execution.cause.startswith(f"deploy stage failed: Endpoint {ENDPOINT} did not become InService on "
+                                      f"config ")
+    assert execution.cause.endswith(f"within {checks} checks 30 s apart; its status is Creating")
+    assert execution.states_entered().count("Describe endpoint") == checks
+    assert lock_items(cloud) == []
+
+
 def test_endpoint_failed_fails_the_pipeline_with_its_failure_reason(cloud: Cloud) -> None:
     cloud.lambdas.after = after_release(
         lambda: offline.set_endpoint_status(ENDPOINT, "Failed", "the container did not pass the ping check"))
