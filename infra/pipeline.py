@@ -77,30 +77,20 @@ class Pipeline(Construct):
                 output_path="$[0]",
             )
             wrapper.branch(stage.fragment)
-            record = sfn.Pass(
-                self,
-                f"Record {stage.name} failure",
-                parameters={
-                    "stage": stage.name,
-                    "Error.$": "$.failure.Error",
-                    "Cause.$": "States.Format('{} stage failed: {}', '" + stage.name + "', $.failure.Cause)",
-                },
-                result_path="$.error",
-            ).next(failed)
+
+            def record(construct_id: str, cause: str, name: str = stage.name) -> sfn.Chain:
+                return sfn.Pass(self, construct_id, parameters={"stage": name, "Error.$": "$.failure.Error",
+                                                                "Cause.$": cause},
+                                result_path="$.error").next(failed)
+
+            caused = record(f"Record {stage.name} failure",
+                            "States.Format('{} stage failed: {}', '" + stage.name + "', $.failure.Cause)")
             # A States.Timeout (or any error raised without one) has no cause: reading the absent path would be
             # States.Runtime, which nothing catches, and an empty one reads "stage failed: ". Say what is known.
-            causeless = sfn.Pass(
-                self,
-                f"Record {stage.name} failure without cause",
-                parameters={
-                    "stage": stage.name,
-                    "Error.$": "$.failure.Error",
-                    "Cause.$": "States.Format('{} stage failed: {} (the error came with no cause; a States.Timeout "
+            causeless = record(f"Record {stage.name} failure without cause",
+                               "States.Format('{} stage failed: {} (the error came with no cause; a States.Timeout "
                                "is a state that ran past its TimeoutSeconds, see the execution history)', '"
-                               + stage.name + "', $.failure.Error)",
-                },
-                result_path="$.error",
-            ).next(failed)
+                               + stage.name + "', $.failure.Error)")
             wrapper.add_catch(
                 # Rules are tried in order and the first match wins, so no rule reads an absent or non-string
                 # path.
@@ -108,7 +98,7 @@ class Pipeline(Construct):
                 .when(sfn.Condition.is_not_present("$.failure.Cause"), causeless)
                 .when(sfn.Condition.is_not_string("$.failure.Cause"), causeless)
                 .when(sfn.Condition.string_equals("$.failure.Cause", ""), causeless)
-                .otherwise(record),
+                .otherwise(caused),
                 result_path="$.failure",
             )
             chain = chain.next(wrapper)

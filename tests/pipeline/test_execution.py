@@ -294,22 +294,21 @@ def test_a_stopped_job_returned_by_its_sync_task_fails_the_stage_before_the_gate
     assert "TrainingRecorded" not in entered
 
 
-def test_a_completed_job_whose_artifact_has_no_serving_code_fails_the_stage(cloud: Cloud) -> None:
-    cloud.bridge.outcome = lambda action, request: harness.Outcome(serving_code=False)
+FATAL_HEALTH = {"status": "fatal", "findings": [
+    {"check": "non_finite_loss", "severity": "fatal", "epoch": 2, "message": "loss is nan at step 812"}]}
+
+
+@pytest.mark.parametrize(("outcome", "reason"), [
+    (harness.Outcome(serving_code=False), "holds no code/inference.py: the serving container could not load it"),
+    (harness.Outcome(health=FATAL_HEALTH), "fatal health finding (non_finite_loss: loss is nan at step 812)"),
+], ids=["no-serving-code", "fatal-health-finding"])
+def test_a_completed_job_that_cannot_serve_or_reported_a_fatal_finding_fails_the_stage(
+        cloud: Cloud, outcome: harness.Outcome, reason: str) -> None:
+    cloud.bridge.outcome = lambda action, request: outcome
     execution = run_training(cloud)
     assert execution.status == "FAILED"
     assert execution.error == "TrainingJobUnusable"
-    assert "holds no code/inference.py: the serving container could not load it" in execution.cause
-
-
-def test_a_job_with_a_fatal_health_finding_fails_the_stage_with_the_finding(cloud: Cloud) -> None:
-    health = {"status": "fatal", "findings": [
-        {"check": "non_finite_loss", "severity": "fatal", "epoch": 2, "message": "loss is nan at step 812"}]}
-    cloud.bridge.outcome = lambda action, request: harness.Outcome(health=health)
-    execution = run_training(cloud)
-    assert execution.status == "FAILED"
-    assert execution.error == "TrainingJobUnusable"
-    assert "fatal health finding (non_finite_loss: loss is nan at step 812)" in execution.cause
+    assert reason in execution.cause
 
 
 def test_a_training_task_timeout_fails_the_stage_with_a_cause_naming_the_job(cloud: Cloud) -> None:
