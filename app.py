@@ -8,13 +8,14 @@ import sys
 
 import aws_cdk as cdk
 
-from infra.config import ConfigError, settings_from_context
+from infra.config import ConfigError, check_context_keys, settings_from_context
 from infra.nag import apply_checks
 from infra.stack import InvmonStack
 
 
 def build_app(app: cdk.App | None = None) -> cdk.App:
     app = app or cdk.App()
+    check_context_keys(app.node.get_all_context())
     settings = settings_from_context(app.node.try_get_context)
     InvmonStack(
         app,

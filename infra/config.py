@@ -147,10 +147,50 @@ def _photos_per_shard(value: Any) -> int:
     return _int(1, MAX_PHOTOS_PER_SHARD)(value)
 
 
+# The cost report calls Cost Explorer, and every Cost Explorer API request is billed (USD 0.01 each, AWS Cost
+# Management pricing); its data refreshes at most a few times a day. So the report runs at most once a day.
+MIN_COST_REPORT_SECONDS = 24 * 3600
+_RATE_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+_MONTH_DAYS = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+_MONTH_NAMES = {name: n for n, name in enumerate(
+    ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"), start=1)}
+
+
+def _cron_values(field: str, low: int, high: int, names: Mapping[str, int] | None = None) -> set[int] | None:
+    """The numbers a plain cron field (``5``, ``1,15``, ``1-10``, ``*/2``, ``JAN``) selects, or None for ``*``,
+    ``?`` and the forms (``L``, ``W``, ``#``) that this check does not expand."""
+    if field in {"*", "?"} or any(mark in field.upper() for mark in "LW#"):
+        return None
+
+    def number(text: str) -> int:
+        value = int(text) if text.isdigit() else (names or {}).get(text.upper())
+        if value is None or not low <= value <= high:
+            raise ValueError(f"cron field {field!r}: expected values between {low} and {high}")
+        return value
+
+    values: set[int] = set()
+    for part in field.split(","):
+        span, _, step = part.partition("/")
+        first, last = (low, high) if span == "*" else (number(span.split("-")[0]), number(span.split("-")[-1]))
+        values |= set(range(first, last + 1, int(step) if step.isdigit() and int(step) > 0 else 1))
+    return values
+
+
+def _check_cron_fires(expression: str) -> None:
+    """Refuses a cron whose day-of-month never occurs in any of its months (31 February, 30 February, 31 April)."""
+    fields = expression.removeprefix("cron(").removesuffix(")").split()
+    days = _cron_values(fields[2], 1, 31)
+    months = _cron_values(fields[3], 1, 12, _MONTH_NAMES)
+    if days is None:
+        return
+    if not any(day <= _MONTH_DAYS[month] for month in (months or _MONTH_DAYS) for day in days):
+        raise ValueError(f"{expression!r} never fires: no month it names has day {min(days)}")
+
+
 def _rate_or_cron(value: Any) -> str:
     """An EventBridge schedule. A rate's value is a positive number, its unit minute/hour/day, singular for 1 and
     plural above ("rate(1 hours) and rate(5 hour) aren't valid": EventBridge's rate expressions reference); a cron
-    expression has six fields."""
+    expression has six fields, and a day that some month it names has."""
     expression = _SCHEDULE(value)
     rate = re.fullmatch(r"rate\((\d+) (minute|hour|day)(s?)\)", expression)
     if expression.startswith("rate("):
@@ -160,6 +200,24 @@ def _rate_or_cron(value: Any) -> str:
     elif len(expression.removeprefix("cron(").removesuffix(")").split()) != 6:
         raise ValueError(f"expected cron(minutes hours day-of-month month day-of-week year), six fields, "
                          f"such as cron(0 6 ? * MON *), got {expression!r}")
+    else:
+        _check_cron_fires(expression)
+    return expression
+
+
+def _cost_report_schedule(value: Any) -> str:
+    """A schedule for the cost report, at most daily: a rate below a day, or a cron that fires more than once a
+    day (a minute or hour field that is a wildcard or a list), is a paid Cost Explorer call per firing."""
+    expression = _rate_or_cron(value)
+    rate = re.fullmatch(r"rate\((\d+) (minute|hour|day)s?\)", expression)
+    if rate:
+        too_often = int(rate[1]) * _RATE_UNIT_SECONDS[rate[2]] < MIN_COST_REPORT_SECONDS
+    else:
+        minutes, hours = expression.removeprefix("cron(").split()[:2]
+        too_often = any(mark in field for field in (minutes, hours) for mark in "*,-/")
+    if too_often:
+        raise ValueError(f"the cost report runs at most once a day (each Cost Explorer request is billed), "
+                         f"got {expression!r}; use rate(1 day) or a cron with a fixed minute and hour")
     return expression
 
 
@@ -231,7 +289,7 @@ def _hyperparameters(value: Any) -> tuple[tuple[str, str | int | float | bool], 
     an execution's; stored as sorted pairs so Settings stays hashable."""
     from lambdas.training.arguments import HyperparameterError, check_hyperparameters
     from lambdas.training.limits import limits
-    from lambdas.training.request import _CONTAINER_ENTRIES
+    from lambdas.training.request import _CONTAINER_ENTRIES, DATA_DISTRIBUTION
 
     value = _json(value, "an object of ml.train hyperparameters", '{"lr": 0.001, "network": "efficientnet-lite0"}')
     if not isinstance(value, dict):
@@ -239,6 +297,10 @@ def _hyperparameters(value: Any) -> tuple[tuple[str, str | int | float | bool], 
     for name, item in value.items():
         if not isinstance(item, str | int | float | bool):
             raise ValueError(f"{name}: must be a string, number or boolean, got {item!r}")
+    if DATA_DISTRIBUTION in value:
+        # The prepare step refuses it on every execution: it must match how SageMaker hands out the channel.
+        raise ValueError(f"{DATA_DISTRIBUTION}: set from trainingDataDistribution, which also decides how "
+                         "SageMaker hands the train channel to each host; set that key instead")
     sagemaker = limits()["hyperParameters"]
     try:
         check_hyperparameters(value, max_entries=sagemaker["maxEntries"] - _CONTAINER_ENTRIES,
@@ -401,7 +463,7 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     # ByStage: VpcOnly in prod, PublicInternetOnly elsewhere (infra/studio.py network_access).
     "studio_network_access": ("studioNetworkAccess", _choice("ByStage", "PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
-    "cost_report_schedule": ("costReportSchedule", _rate_or_cron),
+    "cost_report_schedule": ("costReportSchedule", _cost_report_schedule),
     "log_retention_days": ("logRetentionDays", _int(1, 3653)),
 }
 
@@ -430,8 +492,40 @@ def _allowance_checks(settings: Settings) -> None:
             raise ConfigError(f"{cap_key}: must be at least {key} ({value}), got {cap}")
 
 
+IMAGES_JSON = Path(__file__).resolve().parent / "images.json"  # infra.images' table (that module needs the CDK)
+
+
+def _check_framework_images(settings: Settings) -> None:
+    """The framework and Python versions must be ones whose image URIs infra/images.json holds (otherwise the
+    synth ends in a traceback from the image lookup)."""
+    key = f"{settings.framework_version}/{settings.python_version}"
+    known = sorted(json.loads(IMAGES_JSON.read_text())["pytorch"])
+    if key not in known:
+        raise ConfigError(
+            f"frameworkVersion: no PyTorch {settings.framework_version} ({settings.python_version}) images in "
+            f"infra/images.json, which has {', '.join(known)}; run `.venv/bin/python -m infra.images` after "
+            "changing frameworkVersion or pythonVersion"
+        )
+
+
+def check_context_keys(context: Mapping[str, Any]) -> None:
+    """Refuses a context key that is no knob (``-c trainingInstanceTyp=...`` would otherwise be ignored), with
+    the closest knob's name. Keys with ':' or '@' are the CDK's own (``aws:cdk:...``, ``@aws-cdk/...`` feature
+    flags) and pass."""
+    import difflib
+
+    unknown = sorted(key for key in context if ":" not in key and "@" not in key and key not in CONTEXT_KEYS)
+    if unknown:
+        problems = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, CONTEXT_KEYS, n=1)
+            problems.append(f"{key}: not an invmon setting" + (f"; did you mean {close[0]}?" if close else ""))
+        raise ConfigError("invalid invmon settings:\n  " + "\n  ".join(problems))
+
+
 def _cross_checks(settings: Settings) -> None:
     """Rules that span several knobs, each named by the key a user would change."""
+    _check_framework_images(settings)
     if settings.training_use_spot and settings.training_max_wait_seconds < settings.training_max_runtime_seconds:
         raise ConfigError(
             "trainingMaxWaitSeconds: must be at least trainingMaxRuntimeSeconds "

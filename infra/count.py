@@ -9,6 +9,7 @@ SageMaker Batch Transform and loads the results into the same table through the 
 from __future__ import annotations
 
 from aws_cdk import Aws, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
@@ -58,6 +59,14 @@ BATCH_SIZE = 10
 MAX_BATCHING_WINDOW = Duration.seconds(5)
 VISIBILITY_TIMEOUT = Duration.seconds(6 * COUNT_TIMEOUT_SECONDS)
 MAX_RECEIVE_COUNT = 5
+# Uploads wait in the queue as long as SQS allows: 14 days, its maximum MessageRetentionPeriod (1,209,600 s;
+# Amazon SQS developer guide, "Amazon SQS message quotas"), so a long weekend of counting that has stopped loses
+# nothing. The default of 4 days would not survive a stoppage noticed after a long weekend.
+UPLOAD_RETENTION = Duration.days(14)
+# A healthy upload is counted within seconds; one whose deliveries all fail reaches the DLQ after at most
+# MAX_RECEIVE_COUNT x VISIBILITY_TIMEOUT (1 hour). An oldest upload older than twice that means counting has
+# stopped: the alarm fires days before the retention period runs out.
+OLDEST_UPLOAD_ALARM = Duration.seconds(2 * MAX_RECEIVE_COUNT * int(VISIBILITY_TIMEOUT.to_seconds()))
 assert 2 * RECORD_BUDGET_SECONDS < COUNT_TIMEOUT_SECONDS, "two stalled records must fit in one invocation"
 BULK_PREFIX = f"{REPORT_PREFIX}bulk/"
 # SageMaker writes every transform job's logs into this one group per region.
@@ -166,9 +175,22 @@ class Count(Construct):
             data_key_reuse=Duration.hours(1),
             enforce_ssl=True,
             visibility_timeout=VISIBILITY_TIMEOUT,
+            retention_period=UPLOAD_RETENTION,
             dead_letter_queue=sqs.DeadLetterQueue(queue=self.dlq, max_receive_count=MAX_RECEIVE_COUNT),
         )
         # No AwsSolutions-SQS3 suppression: cdk-nag already recognises the uploads queue's dead-letter queue.
+        self.oldest_upload_alarm = cloudwatch.Alarm(
+            self,
+            "OldestUpload",
+            alarm_description=f"An upload has waited over {OLDEST_UPLOAD_ALARM.to_hours():g} h to be counted: "
+            f"counting has stopped; uploads expire after {UPLOAD_RETENTION.to_days():g} days",
+            metric=self.queue.metric_approximate_age_of_oldest_message(period=Duration.minutes(5),
+                                                                      statistic="Maximum"),
+            threshold=OLDEST_UPLOAD_ALARM.to_seconds(),
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
         data_bucket.add_event_notification(
             s3.EventType.OBJECT_CREATED,
             s3n.SqsDestination(self.queue),

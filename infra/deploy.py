@@ -13,8 +13,11 @@ service) or fails with the reason (Failed, or rolled back to the old config).
 
 from __future__ import annotations
 
-from aws_cdk import ArnFormat, Aws, Duration, Stack
+import math
+
+from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -28,7 +31,50 @@ from infra.function import PythonFunction, log_group
 from infra.nag import suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MODEL_PREFIX, grant_read_prefix
-from lambdas.deploy import plan
+from lambdas.deploy import lock, plan
+
+# --- the deploy stage's budget: every wait in it is bounded, and the sum is the lock's lease and the stage's share
+# of the execution timeout (infra/stack.py).
+ENDPOINT_POLL = Duration.seconds(30)
+# Creating or updating an endpoint takes minutes; an hour (plus the blue/green bake) is the most the stage waits
+# for InService before it fails with the endpoint's last status.
+ENDPOINT_ROLLOUT_SECONDS = 3600
+# DescribeEndpoint's own retries (5 attempts from 10 s, doubling) at most once per rollout, and its call time.
+DESCRIBE_RETRY_SECONDS = 10 + 20 + 40 + 80 + 160
+DESCRIBE_CALL_SECONDS = 5
+# The release step waits out an endpoint that is mid-change (EndpointBusy): 10 retries from 2 minutes, x1.5.
+BUSY_INTERVAL, BUSY_ATTEMPTS, BUSY_BACKOFF = Duration.minutes(2), 10, 1.5
+LAMBDA_SECONDS = 60  # the gate, release, finish and lock functions' timeout
+# A second deploy waits for the lock this long (retrying), then fails with "another deploy is in progress".
+LOCK_INTERVAL, LOCK_ATTEMPTS, LOCK_BACKOFF, LOCK_MAX_DELAY = Duration.seconds(60), 6, 2.0, Duration.minutes(10)
+
+
+def _retry_seconds(interval: int, attempts: int, backoff: float, max_delay: int | None = None) -> int:
+    delays = [interval * backoff ** n for n in range(attempts)]
+    return int(sum(min(d, max_delay) if max_delay else d for d in delays))
+
+
+def endpoint_checks(settings: Settings) -> int:
+    """How many times the stage describes the endpoint before it gives up waiting for InService."""
+    return math.ceil((ENDPOINT_ROLLOUT_SECONDS + settings.deploy_bake_seconds) / ENDPOINT_POLL.to_seconds())
+
+
+def lock_lease_seconds(settings: Settings) -> int:
+    """The longest the deploy stage holds the lock: gate, release with its EndpointBusy retries, the endpoint
+    wait loop, finish and release of the lock."""
+    busy = _retry_seconds(int(BUSY_INTERVAL.to_seconds()), BUSY_ATTEMPTS, BUSY_BACKOFF)
+    waiting = endpoint_checks(settings) * (int(ENDPOINT_POLL.to_seconds()) + DESCRIBE_CALL_SECONDS)
+    return 4 * LAMBDA_SECONDS + busy + waiting + DESCRIBE_RETRY_SECONDS
+
+
+def lock_wait_seconds() -> int:
+    return _retry_seconds(int(LOCK_INTERVAL.to_seconds()), LOCK_ATTEMPTS, LOCK_BACKOFF,
+                          int(LOCK_MAX_DELAY.to_seconds())) + (LOCK_ATTEMPTS + 1) * LAMBDA_SECONDS
+
+
+def stage_budget_seconds(settings: Settings) -> int:
+    """The longest the deploy stage can run: waiting for the lock, then holding it."""
+    return lock_wait_seconds() + lock_lease_seconds(settings)
 
 
 def endpoint_name(settings: Settings) -> str:
@@ -56,7 +102,7 @@ def serving_image(scope: Construct, settings: Settings) -> str:
 
 class DeployStage(StageFragment):
     def __init__(self, scope: Construct, construct_id: str, *, gate: PythonFunction, release: PythonFunction,
-                 finish: PythonFunction, endpoint: str, endpoint_arn: str) -> None:
+                 finish: PythonFunction, endpoint: str, endpoint_arn: str, max_checks: int = 150) -> None:
         super().__init__(scope, construct_id)
         decide = tasks.LambdaInvoke(
             self,
@@ -85,7 +131,30 @@ class DeployStage(StageFragment):
         )
         # An endpoint mid-change (a previous rollout, a SageMaker maintenance update) is waited out.
         start.add_retry(errors=["EndpointBusy"], interval=Duration.minutes(2), max_attempts=10, backoff_rate=1.5)
-        wait = sfn.Wait(self, "Wait for endpoint", time=sfn.WaitTime.duration(Duration.seconds(30)))
+        wait = sfn.Wait(self, "Wait for endpoint", time=sfn.WaitTime.duration(ENDPOINT_POLL))
+        # The wait loop is bounded: each pass counts, and after max_checks the stage fails with the last status.
+        start_checks = sfn.Pass(self, "Start endpoint checks", result=sfn.Result.from_object({"n": 0}),
+                                result_path="$.deploy.checks")
+        count_check = sfn.Pass(self, "Count endpoint check",
+                               parameters={"n.$": "States.MathAdd($.deploy.checks.n, 1)"},
+                               result_path="$.deploy.checks")
+        poll = int(ENDPOINT_POLL.to_seconds())
+        waited_too_long = sfn.Pass(
+            self,
+            "Endpoint wait exhausted",
+            parameters={"cause.$": f"States.Format('Endpoint {{}} did not become InService on config {{}} within "
+                                   f"{max_checks} checks {poll} s apart; its status is {{}}', "
+                                   "$.deploy.endpoint.EndpointName, $.deploy.release.endpointConfigName, "
+                                   "$.deploy.endpoint.EndpointStatus)"},
+            result_path="$.deploy.failure",
+        ).next(sfn.Fail(self, "Endpoint wait timed out", error="EndpointTimeout",
+                        cause_path="$.deploy.failure.cause"))
+        keep_waiting = (
+            sfn.Choice(self, "Keep waiting for endpoint?")
+            .when(sfn.Condition.number_greater_than_equals("$.deploy.checks.n", max_checks), waited_too_long)
+            .otherwise(wait)
+        )
+
         describe = tasks.CallAwsService(
             self,
             "Describe endpoint",
@@ -166,15 +235,64 @@ class DeployStage(StageFragment):
                                     for s in ("Failed", "OutOfService", "UpdateRollbackFailed")]),
                 record_failure,
             )
-            .otherwise(wait)
+            .otherwise(count_check.next(keep_waiting))
         )
         wait.next(describe).next(check)
         decide.next(
             sfn.Choice(self, "Deploy?")
-            .when(sfn.Condition.string_equals("$.deploy.decision", "deploy"), start.next(wait))
+            .when(sfn.Condition.string_equals("$.deploy.decision", "deploy"), start.next(start_checks).next(wait))
             .otherwise(skipped)
         )
         self._bound(decide, [skipped, finished])
+
+
+class LockedDeployStage(StageFragment):
+    """The deploy stage under the endpoint's deploy lock (lambdas/deploy/lock.py): acquire it (a second deploy
+    waits, bounded, then fails with "another deploy is in progress"), run the stage's own states in a one-branch
+    Parallel, and release the lock on every path: success, a failure of any state inside (caught here, then
+    raised again with its own error and cause), or a failure of the release itself (the lease then runs out).
+
+    The gate runs inside, after the lock is held, so it compares with the model in service at deploy time.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, inner: sfn.StateMachineFragment,
+                 lock_function: PythonFunction) -> None:
+        super().__init__(scope, construct_id)
+
+        def lock_task(name: str, action: str, comment: str) -> tasks.LambdaInvoke:
+            return tasks.LambdaInvoke(
+                self, name, comment=comment, lambda_function=lock_function.function,
+                payload=sfn.TaskInput.from_object({"action": action, "owner": sfn.JsonPath.execution_id,
+                                                   "execution": sfn.JsonPath.execution_name}),
+                result_path=sfn.JsonPath.DISCARD,
+                task_timeout=sfn.Timeout.duration(Duration.seconds(LAMBDA_SECONDS)),
+            )
+
+        acquire = lock_task("Acquire deploy lock", "acquire", "One deploy of the endpoint at a time; "
+                            "another holder's live lease raises DeployLockHeld")
+        acquire.add_retry(errors=[lock.DeployLockHeld.__name__], interval=LOCK_INTERVAL, max_attempts=LOCK_ATTEMPTS,
+                          backoff_rate=LOCK_BACKOFF, max_delay=LOCK_MAX_DELAY)
+        body = sfn.Parallel(self, "Deploy under lock", comment="The deploy stage's states, while the lock is held",
+                            output_path="$[0]")
+        body.branch(inner)
+        released = lock_task("Release deploy lock", "release", "Frees the lock for the next deploy")
+        left = sfn.Pass(self, "Deploy lock left to expire", comment="The release failed: the lease runs out")
+        released.add_catch(left, errors=["States.ALL"], result_path=sfn.JsonPath.DISCARD)
+
+        failure = "$.deployFailure"
+        raise_again = (
+            sfn.Choice(self, "Deploy error has a cause?")
+            .when(sfn.Condition.is_present(f"{failure}.Cause"),
+                  sfn.Fail(self, "Deploy failed", error_path=f"{failure}.Error", cause_path=f"{failure}.Cause"))
+            .otherwise(sfn.Fail(self, "Deploy failed without cause", error_path=f"{failure}.Error"))
+        )
+        release_after_failure = lock_task("Release deploy lock after failure", "release",
+                                          "Frees the lock, then fails the stage with the original error")
+        release_after_failure.add_catch(raise_again, errors=["States.ALL"], result_path=sfn.JsonPath.DISCARD)
+        release_after_failure.next(raise_again)
+        body.add_catch(release_after_failure, errors=["States.ALL"], result_path=failure)
+        acquire.next(body).next(released)
+        self._bound(acquire, [released, left])
 
 
 class Deploy(Construct):
@@ -357,15 +475,46 @@ class Deploy(Construct):
                                  actions=["s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
         )
 
-        self.stage = DeployStage(self, "Stage", gate=self.gate, release=self.release, finish=self.finish,
-                                 endpoint=self.endpoint_name, endpoint_arn=self.endpoint_arn)
+        # The deploy lock: one item per endpoint with a lease (lambdas/deploy/lock.py). A small table of its own,
+        # like the count path's idempotency records, rather than an item in the counts table: the counts table's
+        # items are count records (its byStatus index, review queue and scans read them all), its role grants would
+        # have to open it to the deploy path, and it is retained in production while a lock is worth nothing after
+        # its lease. expiresAt is the TTL attribute, so stale locks are deleted too.
+        self.lock_table = dynamodb.Table(
+            self,
+            "Locks",
+            partition_key=dynamodb.Attribute(name=lock.KEY, type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
+            encryption_key=data_key,
+            time_to_live_attribute="expiresAt",
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True
+            ),
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        self.lock = PythonFunction(
+            self, "Lock", settings=settings, handler="lambdas.deploy.lock.handler", service="deploy-lock",
+            description="Takes and frees the endpoint's deploy lock: one deploy at a time",
+            environment={"LOCK_TABLE": self.lock_table.table_name, "ENDPOINT_NAME": self.endpoint_name,
+                         "LEASE_SECONDS": str(lock_lease_seconds(settings))},
+            timeout_seconds=LAMBDA_SECONDS, memory_size=256,
+        )
+        self.lock_table.grant(self.lock.role, "dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:DeleteItem")
+        data_key.grant(self.lock.role, "kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey")
+
+        self.inner_stage = DeployStage(self, "Stage", gate=self.gate, release=self.release, finish=self.finish,
+                                       endpoint=self.endpoint_name, endpoint_arn=self.endpoint_arn,
+                                       max_checks=endpoint_checks(settings))
+        self.stage = LockedDeployStage(self, "Locked", inner=self.inner_stage, lock_function=self.lock)
 
     def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
         """cdk-nag suppressions for the wildcards this stage grants the state machine that hosts it."""
         suppress(state_machine, wildcard_suppression(
-            state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the gate, release and finish "
-            "tasks may call a version or alias of those three functions, and nothing else.",
-            resources=[f"{fn.function.function_arn}:*" for fn in (self.gate, self.release, self.finish)],
+            state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the gate, release, finish and "
+            "lock tasks may call a version or alias of those four functions, and nothing else.",
+            resources=[f"{fn.function.function_arn}:*"
+                       for fn in (self.gate, self.release, self.finish, self.lock)],
         ))
 
     def _inference_role(self, settings: Settings, data_bucket: s3.IBucket, data_key: kms.IKey) -> iam.Role:

@@ -89,17 +89,28 @@ class Pipeline(Construct):
                 output_path="$[0]",
             )
             wrapper.branch(stage.fragment)
+
+            def record(construct_id: str, cause: str, name: str = stage.name) -> sfn.Chain:
+                return sfn.Pass(self, construct_id, parameters={"stage": name, "Error.$": "$.failure.Error",
+                                                                "Cause.$": cause},
+                                result_path="$.error").next(failed)
+
+            caused = record(f"Record {stage.name} failure",
+                            "States.Format('{} stage failed: {}', '" + stage.name + "', $.failure.Cause)")
+            # A States.Timeout (or any error raised without one) has no cause: reading the absent path would be
+            # States.Runtime, which nothing catches, and an empty one reads "stage failed: ". Say what is known.
+            causeless = record(f"Record {stage.name} failure without cause",
+                               "States.Format('{} stage failed: {} (the error came with no cause; a States.Timeout "
+                               "is a state that ran past its TimeoutSeconds, see the execution history)', '"
+                               + stage.name + "', $.failure.Error)")
             wrapper.add_catch(
-                sfn.Pass(
-                    self,
-                    f"Record {stage.name} failure",
-                    parameters={
-                        "stage": stage.name,
-                        "Error.$": "$.failure.Error",
-                        "Cause.$": "States.Format('{} stage failed: {}', '" + stage.name + "', $.failure.Cause)",
-                    },
-                    result_path="$.error",
-                ).next(failed),
+                # Rules are tried in order and the first match wins, so no rule reads an absent or non-string
+                # path.
+                sfn.Choice(self, f"{stage.name.capitalize()} failure has a cause?")
+                .when(sfn.Condition.is_not_present("$.failure.Cause"), causeless)
+                .when(sfn.Condition.is_not_string("$.failure.Cause"), causeless)
+                .when(sfn.Condition.string_equals("$.failure.Cause", ""), causeless)
+                .otherwise(caused),
                 result_path="$.failure",
             )
             chain = chain.next(wrapper)

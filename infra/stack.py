@@ -5,6 +5,7 @@ from __future__ import annotations
 from aws_cdk import CfnOutput, Stack, Tags
 from constructs import Construct
 
+from infra import budget
 from infra.config import Settings
 from infra.costs import Costs
 from infra.count import Count
@@ -17,11 +18,7 @@ from infra.pack import Pack
 from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
 from infra.studio import Studio
-from infra.training import Training, stage_timeout_seconds
-
-# Ingest, pack and deploy each take at most a few hours (Distributed Map over 500k images; endpoint roll-out with
-# bake time); the training stage's own worst case comes from the settings.
-OTHER_STAGES_HOURS = 12
+from infra.training import Training
 
 
 class InvmonStack(Stack):
@@ -46,7 +43,8 @@ class InvmonStack(Stack):
             self, "ExecutionInput", settings=settings, ingest_environment=self.ingest.environment,
             training_environment=self.training.deployment_environment)
 
-        training_hours = -(-stage_timeout_seconds(settings) // 3600)
+
+        budget.check(settings)
         self.pipeline = Pipeline(
             self,
             "Pipeline",
@@ -58,7 +56,8 @@ class InvmonStack(Stack):
                 Stage("deploy", self.deploy.stage),
             ],
             input_check=self.execution_input.function,
-            timeout_hours=training_hours + OTHER_STAGES_HOURS,
+            # The sum of the stages' budgets (infra/budget.py): no job of the pipeline outlives its execution.
+            timeout_hours=-(-budget.execution_timeout_seconds(settings) // 3600),
         )
         # Each stage suppresses the wildcards it grants the pipeline's role; '*' (tracing, log delivery) is
         # the pipeline's own.
@@ -84,7 +83,7 @@ class InvmonStack(Stack):
             count_dlq=self.count.dlq,
             count_function=self.count.function,
             functions=functions,
-            domain_alarms=[self.deploy.rollback_alarm],
+            domain_alarms=[self.deploy.rollback_alarm, self.count.oldest_upload_alarm],
         )
 
         self.studio = None

@@ -43,7 +43,13 @@ from infra.storage import (
     grant_read_prefix,
 )
 from lambdas.training.prepare import DEPLOYMENT_ENV
-from lambdas.training.request import STATE_TIMEOUT_MARGIN_SECONDS, TUNING_FIELDS, name_prefix, training_fields
+from lambdas.training.request import (
+    MAX_TUNING_SECONDS,
+    STATE_TIMEOUT_MARGIN_SECONDS,
+    TUNING_FIELDS,
+    name_prefix,
+    training_fields,
+)
 from ml.pretrained import weights_path
 
 TRAINING_REPORT_PREFIX = f"{REPORT_PREFIX}training/"
@@ -74,13 +80,16 @@ def tuning_job_arn(prefix: str) -> str:
 
 
 def stage_timeout_seconds(settings: Settings) -> int:
-    """The longest the training stage can run with the config's defaults (a tuning job's waves of spot
-    trials, or one job), so the pipeline's overall timeout can be set above it. Execution inputs that ask
-    for more time can exceed it."""
+    """The longest the training stage can run with the config's defaults, so that the pipeline's timeout can be
+    set above it (infra/budget.py). An execution may switch tuning on whatever tuningEnabled says, so the budget
+    covers the longer of one job and a tuning job's waves of trials; the prepare step refuses an execution input
+    that asks for more (lambdas/training/prepare.py)."""
     job = settings.training_max_wait_seconds if settings.training_use_spot else settings.training_max_runtime_seconds
-    waves = -(-settings.tuning_max_jobs // settings.tuning_max_parallel_jobs) if settings.tuning_enabled else 1
+    waves = -(-settings.tuning_max_jobs // settings.tuning_max_parallel_jobs)
     rules = int(RULE_POLL_INTERVAL.to_seconds()) * RULE_POLL_ATTEMPTS
-    return waves * job + STATE_TIMEOUT_MARGIN_SECONDS + rules
+    # The prepare (1 min) and report (2 min per look) tasks' own timeouts.
+    lambdas = 60 + 120 * (RULE_POLL_ATTEMPTS + 1)
+    return max(job, min(waves * job, MAX_TUNING_SECONDS)) + STATE_TIMEOUT_MARGIN_SECONDS + rules + lambdas
 
 
 def build_source_tarball(source: Path = PROJECT_ROOT / "ml") -> Path:
@@ -233,10 +242,29 @@ class TrainingStage(StageFragment):
             stop.add_catch(failed, errors=["States.ALL"], result_path="$.stopError")
             return stop.next(failed)
 
-        train.add_catch(stopper("StopTrainingJob", "stopTrainingJob", "TrainingJobName", training_arn),
-                        errors=["States.ALL"], result_path="$.trainingError")
-        tune.add_catch(stopper("StopTuningJob", "stopHyperParameterTuningJob", "HyperParameterTuningJobName",
-                               tuning_arn), errors=["States.ALL"], result_path="$.trainingError")
+        stop_training = stopper("StopTrainingJob", "stopTrainingJob", "TrainingJobName", training_arn)
+        stop_tuning = stopper("StopTuningJob", "stopHyperParameterTuningJob", "HyperParameterTuningJobName",
+                              tuning_arn)
+
+        def timed_out(construct_id: str, kind: str) -> sfn.Pass:
+            # States.Timeout carries no cause (Step Functions developer guide, "Error names"): give it one.
+            return sfn.Pass(
+                self, construct_id,
+                comment="The job ran past its state timeout: name it, then stop it",
+                parameters={"Error": "States.Timeout", "Cause": sfn.JsonPath.format(
+                    f"{kind} {{}} ran past its state timeout of {{}} s (its MaxRuntime/MaxWait plus "
+                    f"{STATE_TIMEOUT_MARGIN_SECONDS} s): stopped",
+                    sfn.JsonPath.string_at("$.trainingRequest.jobName"),
+                    sfn.JsonPath.string_at("$.trainingRequest.timeoutSeconds"))},
+                result_path="$.trainingError",
+            )
+
+        train.add_catch(timed_out("TrainingTimedOut", "training job").next(stop_training),
+                        errors=["States.Timeout"], result_path="$.trainingError")
+        train.add_catch(stop_training, errors=["States.ALL"], result_path="$.trainingError")
+        tune.add_catch(timed_out("TuningTimedOut", "tuning job").next(stop_tuning),
+                       errors=["States.Timeout"], result_path="$.trainingError")
+        tune.add_catch(stop_tuning, errors=["States.ALL"], result_path="$.trainingError")
 
         start_report = sfn.Pass(self, "StartTrainingReport", result=sfn.Result.from_object({"attempt": 0}),
                                 result_path="$.training")
@@ -255,6 +283,20 @@ class TrainingStage(StageFragment):
         )
         report.add_catch(failed, errors=["States.ALL"], result_path="$.trainingError")
         recorded = sfn.Pass(self, "TrainingRecorded")
+        # The job is checked before the deploy gate sees it: a Stopped or Failed job (whether its .sync task
+        # failed or returned it), a fatal health finding, or an artifact without serving code fails the stage
+        # with the report's reason (lambdas/training/report.py unusable_reasons).
+        unusable = sfn.Pass(
+            self, "TrainingUnusable",
+            comment="The job may not reach the gate: the report says why",
+            parameters={"Error": "TrainingJobUnusable", "Cause.$": "$.training.unusable"},
+            result_path="$.trainingError",
+        ).next(failed)
+        check_job = (
+            sfn.Choice(self, "TrainingUsable")
+            .when(sfn.Condition.boolean_equals("$.training.usable", True), recorded)
+            .otherwise(unusable)
+        )
         wait_for_rules = sfn.Wait(self, "WaitForTrainingRules", time=sfn.WaitTime.duration(RULE_POLL_INTERVAL))
         rules_done = (
             sfn.Choice(self, "TrainingRulesFinished")
@@ -265,7 +307,7 @@ class TrainingStage(StageFragment):
                 ),
                 wait_for_rules.next(report),
             )
-            .otherwise(recorded)
+            .otherwise(check_job)
         )
         start_report.next(report).next(rules_done)
 
@@ -308,6 +350,8 @@ class Training(Construct):
             resources=[asset.bucket.arn_for_objects(asset.s3_object_key) for asset in (self.source, self.pretrained)],
         ))
 
+        from infra.budget import training_deadline_seconds
+
         versions = {"framework_version": settings.framework_version, "python_version": settings.python_version}
         deployment = {
             "project": settings.project,
@@ -338,6 +382,8 @@ class Training(Construct):
             "inputMode": settings.training_input_mode,
             "dataDistribution": settings.training_data_distribution,
             "hyperparameters": dict(settings.training_hyperparameters),
+            # The prepare step refuses a job that could run past this (seconds after the execution's start).
+            "trainingDeadlineSeconds": training_deadline_seconds(settings),
             "tuning": {
                 "enabled": settings.tuning_enabled,
                 "maxJobs": settings.tuning_max_jobs,

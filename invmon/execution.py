@@ -13,8 +13,9 @@ measured (by tests/pipeline/test_harness.py, or by an assertion where the stand-
 that behaves otherwise fails loudly instead of silently changing what the tests and the demo exercise. Measured
 on moto 5.2.5 (those marked * in test_harness.py):
 
-- * its ASL grammar rejects ``ItemBatcher`` and an integer ``ToleratedFailurePercentage``: ``for_moto`` makes
-  each item a batch of one in the batch's shape, and the percentage a float;
+- * its ASL grammar rejects ``ItemBatcher`` and an integer ``ToleratedFailurePercentage``: ``for_moto`` takes the
+  batcher out (``ITEM_BATCHERS``) and ``interpreter`` batches the Map's items with it as AWS does (each item
+  through the ItemSelector, then runs of MaxItemsPerBatch), and the percentage becomes a float;
 - * a SageMaker ``.sync`` task fails at run time ("Unsupported sync callback procedure") before any mock is
   consulted: ``SageMakerBridge`` replaces the service for ``sagemaker`` resources;
 - with no Docker engine moto cannot run Lambda code (with ``use_docker: False`` it echoes the event back):
@@ -191,6 +192,13 @@ class Resolver:
 # -------------------------------------------------------------------------------------- definition rewrites
 
 
+# Each Map state's ItemBatcher by the Map's name: moto's grammar rejects the field, so ``for_moto`` takes it out and
+# records it here, and ``interpreter`` batches that Map's items with it as Step Functions does.
+ITEM_BATCHERS: dict[str, dict[str, Any]] = {}
+# Step Functions' default and largest MaxInputBytesPerBatch (developer guide, "ItemBatcher"): 256 KiB.
+MAX_BATCH_BYTES = 256 * 1024
+
+
 def for_moto(definition: dict[str, Any], *, start_at: str | None = None) -> dict[str, Any]:
     """The definition as moto's interpreter can run it: Wait and Retry delays scaled to (almost) nothing, the
     Map fields its grammar rejects rewritten, and optionally a later state to start at (a stage run alone, its
@@ -201,7 +209,7 @@ def for_moto(definition: dict[str, Any], *, start_at: str | None = None) -> dict
     rewritten.pop("TimeoutSeconds", None)
 
     def walk(states: dict[str, Any]) -> None:
-        for state in states.values():
+        for name, state in states.items():
             if state["Type"] == "Wait":
                 for key in ("Seconds", "SecondsPath", "Timestamp", "TimestampPath"):
                     state.pop(key, None)
@@ -217,12 +225,11 @@ def for_moto(definition: dict[str, Any], *, start_at: str | None = None) -> dict
             if processor:
                 walk(processor["States"])
             if "ItemBatcher" in state:
-                # moto's grammar rejects ItemBatcher: each item becomes a batch of one, in the shape a batch has
-                # ({"Items": [...]}), given to the processor's first state.
-                del state["ItemBatcher"]
-                first = processor["States"][processor["StartAt"]]
-                assert "Parameters" not in first, "a batch processor's first state takes the batch as it comes"
-                first["Parameters"] = {"Items.$": "States.Array($)"}
+                # moto's grammar rejects ItemBatcher: ``interpreter`` batches the items instead (batch_items).
+                batcher = state.pop("ItemBatcher")
+                assert set(batcher) <= {"MaxItemsPerBatch", "MaxInputBytesPerBatch", "BatchInput"}, \
+                    f"{name}: batch_items does not handle {sorted(batcher)}"
+                ITEM_BATCHERS[name] = batcher
             if isinstance(state.get("ToleratedFailurePercentage"), int):
                 # moto's grammar rejects an integer percentage; the same number as a float parses.
                 state["ToleratedFailurePercentage"] = float(state["ToleratedFailurePercentage"])
@@ -414,6 +421,17 @@ class JobOutcome:
 
     status: str = "Completed"
     failure_reason: str = ""
+    # Whether the .sync task fails on this end (States.TaskFailed, the Describe output as cause) or returns the
+    # job as its output. None: it fails unless the job Completed. Step Functions' guide documents neither for a
+    # Stopped job ("Run a Job (.sync)" says only that the task waits for the job), and botocore's
+    # TrainingJobCompletedOrStopped waiter counts Stopped as success, so the tests run both.
+    task_fails: bool | None = None
+    # The task ran past its TimeoutSeconds: States.Timeout, which carries no cause.
+    timed_out: bool = False
+
+    @property
+    def fails_task(self) -> bool:
+        return self.status != "Completed" if self.task_fails is None else self.task_fails
 
 
 # The jobs a bridge answers: boto3's name for the kind of job, and the request's name field (whose "...Name"
@@ -449,6 +467,15 @@ class SageMakerBridge:
         kind, name_key = _JOBS[operation]
         getattr(sagemaker, f"create_{kind}_job")(**request)
         outcome = self.finish(operation, request)
+        if operation == "CreateTrainingJob":
+            # moto completes every job at once; DescribeTrainingJob (the report step's read) must say how the job
+            # really ended, as on AWS.
+            from moto.sagemaker.models import sagemaker_backends
+
+            job = sagemaker_backends[ACCOUNT][REGION].training_jobs[request[name_key]]
+            job.training_job_status = job.secondary_status = outcome.status
+            if outcome.failure_reason:
+                job.failure_reason = outcome.failure_reason
         described = getattr(sagemaker, f"describe_{kind}_job")(**{name_key: request[name_key]})
         described[name_key.removesuffix("Name") + "Status"] = outcome.status
         if outcome.failure_reason:
@@ -507,7 +534,10 @@ def _bridge_service_class() -> type:
         def _eval_service_task(self, env, resource_runtime_part, normalised_parameters, state_credentials) -> None:
             request = resolve_literal_path_keys(normalised_parameters, env.states.get_input())
             described, outcome = self.bridge.run(self.resource.api_action, request)
-            if outcome.status != "Completed":
+            if outcome.timed_out:
+                # States.Timeout has no cause on AWS either: the interpreter's own timeout event.
+                raise FailureEventException(failure_event=self._get_timed_out_failure_event(env))
+            if outcome.fails_task:
                 # Step Functions fails a .sync task whose job failed with States.TaskFailed and the Describe
                 # output as its cause. moto refuses a custom error named States.*, so the failure names
                 # the interpreter's own States.TaskFailed.
@@ -536,6 +566,58 @@ TASK_FAILED_ERROR = "States.TaskFailed"
 # ------------------------------------------------------------------------------------------------- patching
 
 
+def batches_of(items: list[Any], batcher: dict[str, Any]) -> list[dict[str, Any]]:
+    """Items grouped as Step Functions' ItemBatcher groups them: consecutive runs of at most MaxItemsPerBatch items
+    and MaxInputBytesPerBatch bytes, each child's input ``{"Items": [...]}`` plus ``BatchInput`` where given."""
+    max_items = batcher.get("MaxItemsPerBatch") or len(items) or 1
+    max_bytes = min(batcher.get("MaxInputBytesPerBatch") or MAX_BATCH_BYTES, MAX_BATCH_BYTES)
+    shared = {"BatchInput": batcher["BatchInput"]} if "BatchInput" in batcher else {}
+    batches: list[dict[str, Any]] = []
+    current: list[Any] = []
+    for item in items:
+        grown = {**shared, "Items": [*current, item]}
+        if current and (len(current) == max_items or len(json.dumps(grown).encode()) > max_bytes):
+            batches.append({**shared, "Items": current})
+            current = []
+        current.append(item)
+    if current:
+        batches.append({**shared, "Items": current})
+    return batches
+
+
+def _batching_map_run(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps moto's distributed Map run: a Map with an ItemBatcher (ITEM_BATCHERS) gets its items selected one by
+    one (ItemSelector, with ``$$.Map.Item``), as AWS selects them, then batched; each child's input is a batch."""
+    from moto.stepfunctions.parser.asl.eval.states import ItemData, MapData
+
+    def map_run(self: Any, env: Any, eval_input: Any) -> Any:
+        batcher = ITEM_BATCHERS.get(eval_input.state_name)
+        if batcher is None:
+            return original(self, env, eval_input)
+        items = env.stack.pop()
+        selector, map_input = eval_input.item_selector, env.stack[-1]
+        selected = []
+        frame = env.open_frame()
+        try:
+            for index, item in enumerate(items):
+                if selector is None:
+                    selected.append(item)
+                    continue
+                frame.states.context_object.context_object_data["Map"] = MapData(
+                    Item=ItemData(Index=index, Value=item))
+                frame.states.reset(input_value=map_input)
+                frame.stack.append(map_input)
+                selector.eval(frame)
+                selected.append(frame.stack.pop())
+        finally:
+            env.close_frame(frame)
+        eval_input.item_selector = None  # applied above, item by item; a child's input is its batch
+        env.stack.append(batches_of(selected, batcher))
+        return original(self, env, eval_input)
+
+    return map_run
+
+
 @contextlib.contextmanager
 def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[None]:
     """moto's interpreter with Lambda invocations run in-process and SageMaker .sync tasks bridged."""
@@ -546,6 +628,9 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
     from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
     from moto.stepfunctions.parser.asl.component.common.error_name.error_name import ErrorName
     from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import iteration_worker
+    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration.distributed_iteration_component import (
+        DistributedIterationComponent,
+    )
     from moto.stepfunctions.parser.asl.component.state.exec.state_parallel import branches_decl
     from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils, state_task_factory
     from moto.stepfunctions.parser.asl.component.state.fail import state_fail
@@ -589,8 +674,10 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
         endpoint.endpoint_status = "InService"
         return ActionResult({"EndpointArn": endpoint.arn})
 
+    original_map_run = DistributedIterationComponent._map_run
     lambda_eval_utils.boto_client_for = client_for
     state_task_factory.state_task_service_for = service_for
+    DistributedIterationComponent._map_run = _batching_map_run(original_map_run)
     SageMakerResponse.update_endpoint = update_endpoint
     for module in reraisers:
         module.CustomErrorName = ReraisedErrorName
@@ -601,6 +688,7 @@ def interpreter(lambdas: InProcessLambda, bridge: SageMakerBridge) -> Iterator[N
     finally:
         lambda_eval_utils.boto_client_for = original_client
         state_task_factory.state_task_service_for = original_factory
+        DistributedIterationComponent._map_run = original_map_run
         del SageMakerResponse.stop_training_job, SageMakerResponse.stop_hyper_parameter_tuning_job
         del SageMakerResponse.update_endpoint
         for module in reraisers:

@@ -71,15 +71,18 @@ def run_trainer(
     arguments: Callable[[Mapping[str, Any]], list[str]] = hyperparameter_args,
     environment: Mapping[str, str] | None = None,
     started: Callable[[ChildProcess], None] = lambda child: None,
+    entry: Sequence[str] = ("-m", "ml.train"),
+    cwd: Path | None = None,
 ) -> TrainingRun:
     """Train in a child process; raise with the log's tail when it fails. ``epochs`` None leaves the number of
     epochs to the hyperparameters (or the trainer's default); ``started`` gets the child, so another thread
-    can stop it."""
+    can stop it. ``entry`` is what follows the interpreter (``ml.train`` from the checkout by default; a training
+    job's script from its code channel, run in ``cwd``)."""
     model_dir, output_dir, checkpoints = workdir / "model", workdir / "output", workdir / "checkpoints"
     for folder in (model_dir, output_dir, checkpoints):
         folder.mkdir(parents=True, exist_ok=True)
     log_file = workdir / "training.log"
-    args = [sys.executable, "-m", "ml.train", *(["--epochs", str(epochs)] if epochs is not None else []),
+    args = [sys.executable, *entry, *(["--epochs", str(epochs)] if epochs is not None else []),
             "--checkpoint-dir", str(checkpoints), *arguments(hyperparameters)]
     env = (os.environ | sagemaker_environment(channels, model_dir, output_dir) | dict(environment or {})
            | {"PYTHONUNBUFFERED": "1"})
@@ -88,7 +91,7 @@ def run_trainer(
     with (
         open(log_file, "w") as log,
         tqdm(total=epochs, desc=description, unit="epoch", dynamic_ncols=True, disable=None) as bar,
-        ChildProcess(args, env=env, stdout=subprocess.PIPE) as child,
+        ChildProcess(args, env=env, stdout=subprocess.PIPE, cwd=cwd) as child,
     ):
         started(child)
         assert child.process.stdout is not None
@@ -268,12 +271,49 @@ def tarball(folder: Path, target: Path) -> Path:
     return target
 
 
+# Where a training container's paths live (SageMaker's /opt/ml layout); a job's folder here stands for it, as
+# sagemaker-training's SAGEMAKER_BASE_DIR does.
+CONTAINER_BASE = "/opt/ml/"
+
+
+def container_path(path: str, job_dir: Path) -> Path:
+    if not path.startswith(CONTAINER_BASE):
+        raise ValueError(f"{path}: not a path inside the training container ({CONTAINER_BASE}...)")
+    return job_dir / path[len(CONTAINER_BASE):]
+
+
+def extract_code(tarball: Path, code_dir: Path) -> None:
+    """The source tarball unpacked as the framework container unpacks it into /opt/ml/code (sagemaker-training's
+    own ``files.download_and_extract`` where it is installed; the same safe extraction otherwise)."""
+    try:
+        from sagemaker_training import files
+    except ImportError:
+        code_dir.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball, "r:gz") as tar:
+            tar.extractall(code_dir, filter="data")
+        return
+    files.download_and_extract(uri=str(tarball), path=str(code_dir))
+
+
+def isolated_environment(code_dir: Path) -> dict[str, str]:
+    """What the child imports from: the code channel's files and the installed packages, as in the container.
+    ``-S`` skips site's .pth files (this checkout's editable install would otherwise resolve a module that the
+    tarball lacks from the checkout), so the installed packages come back through PYTHONPATH, after the code."""
+    import sysconfig
+
+    paths = dict.fromkeys([str(code_dir), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
 class LocalTrainingJobs(SageMakerBridge):
-    """The demo's SageMaker: a ``createTrainingJob.sync`` task runs ``python -m ml.train`` here, in the
-    environment a training container gets from the task's actual request (its channels downloaded, its
-    hyperparameters decoded as the toolkit does, SM_* variables), then writes model.tar.gz and output.tar.gz
-    where the request's OutputDataConfig says (<S3OutputPath>/<job>/output/, SageMaker's layout). The job's
-    status is the trainer's: Failed, with the log's tail as FailureReason, when it exits non-zero."""
+    """The demo's SageMaker: a ``createTrainingJob.sync`` task runs the job's entry point here as the PyTorch
+    framework container does: the source tarball that ``sagemaker_submit_directory`` names (in the code channel)
+    unpacked into the job's ``code/``, and ``python <sagemaker_program>`` run there as a script, importing only
+    that code and the installed packages, never this checkout's ``ml``; in the environment a training container
+    gets from the task's actual request (its channels downloaded, its hyperparameters decoded as the toolkit
+    does, SM_* variables). It then writes model.tar.gz and output.tar.gz where the request's OutputDataConfig
+    says (<S3OutputPath>/<job>/output/, SageMaker's layout). The job's status is the trainer's: Failed, with the
+    log's tail as FailureReason, when it exits non-zero or its code cannot be found."""
 
     def __init__(self, workdir: Path, *, say: Callable[[str], None] = print) -> None:
         super().__init__()
@@ -305,14 +345,28 @@ class LocalTrainingJobs(SageMakerBridge):
             self.say(f"      channel {channel['ChannelName']}: {count} object(s) from {source['S3Uri']} "
                      f"({source['S3DataType']})")
             channels[channel["ChannelName"]] = folder
-        hyperparameters = decode_hyperparameters(request.get("HyperParameters", {}))
-        self.say(f"      {name}: python -m ml.train {' '.join(toolkit_args(hyperparameters))}")
+        encoded = request.get("HyperParameters", {})
+        hyperparameters = decode_hyperparameters(encoded)
+        try:
+            program = json.loads(encoded["sagemaker_program"])
+            tarball_path = container_path(json.loads(encoded["sagemaker_submit_directory"]), job_dir)
+        except (KeyError, ValueError) as error:
+            return JobOutcome("Failed", f"ClientError: the request names no entry point and source tarball "
+                                        f"(sagemaker_program, sagemaker_submit_directory): {error}")
+        if not tarball_path.is_file():
+            return JobOutcome("Failed", f"ClientError: sagemaker_submit_directory {tarball_path} is in no channel")
+        code_dir = job_dir / "code"
+        extract_code(tarball_path, code_dir)
+        if not (code_dir / program).is_file():
+            return JobOutcome("Failed", f"AlgorithmError: the source tarball holds no {program}")
+        self.say(f"      {name}: python {program} {' '.join(toolkit_args(hyperparameters))} (from the code channel)")
         try:
             run = run_trainer(
                 channels=channels, workdir=job_dir, hyperparameters=hyperparameters, epochs=None,
                 description=name, arguments=toolkit_args,
-                environment={"TRAINING_JOB_NAME": name, "SM_HPS": json.dumps(hyperparameters)},
-                started=self._started,
+                environment={"TRAINING_JOB_NAME": name, "SM_HPS": json.dumps(hyperparameters),
+                             **isolated_environment(code_dir)},
+                started=self._started, entry=("-S", str(code_dir / program)), cwd=code_dir,
             )
         except RuntimeError as error:
             return JobOutcome("Failed", failure_reason(error))

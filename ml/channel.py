@@ -95,7 +95,17 @@ def read_part(part: Part, selection: Selection) -> Iterator[tuple[AbidRecord, by
                 yield Rejected(record.image_id, f"image {record.image_key} cannot be read: {error.strerror or error}")
         return
     with part.path.open("rb") as handle:
-        for sample in shards.read_shard(handle):
+        samples = shards.read_shard(handle, part.path.name)
+        while True:
+            try:
+                sample = next(samples)
+            except StopIteration:
+                break
+            except shards.ShardError as error:
+                # The samples before the damage were yielded; the rest of the shard is recorded as one reject
+                # naming the shard and member, and training goes on with the other shards.
+                yield Rejected(f"{part.path.name}:unreadable", str(error))
+                break
             missing = sample.missing()
             if missing:
                 yield Rejected(sample.key, f"{missing} (in {part.path.name})")
@@ -114,11 +124,14 @@ def count_part(part: Part, selection: Selection) -> int:
     if part.records is not None:
         return len(part.records)
     kept = 0
-    for key, metadata in shards.read_metadata(part.path):
-        try:
-            kept += selection.keeps(abid.parse_metadata(key, metadata))
-        except InvalidRecord:
-            continue
+    try:
+        for key, metadata in shards.read_metadata(part.path):
+            try:
+                kept += selection.keeps(abid.parse_metadata(key, metadata))
+            except InvalidRecord:
+                continue
+    except shards.ShardError:
+        pass  # counted up to the damage, as read_part reads it (and rejects the rest, naming it)
     return kept
 
 

@@ -94,28 +94,98 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_shard(fileobj: IO[bytes]) -> Iterator[Sample]:
+class ShardError(ValueError):
+    """A shard that cannot be read whole: a corrupt header, a truncated member or archive, a duplicate key. The
+    message names the shard and the member."""
+
+
+_END_OF_ARCHIVE = "end of file header"  # tarfile's message for a zero block (tarfile.EOFHeaderError)
+
+
+class _CheckedTar(tarfile.TarFile):
+    """A tar read that notices what ``tarfile`` passes over in silence.
+
+    In stream mode ``tarfile`` stops at the first header it cannot parse after the first member as if the
+    archive had ended (TarFile.next catches InvalidHeaderError and TruncatedHeaderError there), so a corrupt
+    header dropped the rest of a shard unnoticed. Opened with ``ignore_zeros``, it reports every block it skips
+    (zero blocks and bad headers alike) through ``_dbg``; those are collected here, so a bad header is an error
+    and a missing end-of-archive marker shows a truncated shard."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.skipped: list[str] = []  # before TarFile.__init__, which reads the first header
+        super().__init__(*args, **kwargs)
+
+    def _dbg(self, level: int, msg: str) -> None:
+        self.skipped.append(msg)
+
+    def corrupt(self) -> str | None:
+        bad = [m for m in self.skipped if not m.endswith(_END_OF_ARCHIVE)]
+        return bad[0] if bad else None
+
+    def ended(self) -> bool:
+        return any(m.endswith(_END_OF_ARCHIVE) for m in self.skipped)
+
+
+def _members(fileobj: IO[bytes], name: str, wanted: tuple[str, ...]) -> Iterator[tuple[str, str, bytes]]:
+    """``(key, extension, bytes)`` of each member with a wanted extension, in order, read as a stream; raises
+    :class:`ShardError` for a corrupt header, a truncated member or archive, or a key that comes back after
+    another key's members."""
+    last = "(none: the first header)"
+    done: set[str] = set()
+    current: str | None = None
+    try:
+        with _CheckedTar.open(fileobj=fileobj, mode="r|", ignore_zeros=True) as tar:
+            for info in tar:
+                if (problem := tar.corrupt()) is not None:
+                    raise ShardError(f"{name}: corrupt tar header after member {last} ({problem}); "
+                                     "the rest of the shard is unreadable")
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, _, extension = base.partition(".")
+                if key != current:
+                    if key in done:
+                        raise ShardError(f"{name}: duplicate key {key} (member {info.name})")
+                    if current is not None:
+                        done.add(current)
+                    current = key
+                extracted = tar.extractfile(info)
+                if extracted is not None and extension.lower() in wanted:
+                    try:
+                        data = extracted.read()
+                    except tarfile.ReadError as error:
+                        raise ShardError(f"{name}: member {info.name} is truncated ({error})") from None
+                    yield key, extension.lower(), data
+                last = info.name
+            if (problem := tar.corrupt()) is not None:
+                raise ShardError(f"{name}: corrupt tar header after member {last} ({problem}); "
+                                 "the rest of the shard is unreadable")
+            if not tar.ended():
+                raise ShardError(f"{name}: truncated after member {last} (no end-of-archive marker)")
+    except tarfile.TarError as error:
+        raise ShardError(f"{name}: unreadable after member {last}: {error}") from None
+
+
+def read_shard(fileobj: IO[bytes], name: str | None = None) -> Iterator[Sample]:
     """Samples of one tar, in order, read as a stream (no seeking, so an S3 body or a pipe works).
 
     Members are grouped by key as WebDataset groups them: consecutive members with the same basename up to
     the first dot. Members with other extensions are skipped; a sample lacking one of its two members is
     still yielded, so the caller can reject it with :meth:`Sample.missing` instead of losing it silently.
+    A shard that cannot be read whole raises :class:`ShardError` naming ``name`` (the file's name by default)
+    and the member, after yielding the samples before it.
     """
+    name = name or str(getattr(fileobj, "name", "shard"))
     key: str | None = None
     parts: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            member_key, _, extension = base.partition(".")
-            if member_key != key:
-                if key is not None:
-                    yield Sample(key, parts.get(IMAGE_EXTENSION), parts.get(METADATA_EXTENSION))
-                key, parts = member_key, {}
-            extracted = tar.extractfile(info)
-            if extracted is not None and extension.lower() in (IMAGE_EXTENSION, METADATA_EXTENSION):
-                parts[extension.lower()] = extracted.read()
+    for member_key, extension, data in _members(fileobj, name, (IMAGE_EXTENSION, METADATA_EXTENSION)):
+        if member_key != key:
+            if key is not None:
+                yield Sample(key, parts.get(IMAGE_EXTENSION), parts.get(METADATA_EXTENSION))
+            key, parts = member_key, {}
+        if extension in parts:
+            raise ShardError(f"{name}: duplicate member {member_key}.{extension}")
+        parts[extension] = data
     if key is not None:
         yield Sample(key, parts.get(IMAGE_EXTENSION), parts.get(METADATA_EXTENSION))
 
@@ -139,14 +209,9 @@ def read_metadata(path: Path) -> Iterator[tuple[str, bytes]]:
     which "works best when the data is read sequentially" (SageMaker API reference, TrainingInputMode), and
     seeking would cost two small reads per photo. On a local disk both ways took about 1 s for 249 MB of
     shards here."""
-    with path.open("rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for info in tar:
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, extension = base.partition(".")
-            if info.isfile() and extension.lower() == METADATA_EXTENSION:
-                extracted = tar.extractfile(info)
-                if extracted is not None:
-                    yield key, extracted.read()
+    with path.open("rb") as handle:
+        for key, _, data in _members(handle, path.name, (METADATA_EXTENSION,)):
+            yield key, data
 
 
 def pack_folder(folder: Path, out_dir: Path, split: str, photos_per_shard: int = 1000) -> tuple[list[Path], list]:

@@ -10,6 +10,7 @@ photo's key, version, size and expected count), ``out/<key>.out`` (the job's ans
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -168,13 +169,29 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
     return {"done": following >= len(inputs), "next": {"index": following}, "loaded": loaded}
 
 
+# SageMaker's limit on a transform job's name (CreateTransformJob, TransformJobName: 1 to 63 characters).
+MAX_JOB_NAME = 63
+
+
+def transform_job_name(endpoint_name: str, execution: str, now: datetime) -> str:
+    """``<endpoint>-bulk-<time>-<execution digest>``: two bulk counts started in the same second by different
+    executions get different names (a shared name made one fail and then read the other's output). The
+    ``<endpoint>-bulk-`` prefix is what the transform role is granted; the time goes first when the name would be
+    too long."""
+    digest = hashlib.sha256(execution.encode()).hexdigest()[:8]
+    name = f"{endpoint_name}-bulk-{now.strftime('%Y%m%d-%H%M%S')}-{digest}"
+    if len(name) > MAX_JOB_NAME:
+        name = f"{endpoint_name}-bulk-{hashlib.sha256(f'{execution} {now.isoformat()}'.encode()).hexdigest()}"
+    return name[:MAX_JOB_NAME]
+
+
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     s3, sagemaker, table = clients()
     options = event.get("input") or {}
     endpoint_name = os.environ["ENDPOINT_NAME"]
-    job_name = f"{endpoint_name}-bulk-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    job_name = transform_job_name(endpoint_name, str(event.get("execution") or ""), datetime.now(UTC))
     incoming = os.environ["INCOMING_PREFIX"]
     prefix = options.get("prefix") or incoming
     if not isinstance(prefix, str) or not prefix.startswith(incoming):

@@ -122,10 +122,15 @@ def process_item(s3: Any, item: dict[str, Any], *, data_bucket: str, default_sou
     probe = abid.AbidRecord(image_id, 0, 0)
     meta_key, image_key = probe.metadata_key, probe.image_key
     try:
-        metadata = s3.get_object(Bucket=source, Key=meta_key)
-        body = metadata["Body"].read()
+        # A ranged read: a metadata object above the cap is refused without being held (parse_metadata says so).
+        metadata = s3.get_object(Bucket=source, Key=meta_key, Range=f"bytes=0-{abid.MAX_METADATA_BYTES}")
+        body = metadata["Body"].read(abid.MAX_METADATA_BYTES + 1)
+        metadata["Body"].close()
+        metadata["ContentLength"] = int(str(metadata.get("ContentRange", "")).rpartition("/")[2] or len(body))
     except ClientError as error:
         code = _code(error)
+        if code == "InvalidRange":  # S3's answer to a range on an empty object
+            return _failure(image_id, meta_key, f"corrupt metadata s3://{source}/{meta_key}: the object is empty")
         if code in _MISSING:
             return _failure(image_id, meta_key, f"source object s3://{source}/{meta_key} does not exist")
         if code in _DENIED:
@@ -149,6 +154,9 @@ def process_item(s3: Any, item: dict[str, Any], *, data_bucket: str, default_sou
         if code in _DENIED:
             return _failure(image_id, image_key, f"access to s3://{source}/{image_key} was denied ({code})")
         raise TransientCopyError(f"HeadObject s3://{source}/{image_key}: {code}") from error
+    if image["ContentLength"] > abid.MAX_PHOTO_BYTES:
+        return _failure(image_id, image_key, f"s3://{source}/{image_key} is {image['ContentLength']} bytes, above "
+                        f"the {abid.MAX_PHOTO_BYTES} bytes a photo may have")
     outcome = _ItemOutcome(record=record)
     objects = (
         (image_key, image["ETag"], image["ContentLength"], image.get("ContentType") or "image/jpeg"),

@@ -87,12 +87,23 @@ def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
-def _get(s3: Any, bucket: str, key: str) -> bytes | str:
-    """The object's bytes, or why it cannot be read (a str); raises what a retry may cure."""
+def _get(s3: Any, bucket: str, key: str, limit: int) -> bytes | str:
+    """The object's bytes, or why it cannot be read (a str); raises what a retry may cure.
+
+    A ranged read of at most ``limit`` + 1 bytes: an object above ``limit`` is refused with its size (from the
+    Content-Range) without its bytes ever being held."""
     try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
+        body = response["Body"].read(limit + 1)
+        response["Body"].close()
+        if len(body) > limit:
+            total = str(response.get("ContentRange", "")).rpartition("/")[2] or "more than limit"
+            return f"{key} is {total} bytes, above the {limit} bytes a packed object may have"
+        return body
     except ClientError as error:
         code = _code(error)
+        if code == "InvalidRange":
+            return b""  # S3 answers a range on an empty object with 416 InvalidRange
         if code in _MISSING:
             return f"{key} does not exist ({code})"
         if code in _DENIED:
@@ -107,14 +118,14 @@ def fetch(s3: Any, bucket: str, image_id: str) -> _Fetched:
     if not abid.is_image_id(image_id):
         return _Fetched(image_id, reason=f"not an ABID image id: {image_id[:40]!r}")
     image_key, metadata_key = layout.raw_keys(image_id)
-    metadata = _get(s3, bucket, metadata_key)
+    metadata = _get(s3, bucket, metadata_key, abid.MAX_METADATA_BYTES)
     if isinstance(metadata, str):
         return _Fetched(image_id, reason=metadata)
     try:
         abid.parse_metadata(image_id, metadata)
     except abid.InvalidRecord as error:
         return _Fetched(image_id, reason=f"{metadata_key} is unreadable: {error}"[:_REASON_LENGTH])
-    image = _get(s3, bucket, image_key)
+    image = _get(s3, bucket, image_key, abid.MAX_PHOTO_BYTES)
     if isinstance(image, str):
         return _Fetched(image_id, reason=image)
     if not image.startswith(_JPEG_START):

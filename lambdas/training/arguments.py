@@ -182,7 +182,8 @@ def check_name(name: str, *, owner: Trainer | None = None) -> None:
             name, "set by SageMaker or for tests only; an execution may not change it (its channels and "
             "paths come from the training request itself)"
         )
-    if owner.option(name) is None:
+    if name not in owner.settable():
+        # An option the parser has but an execution may not set (--help would print the help and exit).
         close = difflib.get_close_matches(name, owner.settable(), n=1)
         hint = f"did you mean {close[0]}?" if close else f"it takes {', '.join(owner.settable())}"
         raise HyperparameterError(name, f"not an argument of ml.train; {hint}")

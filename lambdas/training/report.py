@@ -5,7 +5,12 @@ health files (``health.json``, ml/health.py) from ``output.tar.gz`` where there 
 ``reports/training/<job>.json`` and returns the ``$.training`` object the deploy gate reads::
 
     {"jobName", "modelArtifact", "metrics": {...}, "tuningJobName", "reportKey", "findings": [...],
-     "health": {"status", "findings": [...]} | None, "rulesPending": bool, "attempt": int, "problems": [...]}
+     "health": {"status", "findings": [...]} | None, "rulesPending": bool, "attempt": int, "problems": [...],
+     "usable": bool, "unusable": str}
+
+``usable`` is false (and ``unusable`` says why, in under 1,000 characters) when the job may not go forward to
+the deploy gate: it did not end Completed, the trainer reported a fatal health finding, or its model artifact
+holds no serving code. The training stage fails on it before the gate sees the model (issue #25 item 3).
 
 ``findings`` are Debugger rule outcomes (only where the deployment opted into Debugger); ``health`` is what
 the trainer found itself, for every job.
@@ -41,6 +46,11 @@ GATE_METRICS = ("valid_accuracy", "valid_rmse")
 _PENDING = {"InProgress", "Stopping"}
 _MAX_OUTPUT_BYTES = 50 * 1024 * 1024
 HEALTH_FILE = "health.json"  # ml.health.HEALTH_FILE; Lambda code does not import the ml package
+# What the SageMaker PyTorch serving container imports from model.tar.gz (ml/train.py write_serving_code): a
+# model without it loads the container's default handler, which cannot read this model.
+SERVING_ENTRY = "code/inference.py"
+# The cause of an unusable job travels in the execution's history and error: kept short.
+MAX_CAUSE_CHARS = 900
 # $.training travels through every later state: at most this many health findings go with it (the report
 # file in the bucket keeps them all).
 MAX_STATE_FINDINGS = 20
@@ -145,6 +155,47 @@ def health_state(health: dict[str, Any] | None) -> dict[str, Any] | None:
             "findingsLeftOut": max(0, len(findings) - MAX_STATE_FINDINGS)}
 
 
+def serving_code_in(model_archive: Any) -> bool:
+    """Whether a model.tar.gz (a readable stream) holds the serving entry point. Read as a stream, member by
+    member, so a large artifact is never held in memory."""
+    with tarfile.open(fileobj=model_archive, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.removeprefix("./") == SERVING_ENTRY:
+                return True
+    return False
+
+
+def unusable_reasons(job: dict[str, Any], health: dict[str, Any] | None, serving_code: bool | None) -> list[str]:
+    """Why a finished job must not reach the deploy gate; empty when it may.
+
+    A Stopped job is refused whatever the .sync task made of it: Step Functions' developer guide says only that
+    a .sync task waits for the job to complete ("Run a Job (.sync)"), and does not list which SageMaker end
+    states fail the task, while botocore's own TrainingJobCompletedOrStopped waiter (sagemaker waiters-2.json)
+    accepts Stopped as success. A spot job whose MaxWaitTimeInSeconds ran out ends Stopped, partly trained.
+    """
+    name = job.get("TrainingJobName")
+    status = job.get("TrainingJobStatus")
+    reasons = []
+    if status != "Completed":
+        reasons.append(f"training job {name} ended {status}: "
+                       f"{job.get('FailureReason') or job.get('SecondaryStatus') or 'no reason given'}")
+    if health is not None and health.get("status") == "fatal":
+        fatal = [f for f in health.get("findings") or [] if isinstance(f, dict) and f.get("severity") == "fatal"]
+        detail = "; ".join(f"{f.get('check')}: {f.get('message')}" for f in fatal) or "no finding recorded"
+        reasons.append(f"the trainer reported a fatal health finding ({detail})")
+    artifact = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    if not artifact:
+        reasons.append(f"training job {name} left no model artifact")
+    elif serving_code is False:
+        reasons.append(f"{artifact} holds no {SERVING_ENTRY}: the serving container could not load it")
+    return reasons
+
+
+def unusable_cause(reasons: list[str]) -> str:
+    cause = "; ".join(reasons)
+    return cause if len(cause) <= MAX_CAUSE_CHARS else cause[:MAX_CAUSE_CHARS - 3] + "..."
+
+
 def summarize(
     job: dict[str, Any],
     *,
@@ -153,6 +204,7 @@ def summarize(
     output_problem: str | None,
     attempt: int,
     health: dict[str, Any] | None = None,
+    serving_code: bool | None = None,
 ) -> dict[str, Any]:
     """The full report (for the bucket) of one finished job; the returned ``state`` part is ``$.training``."""
     name = job["TrainingJobName"]
@@ -166,6 +218,7 @@ def summarize(
     problems += [f"metric {metric} missing: the deploy gate cannot compare this model"
                  for metric in GATE_METRICS if metric not in merged]
     billable, seconds = job.get("BillableTimeInSeconds"), job.get("TrainingTimeInSeconds")
+    unusable = unusable_reasons(job, health, serving_code)
     state = {
         "jobName": name,
         "modelArtifact": (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts"),
@@ -177,6 +230,8 @@ def summarize(
         "rulesPending": any(f["status"] in _PENDING for f in rule_findings),
         "attempt": attempt + 1,
         "problems": problems,
+        "usable": not unusable,
+        "unusable": unusable_cause(unusable),
     }
     report = {
         **state,
@@ -231,6 +286,23 @@ def _read_output(job: dict[str, Any]) -> tuple[dict[str, float] | None, dict[str
         return None, health, f"s3://{bucket}/{output_key}: {error}"
 
 
+def _read_serving_code(job: dict[str, Any]) -> bool | None:
+    """Whether the job's model.tar.gz holds the serving entry point; None when there is no artifact to read."""
+    artifact = (job.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    if not artifact:
+        return None
+    bucket, key = split_s3_uri(artifact)
+    try:
+        body = clients.s3.get_object(Bucket=bucket, Key=key)["Body"]
+        return serving_code_in(body)
+    except ClientError as error:
+        if error.response["Error"]["Code"] in {"NoSuchKey", "404"}:
+            return False
+        raise
+    except tarfile.TarError:
+        return False
+
+
 def record(event: ReportEvent, bucket: str) -> dict[str, Any]:
     tuning = None
     name = event.jobName
@@ -244,7 +316,7 @@ def record(event: ReportEvent, bucket: str) -> dict[str, Any]:
     job = clients.sagemaker.describe_training_job(TrainingJobName=name)
     output_metrics, health, output_problem = _read_output(job)
     result = summarize(job, tuning=tuning, output_metrics=output_metrics, output_problem=output_problem,
-                       attempt=event.attempt, health=health)
+                       attempt=event.attempt, health=health, serving_code=_read_serving_code(job))
     clients.s3.put_object(
         Bucket=bucket,
         Key=result["state"]["reportKey"],

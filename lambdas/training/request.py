@@ -134,6 +134,8 @@ class Deployment(_Camel):
     input_mode: Literal["File", "FastFile"]
     data_distribution: Literal["ShardedByS3Key", "FullyReplicated"]
     tuning: TuningDefaults
+    # Seconds after the execution's start by which the training stage must end (infra/budget.py); None: unchecked.
+    training_deadline_seconds: int | None = None
 
 
 def training_fields(*, debugger: bool, profiler: bool, vpc: bool) -> tuple[str, ...]:

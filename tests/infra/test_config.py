@@ -154,3 +154,78 @@ def test_every_selector_the_select_step_knows_can_be_the_deployed_default():
 def test_the_full_run_instance_type_can_also_be_the_deployed_default():
     # full-run.json names it per execution; -c trainingInstanceType=ml.g5.2xlarge makes it every run's.
     assert load_settings({"trainingInstanceType": "ml.g5.2xlarge"}).training_instance_type == "ml.g5.2xlarge"
+
+
+# --- issue 25 item 7: configuration that can never work fails synth, in one line naming the key -------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # The prepare step refused it on every execution: it must match how SageMaker hands out the channel.
+        ({"trainingHyperparameters": {"data-distribution": "sharded"}},
+         "trainingHyperparameters: data-distribution: set from trainingDataDistribution"),
+        # ml.train's parser has --help: checking its value printed the help and raised SystemExit at synth.
+        ({"trainingHyperparameters": {"help": True}}, "trainingHyperparameters: help: not an argument of ml.train"),
+        # A schedule that never fires: February has no 30th or 31st, April no 31st.
+        ({"costReportSchedule": "cron(0 6 31 2 ? *)"}, "costReportSchedule: 'cron(0 6 31 2 ? *)' never fires"),
+        ({"costReportSchedule": "cron(0 6 30 FEB ? *)"}, "never fires: no month it names has day 30"),
+        ({"costReportSchedule": "cron(0 6 31 4,6 ? *)"}, "never fires"),
+        # Each Cost Explorer request is billed: rate(1 minute) would be 1,440 paid calls a day.
+        ({"costReportSchedule": "rate(1 minute)"}, "costReportSchedule: the cost report runs at most once a day"),
+        ({"costReportSchedule": "rate(12 hours)"}, "at most once a day"),
+        ({"costReportSchedule": "cron(0 * * * ? *)"}, "at most once a day"),
+        ({"costReportSchedule": "cron(0 6,18 * * ? *)"}, "at most once a day"),
+        ({"costReportSchedule": "cron(0 6 32 * ? *)"}, "cron field '32': expected values between 1 and 31"),
+        # No images for that version: the image lookup's 28-line traceback before.
+        ({"frameworkVersion": "9.9"}, "frameworkVersion: no PyTorch 9.9 (py311) images in infra/images.json"),
+        # A tuning job's trials that cannot all run within a tuning job's 30-day limit.
+        ({"tuningMaxJobs": 100, "tuningMaxParallelJobs": 1}, "tuningMaxJobs: 100 trials, 1 at a time"),
+    ],
+)
+def test_configuration_that_can_never_work_fails_synth_naming_the_key(overrides, expected):
+    from infra import budget
+
+    with pytest.raises(ConfigError) as refused:
+        budget.check(load_settings(overrides))
+    assert expected in str(refused.value)
+    assert "\n" not in str(refused.value).removeprefix("invalid invmon settings:\n  ")
+
+
+@pytest.mark.parametrize("schedule", ["rate(1 day)", "rate(7 days)", "cron(0 6 ? * MON *)", "cron(0 6 29 2 ? *)",
+                                      "cron(30 5 L * ? *)"])
+def test_schedules_that_fire_at_most_daily_are_accepted(schedule):
+    assert load_settings({"costReportSchedule": schedule}).cost_report_schedule == schedule
+
+
+def test_an_unknown_context_key_is_refused_with_the_closest_knob_and_cdks_own_keys_pass():
+    from infra.config import check_context_keys
+
+    context = default_context() | {"aws:cdk:enable-path-metadata": True, "@aws-cdk/core:newStyleStackSynthesis": 1}
+    check_context_keys(context)
+    with pytest.raises(ConfigError, match=r"trainingInstanceTyp: not an invmon setting; did you mean "
+                                          r"trainingInstanceType\?"):
+        check_context_keys(context | {"trainingInstanceTyp": "ml.g5.xlarge"})
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("trainingInstanceTyp", "ml.g5.xlarge", "invmon: invalid invmon settings:\n  trainingInstanceTyp: not an "
+                                            "invmon setting; did you mean trainingInstanceType?\n"),
+    ("frameworkVersion", "9.9", "invmon: frameworkVersion: no PyTorch 9.9 (py311) images in infra/images.json"),
+])
+def test_the_app_refuses_a_bad_context_with_one_line_and_no_traceback(tmp_path, key, value, expected):
+    # As `cdk synth -c key=value` runs it: the CLI hands the app its context in CDK_CONTEXT_JSON.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(default_context() | {key: value}),
+           "CDK_OUTDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(root / "app.py")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith(expected), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -208,3 +208,17 @@ def test_dashboard_graphs_count_failures_by_cause_as_the_handler_names_them(temp
     assert "Count records failed, by cause" in body
     for cause in FAILURE_CAUSES:
         assert f'"CountFailures","cause","{cause}","service","count"' in body, cause
+
+
+def test_uploads_are_kept_for_sqss_maximum_and_their_age_alarms_long_before(built):
+    # SQS keeps a message at most 14 days (MessageRetentionPeriod 1,209,600 s, "Amazon SQS message quotas"); the
+    # default 4 days would not survive a stoppage found after a long weekend.
+    stack, count, template = built
+    queue = template.find_resources("AWS::SQS::Queue")[logical_id(stack, count.queue)]
+    assert queue["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    alarm = template.find_resources("AWS::CloudWatch::Alarm")[logical_id(stack, count.oldest_upload_alarm)]
+    properties = alarm["Properties"]
+    assert properties["MetricName"] == "ApproximateAgeOfOldestMessage"
+    assert properties["Dimensions"][0]["Value"] == {"Fn::GetAtt": [logical_id(stack, count.queue), "QueueName"]}
+    # Above the retry path's longest (5 receives x 720 s), far below the retention.
+    assert MAX_RECEIVE_COUNT * 720 < properties["Threshold"] <= 24 * 3600

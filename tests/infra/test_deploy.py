@@ -84,7 +84,7 @@ def test_state_machine_waits_for_in_service_on_the_new_config_and_fails_cleanly(
     first = ready["Choices"][0]["And"]
     assert {"Variable": "$.deploy.endpoint.EndpointConfigName",
             "StringEqualsPath": "$.deploy.release.endpointConfigName"} in first
-    assert ready["Default"] == "Wait for endpoint"
+    assert ready["Default"] == "Count endpoint check"  # bounded: see the attempt-limit test
     assert states["Endpoint failed"]["Type"] == "Fail"
     assert states["Deploy rolled back"]["Type"] == "Fail"
     assert states["Finish deploy"]["ResultPath"] == "$.deploy"
@@ -159,3 +159,47 @@ def test_endpoint_failure_cause_carries_the_status_and_reads_failure_reason_only
         assert "$.deploy.endpoint.EndpointStatus" in record["Parameters"]["cause.$"]
     assert states["Endpoint failed"] == {"Type": "Fail", "Error": "EndpointFailed",
                                          "CausePath": "$.deploy.failure.cause"}
+
+
+# --- one deploy at a time, and a bounded wait ----------------------------------------------------------------
+
+
+def test_the_deploy_stage_runs_under_a_lock_released_on_every_path(built):
+    _, _, template = built
+    states = all_states(template)
+    acquire = states["Acquire deploy lock"]
+    assert acquire["Next"] == "Deploy under lock"
+    (held,) = [r for r in acquire["Retry"] if r["ErrorEquals"] == ["DeployLockHeld"]]
+    assert held["MaxAttempts"] >= 1 and held["MaxDelaySeconds"] <= 600  # a bounded wait
+    body = states["Deploy under lock"]
+    assert body["Branches"][0]["StartAt"] == "Decide deploy"  # the gate runs with the lock held
+    assert body["Next"] == "Release deploy lock"
+    assert [c["Next"] for c in body["Catch"]] == ["Release deploy lock after failure"]
+    assert states["Release deploy lock after failure"]["Next"] == "Deploy error has a cause?"
+    assert states["Release deploy lock"]["Catch"][0]["Next"] == "Deploy lock left to expire"
+
+
+def test_the_lock_table_has_a_ttl_and_the_lock_function_only_its_three_calls(built):
+    stack, deploy, template = built
+    table = template.find_resources("AWS::DynamoDB::Table")[stack.get_logical_id(deploy.lock_table.node.default_child)]
+    assert table["Properties"]["TimeToLiveSpecification"] == {"AttributeName": "expiresAt", "Enabled": True}
+    assert table["Properties"]["KeySchema"] == [{"AttributeName": "lock", "KeyType": "HASH"}]
+    policies = [p for p in template.find_resources("AWS::IAM::Policy").values()
+                if "DeployLock" in json.dumps(p["Properties"]["Roles"])]
+    actions = {a for p in policies for s in p["Properties"]["PolicyDocument"]["Statement"]
+               for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]) if a.startswith("dynamodb")}
+    assert actions == {"dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:DeleteItem"}
+
+
+def test_the_endpoint_wait_loop_gives_up_after_its_attempt_limit_with_a_cause(built):
+    from infra.deploy import endpoint_checks
+
+    _, _, template = built
+    states = all_states(template)
+    assert states["Endpoint ready?"]["Default"] == "Count endpoint check"
+    keep = states["Keep waiting for endpoint?"]
+    assert keep["Choices"][0] == {"Variable": "$.deploy.checks.n", "NumericGreaterThanEquals": endpoint_checks(
+        settings_from_context(default_context().get)), "Next": "Endpoint wait exhausted"}
+    assert keep["Default"] == "Wait for endpoint"
+    assert states["Endpoint wait timed out"]["Error"] == "EndpointTimeout"
+    assert "did not become InService" in states["Endpoint wait exhausted"]["Parameters"]["cause.$"]

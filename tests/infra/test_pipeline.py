@@ -76,8 +76,14 @@ def test_every_stage_failure_is_caught_and_fails_the_execution_with_the_stage_na
         assert wrapper["OutputPath"] == "$[0]"
         (catch,) = wrapper["Catch"]
         assert catch["ErrorEquals"] == ["States.ALL"]
-        record = definition["States"][catch["Next"]]
+        # A failure without a cause (States.Timeout) is recorded by the error's name instead.
+        has_cause = definition["States"][catch["Next"]]
+        record = definition["States"][has_cause["Default"]]
+        (causeless_name,) = {c["Next"] for c in has_cause["Choices"]}
+        causeless = definition["States"][causeless_name]
         assert f"'{stage}'" in record["Parameters"]["Cause.$"]
+        assert "came with no cause" in causeless["Parameters"]["Cause.$"]
+        assert causeless["Next"] == record["Next"]
         assert definition["States"][record["Next"]] == {
             "Type": "Fail",
             "Comment": "A stage failed after cleaning up; the cause says which stage and why",

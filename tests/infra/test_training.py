@@ -137,7 +137,11 @@ def test_job_tasks_retry_throttling_and_stop_the_job_before_failing(built: Built
         assert "SageMaker.AmazonSageMakerException" in retry["ErrorEquals"]
         assert "States.TaskFailed" not in retry["ErrorEquals"]  # a failed job is not retried
         assert retry["MaxAttempts"] >= 2 and retry["BackoffRate"] > 1
-        (catch,) = states[state]["Catch"]
+        # A timeout gets a cause naming the job first (States.Timeout carries none), then the same stop.
+        timed_out, catch = states[state]["Catch"]
+        assert timed_out["ErrorEquals"] == ["States.Timeout"]
+        assert states[timed_out["Next"]]["Next"] == stop
+        assert "ran past its state timeout" in states[timed_out["Next"]]["Parameters"]["Cause.$"]
         assert catch == {"ErrorEquals": ["States.ALL"], "ResultPath": "$.trainingError", "Next": stop}
         assert states[stop]["Resource"].endswith(f":states:::aws-sdk:sagemaker:{api}")
         assert states[stop]["Next"] == "TrainingFailed"
@@ -169,7 +173,13 @@ def test_report_writes_training_and_waits_for_pending_rules(built: Built) -> Non
     # Bounded: rules that never finish cannot hold the stage forever.
     assert {"Variable": "$.training.attempt", "NumericLessThan": RULE_POLL_ATTEMPTS} in when["And"]
     assert states["WaitForTrainingRules"]["Next"] == "RecordTraining"
-    assert loop["Default"] == "TrainingRecorded" and states["TrainingRecorded"]["End"] is True
+    # The job is checked before the gate: only a usable one ends the stage.
+    assert loop["Default"] == "TrainingUsable"
+    usable = states["TrainingUsable"]
+    assert usable["Choices"] == [{"Variable": "$.training.usable", "BooleanEquals": True,
+                                  "Next": "TrainingRecorded"}]
+    assert states[usable["Default"]]["Next"] == "TrainingFailed"
+    assert states["TrainingRecorded"]["End"] is True
 
 
 # --- IAM ----------------------------------------------------------------------------------------------

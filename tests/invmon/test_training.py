@@ -111,18 +111,36 @@ def publish_sample(s3: Any, sample_dir: Path, per_count: int = 2) -> str:
     return f"s3://{BUCKET}/manifests/run/all.manifest"
 
 
-def training_request(manifest: str, hyperparameters: dict[str, Any], name: str = "job-1") -> dict[str, Any]:
+def publish_code(s3: Any, source: Path | None = None) -> str:
+    """The trainer's source tarball as the stack deploys it (infra/training.py), in the bucket."""
+    from infra.training import build_source_tarball
+
+    tarball = build_source_tarball(source) if source else build_source_tarball()
+    s3.put_object(Bucket=BUCKET, Key="assets/sourcedir.tar.gz", Body=tarball.read_bytes())
+    return f"s3://{BUCKET}/assets/sourcedir.tar.gz"
+
+
+def training_request(manifest: str, hyperparameters: dict[str, Any], name: str = "job-1",
+                     code: str = f"s3://{BUCKET}/assets/sourcedir.tar.gz") -> dict[str, Any]:
+    """A request as the prepare step builds it: data channels, the code channel holding the source tarball and
+    the container's hyperparameters naming the entry point inside it (lambdas/training/request.py)."""
+    from lambdas.training.request import CODE_CHANNEL, ENTRY_POINT, code_path
+
     channel = {"DataSource": {"S3DataSource": {"S3DataType": "ManifestFile", "S3Uri": manifest,
                                                "S3DataDistributionType": "FullyReplicated"}}, "InputMode": "File"}
+    code_channel = {"ChannelName": CODE_CHANNEL, "InputMode": "File", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": code, "S3DataDistributionType": "FullyReplicated"}}}
     return {
         "TrainingJobName": name,
         "AlgorithmSpecification": {"TrainingImage": IMAGE, "TrainingInputMode": "File"},
         "RoleArn": "arn:aws:iam::123456789012:role/training",
-        "InputDataConfig": [{"ChannelName": "train", **channel}, {"ChannelName": "validation", **channel}],
+        "InputDataConfig": [{"ChannelName": "train", **channel}, {"ChannelName": "validation", **channel},
+                            code_channel],
         "OutputDataConfig": {"S3OutputPath": f"s3://{BUCKET}/models/"},
         "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10},
         "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
-        "HyperParameters": {**_encode(hyperparameters), "sagemaker_program": json.dumps("ml/train.py")},
+        "HyperParameters": {**_encode(hyperparameters), "sagemaker_program": json.dumps(ENTRY_POINT),
+                            "sagemaker_submit_directory": json.dumps(code_path(code))},
     }
 
 
@@ -136,6 +154,7 @@ def members(s3: Any, key: str) -> list[str]:
 def test_a_training_job_runs_ml_train_from_its_request_and_leaves_sagemakers_output_layout(
         s3: Any, sample_dir: Path, tmp_path: Path) -> None:
     manifest = publish_sample(s3, sample_dir)
+    publish_code(s3)
     tiny = {"epochs": 1, "limit": 8, "batch-size": 4, "image-size": 64, "freeze-blocks": 8, "threads": 1,
             "augment": False}
     bridge = LocalTrainingJobs(tmp_path, say=lambda line: None)
@@ -156,6 +175,7 @@ def test_a_training_job_runs_ml_train_from_its_request_and_leaves_sagemakers_out
 def test_a_trainer_that_exits_non_zero_fails_the_job_with_its_log_as_the_reason(
         s3: Any, sample_dir: Path, tmp_path: Path) -> None:
     manifest = publish_sample(s3, sample_dir, per_count=1)
+    publish_code(s3)
     bridge = LocalTrainingJobs(tmp_path, say=lambda line: None)
     described, outcome = bridge.run("createTrainingJob", training_request(manifest, {"epochs": 0}, name="bad"))
     assert outcome.status == "Failed"
@@ -171,3 +191,32 @@ def test_jobs_other_than_training_fail_with_a_reason(s3: Any, tmp_path: Path) ->
     bridge = LocalTrainingJobs(tmp_path, say=lambda line: None)
     outcome = bridge.finish("CreateTransformJob", {})
     assert outcome.status == "Failed" and "runs training jobs" in outcome.failure_reason
+
+
+def test_the_entry_point_runs_from_the_code_channels_tarball_so_a_module_missing_from_it_fails_the_job(
+        s3: Any, sample_dir: Path, tmp_path: Path) -> None:
+    # Before, the bridge ran ml.train from this checkout: a module left out of the deployed asset passed here and
+    # failed in AWS. The tarball here lacks ml/health.py, which ml/train.py imports.
+    import shutil
+
+    source = tmp_path / "src" / "ml"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "ml", source,
+                    ignore=shutil.ignore_patterns("__pycache__", "health.py"))
+    manifest = publish_sample(s3, sample_dir, per_count=1)
+    bridge = LocalTrainingJobs(tmp_path / "work", say=lambda line: None)
+    described, outcome = bridge.run("createTrainingJob", training_request(
+        manifest, {"epochs": 1}, name="partial", code=publish_code(s3, source)))
+    assert outcome.status == "Failed"
+    assert "ModuleNotFoundError: No module named 'ml.health'" in described["FailureReason"]
+    code = tmp_path / "work" / "jobs" / "partial" / "code"
+    assert (code / "ml" / "train.py").is_file() and not (code / "ml" / "health.py").exists()
+
+
+def test_a_request_without_its_source_tarball_fails_the_job_with_the_reason(s3: Any, sample_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    manifest = publish_sample(s3, sample_dir, per_count=1)
+    request = training_request(manifest, {"epochs": 1}, name="nocode")
+    request["InputDataConfig"] = request["InputDataConfig"][:2]
+    bridge = LocalTrainingJobs(tmp_path, say=lambda line: None)
+    _, outcome = bridge.run("createTrainingJob", request)
+    assert outcome.status == "Failed" and "is in no channel" in outcome.failure_reason

@@ -843,3 +843,18 @@ def test_a_threshold_setting_that_is_neither_model_nor_a_probability_is_refused(
 ])
 def test_each_failure_is_named_by_one_of_the_dashboards_causes(error, cause):
     assert count.failure_cause(error) == cause and cause in count.FAILURE_CAUSES
+
+
+def test_bulk_counts_started_in_the_same_second_get_distinct_transform_job_names() -> None:
+    from datetime import UTC, datetime
+
+    from lambdas.count.bulk import MAX_JOB_NAME, transform_job_name
+
+    now = datetime(2026, 12, 6, 13, 0, 0, tzinfo=UTC)
+    first = transform_job_name("invmon-dev-counter", "bulk-a", now)
+    second = transform_job_name("invmon-dev-counter", "bulk-b", now)
+    assert first != second
+    assert first.startswith("invmon-dev-counter-bulk-20261206-130000-")
+    longest = "p" * 31 + "-prod-counter"  # the longest endpoint name the project/stage knobs allow
+    names = {transform_job_name(longest, execution, now) for execution in ("a", "b")}
+    assert len(names) == 2 and all(len(n) <= MAX_JOB_NAME and n.startswith(f"{longest}-bulk-") for n in names)

@@ -12,7 +12,7 @@ import pytest
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from lambdas.deploy import finish, gate, plan, release
+from lambdas.deploy import finish, gate, lock, plan, release
 
 BUCKET = "invmon-data-test"
 ROLE = "arn:aws:iam::123456789012:role/invmon-inference"
@@ -277,3 +277,38 @@ def test_finish_registers_realtime_autoscaling_and_records_the_model_in_service(
                         ["Body"].read())
     assert record["metrics"]["valid_accuracy"] == 0.5
     assert record["servingShape"]["mode"] == "realtime"
+
+
+# --- the deploy lock -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lock_table():
+    with mock_aws():
+        dynamodb = boto3.resource("dynamodb", region_name="us-east-1")
+        yield dynamodb.create_table(
+            TableName="locks", BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": lock.KEY, "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": lock.KEY, "AttributeType": "S"}],
+        )
+
+
+def test_a_second_deploy_is_refused_while_the_first_holds_the_lock(lock_table) -> None:
+    lock.acquire(lock_table, "counter", "arn:first", "first", lease_seconds=600, now=1000)
+    with pytest.raises(lock.DeployLockHeld, match="another deploy is in progress: first holds the deploy lock"):
+        lock.acquire(lock_table, "counter", "arn:second", "second", lease_seconds=600, now=1100)
+
+
+def test_the_lock_is_taken_again_by_its_own_holder_and_after_release(lock_table) -> None:
+    lock.acquire(lock_table, "counter", "arn:first", "first", lease_seconds=600, now=1000)
+    lock.acquire(lock_table, "counter", "arn:first", "first", lease_seconds=600, now=1001)  # a retried invoke
+    assert lock.release(lock_table, "counter", "arn:first") == {"endpoint": "counter", "released": True}
+    assert lock.acquire(lock_table, "counter", "arn:second", "second", lease_seconds=600, now=1002)["owner"] \
+        == "arn:second"
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_release_it(lock_table) -> None:
+    lock.acquire(lock_table, "counter", "arn:first", "first", lease_seconds=600, now=1000)
+    lock.acquire(lock_table, "counter", "arn:second", "second", lease_seconds=600, now=1601)
+    assert lock.release(lock_table, "counter", "arn:first")["released"] is False
+    assert lock_table.get_item(Key={lock.KEY: "counter"})["Item"]["owner"] == "arn:second"

@@ -515,3 +515,23 @@ def test_all_selector_is_a_deployable_default(s3, monkeypatch):
     assert plan["selector"] == "all" and plan["selected"] == 5
     with pytest.raises(InvalidDatasetRequest, match="maxCount only applies to selector 'count-range'"):
         select.handler({"input": {"dataset": {"maxCount": 5}}, "execution": "x"}, CONTEXT)
+
+
+def test_poison_metadata_and_an_oversized_photo_fail_only_themselves_in_a_batch(s3, sample_dir, restore_source,
+                                                                               monkeypatch):
+    ids = sorted(sample_labels(sample_dir))[:5]
+    poison = {ids[0]: b'{"EXPECTED_QUANTITY": 9223372036854775808}',
+              ids[1]: b'{"EXPECTED_QUANTITY": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+              ids[2]: b'{"EXPECTED_QUANTITY": 1, "x": ' + b"9" * 5000 + b"}"}
+    for image_id, body in poison.items():
+        restore_source(f"metadata/{image_id}.json")
+        s3.put_object(Bucket=SOURCE, Key=f"metadata/{image_id}.json", Body=body)
+    big = (sample_dir / "bin-images" / f"{ids[3]}.jpg").stat().st_size
+    monkeypatch.setattr(abid, "MAX_PHOTO_BYTES", big - 1)  # the 8 MiB cap, scaled to this photo
+    result = worker.process_batch([{"image_id": i} for i in ids], s3=s3, data_bucket=DATA, default_source=SOURCE)
+    reasons = {f["imageId"]: f["reason"] for f in result.failures}
+    assert sorted(reasons) == sorted(ids[:4])
+    assert "metadata holds a 19-digit number (at most 18 digits)" in reasons[ids[0]]  # 2**63
+    assert "RecursionError" in reasons[ids[1]] and "5000-digit number" in reasons[ids[2]]
+    assert reasons[ids[3]].endswith(f"is {big} bytes, above the {big - 1} bytes a photo may have")
+    assert [r["image_id"] for r in result.records] == [ids[4]]

@@ -329,3 +329,36 @@ def test_a_reused_shard_past_half_its_retention_is_refreshed_so_it_cannot_expire
     assert copies == [key]
     refreshed = s3.head_object(Bucket=DATA, Key=key)
     assert refreshed["Metadata"] == written["Metadata"] and refreshed["ContentLength"] == written["ContentLength"]
+
+
+POISON_METADATA = {
+    "a 2**63 EXPECTED_QUANTITY": b'{"EXPECTED_QUANTITY": 9223372036854775808}',
+    "a quantity above any bin": b'{"EXPECTED_QUANTITY": 20000}',
+    "a 5,000-digit number": b'{"EXPECTED_QUANTITY": 1, "x": ' + b"9" * 5000 + b"}",
+    "deep nesting": b'{"EXPECTED_QUANTITY": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "nesting past the cap": b'{"EXPECTED_QUANTITY": 1, "x": ' + b"[" * 40 + b"]" * 40 + b"}",
+    "an oversized document": b'{"EXPECTED_QUANTITY": 1, "pad": "' + b"x" * (abid.MAX_METADATA_BYTES + 1) + b'"}',
+}
+
+
+def test_poison_metadata_fails_only_its_own_photo_in_the_packer(s3) -> None:
+    ids = [r.image_id for r in split_records(s3, "train")[: len(POISON_METADATA) + 2]]
+    for image_id, body in zip(ids, POISON_METADATA.values(), strict=False):
+        s3.put_object(Bucket=DATA, Key=layout.raw_keys(image_id)[1], Body=body)
+    output = packer.handler({"runId": RUN, "split": "train", "index": 0, "ids": ids}, CONTEXT)
+    reasons = {f["imageId"]: f["reason"] for f in output["failures"]}
+    assert sorted(reasons) == sorted(ids[: len(POISON_METADATA)])
+    assert output["photos"] == 2
+    for (what, _), image_id in zip(POISON_METADATA.items(), ids, strict=False):
+        assert reasons[image_id].startswith(f"raw/metadata/{image_id}.json"), what
+
+
+def test_an_object_above_the_size_cap_is_refused_with_its_size_without_being_read_whole(s3, monkeypatch) -> None:
+    ids = [r.image_id for r in split_records(s3, "train")[:2]]
+    monkeypatch.setattr(abid, "MAX_PHOTO_BYTES", 1000)  # the 8 MiB cap, scaled to the sample's photos
+    s3.put_object(Bucket=DATA, Key=layout.raw_keys(ids[0])[0], Body=b"\xff\xd8\xff" + b"\0" * 4999)
+    s3.put_object(Bucket=DATA, Key=layout.raw_keys(ids[1])[0], Body=b"\xff\xd8\xff" + b"\0" * 500)
+    fetched = packer.fetch(s3, DATA, ids[0])
+    assert fetched.reason == (f"raw/bin-images/{ids[0]}.jpg is 5002 bytes, above the 1000 bytes a packed object "
+                              "may have")
+    assert packer.fetch(s3, DATA, ids[1]).sample is not None

@@ -71,3 +71,52 @@ def test_pack_folder_packs_a_folder_in_image_id_order_and_returns_what_it_could_
     assert [r.image_id for r in rejected] == [records[2].image_id]
     assert "missing" in rejected[0].reason
     assert [key for key, _ in shards.read_metadata(written[0])] == keys[:3]
+
+
+# --- damaged shards: an error naming the shard and the member, never a silent drop ----------------------------
+
+SIX = [Sample(f"{i:05d}", b"\xff\xd8photo" * 50, b'{"EXPECTED_QUANTITY": 1}') for i in range(6)]
+
+
+def member_offsets(data: bytes) -> dict[str, int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {info.name: info.offset for info in tar.getmembers()}
+
+
+def test_a_corrupt_header_mid_shard_is_an_error_naming_the_shard_and_the_member_before_it() -> None:
+    data = bytearray(shards.pack(SIX))
+    offset = member_offsets(bytes(data))["00002.jpg"]
+    data[offset + 148 : offset + 156] = b"garbage!"  # the header's checksum field
+    read = []
+    with pytest.raises(shards.ShardError, match=r"train-000003.tar: corrupt tar header after member 00001.json"):
+        for sample in shards.read_shard(io.BytesIO(bytes(data)), "train-000003.tar"):
+            read.append(sample.key)
+    assert read == ["00000"]  # what came before the damage; 00001 is held back until its group ends
+
+
+def test_a_truncated_member_is_an_error_naming_it() -> None:
+    data = shards.pack(SIX)
+    offset = member_offsets(data)["00005.jpg"]
+    with pytest.raises(shards.ShardError, match=r"s.tar: member 00005.jpg is truncated"):
+        list(shards.read_shard(io.BytesIO(data[: offset + 512 + 100]), "s.tar"))
+
+
+def test_a_shard_cut_at_a_member_boundary_is_an_error_not_a_shorter_shard(tmp_path) -> None:
+    data = shards.pack(SIX)
+    offset = member_offsets(data)["00004.jpg"]
+    with pytest.raises(shards.ShardError, match=r"s.tar: truncated after member 00003.json"):
+        list(shards.read_shard(io.BytesIO(data[:offset]), "s.tar"))
+    cut = tmp_path / "train-000000.tar"
+    cut.write_bytes(data[:offset])
+    with pytest.raises(shards.ShardError, match=r"train-000000.tar: truncated after member 00003.json"):
+        list(shards.read_metadata(cut))
+
+
+def test_a_duplicate_key_in_a_shard_is_refused() -> None:
+    data = shards.pack([SIX[0], SIX[1], SIX[0]])
+    with pytest.raises(shards.ShardError, match=r"s\.tar: duplicate key 00000"):
+        list(shards.read_shard(io.BytesIO(data), "s.tar"))
+
+
+def test_an_intact_shard_reads_whole_through_the_checked_reader() -> None:
+    assert [s.key for s in shards.read_shard(io.BytesIO(shards.pack(SIX)), "s.tar")] == [s.key for s in SIX]

@@ -23,6 +23,11 @@ class Outcome(JobOutcome):
     metrics: dict[str, float] = field(default_factory=lambda: {"valid_accuracy": 0.6, "valid_rmse": 1.0})
     # A completed transform job's answer for each input key (written to S3OutputPath/<key>.out).
     answer: Callable[[str], Any] = lambda key: {}
+    # Whether model.tar.gz holds code/inference.py, as ml/train.py writes it: a job stopped mid-run (spot
+    # capacity that never came back) uploads what the model dir held, without it.
+    serving_code: bool = True
+    # The trainer's health.json in output.tar.gz (ml/health.py), where the scenario has one.
+    health: dict[str, Any] | None = None
 
 
 @dataclass
@@ -36,10 +41,12 @@ class ScriptedSageMaker(SageMakerBridge):
         outcome = self.outcome(action, request)
         if operation == "CreateHyperParameterTuningJob":
             self._best_trial(boto3.client("sagemaker", region_name=REGION), request)
-        if outcome.status == "Completed" and operation == "CreateTrainingJob":
+        # A job the .sync task returns (Completed, or Stopped where the task does not fail) left its outputs.
+        if not outcome.fails_task and not outcome.timed_out and operation == "CreateTrainingJob":
             described = boto3.client("sagemaker", region_name=REGION).describe_training_job(
                 TrainingJobName=request["TrainingJobName"])
-            write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics)
+            write_job_outputs(described["ModelArtifacts"]["S3ModelArtifacts"], outcome.metrics,
+                              serving_code=outcome.serving_code, health=outcome.health)
         if outcome.status == "Completed" and operation == "CreateTransformJob":
             write_transform_outputs(request, outcome.answer)
         return outcome
@@ -71,8 +78,10 @@ class ScriptedSageMaker(SageMakerBridge):
         }
 
 
-def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
-    """A finished job's model.tar.gz and, beside it, output.tar.gz holding the trainer's metrics.json."""
+def write_job_outputs(model_artifact: str, metrics: dict[str, float], *, serving_code: bool = True,
+                      health: dict[str, Any] | None = None) -> None:
+    """A finished job's model.tar.gz (with the serving entry point ml/train.py writes, unless told otherwise)
+    and, beside it, output.tar.gz holding the trainer's metrics.json."""
     bucket, key = model_artifact.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", region_name=REGION)
 
@@ -85,9 +94,11 @@ def write_job_outputs(model_artifact: str, metrics: dict[str, float]) -> None:
                 tar.addfile(info, io.BytesIO(body))
         return buffer.getvalue()
 
-    s3.put_object(Bucket=bucket, Key=key, Body=tarball({"model.pt": b"weights"}))
+    code = {"code/inference.py": b"from ml.inference import input_fn, model_fn, output_fn, predict_fn\n"}
+    s3.put_object(Bucket=bucket, Key=key, Body=tarball({"model.pt": b"weights", **(code if serving_code else {})}))
     s3.put_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/output.tar.gz",
-                  Body=tarball({"metrics.json": json.dumps(metrics).encode()}))
+                  Body=tarball({"metrics.json": json.dumps(metrics).encode(),
+                                **({"health.json": json.dumps(health).encode()} if health else {})}))
 
 
 def write_transform_outputs(request: dict[str, Any], answer: Callable[[str], Any]) -> None:

@@ -162,3 +162,22 @@ def test_a_moto_server_in_this_process_runs_executions_once_enable_interpreter_p
         default_user_config["stepfunctions"] = saved
     assert execution.status == "SUCCEEDED", execution.cause
     assert execution.output["TableNames"] == ["probe"]  # the SDK task reached this server
+
+
+def test_items_are_batched_as_the_item_batcher_batches_them() -> None:
+    items = [{"image_id": f"{i:05d}"} for i in range(7)]
+    assert [len(b["Items"]) for b in offline.batches_of(items, {"MaxItemsPerBatch": 3})] == [3, 3, 1]
+    (batch,) = offline.batches_of(items[:2], {"MaxItemsPerBatch": 5, "BatchInput": {"run": "r"}})
+    assert batch == {"BatchInput": {"run": "r"}, "Items": items[:2]}
+    big = [{"pad": "x" * 100_000} for _ in range(5)]
+    assert [len(b["Items"]) for b in offline.batches_of(big, {"MaxItemsPerBatch": 100})] == [2, 2, 1]  # 256 KiB
+
+
+def test_for_moto_takes_the_item_batcher_out_and_records_it_by_map_name() -> None:
+    definition = {"StartAt": "Copy", "States": {"Copy": {
+        "Type": "Map", "End": True, "ItemBatcher": {"MaxItemsPerBatch": 25},
+        "ItemProcessor": {"StartAt": "Work", "States": {"Work": {"Type": "Pass", "End": True}}}}}}
+    rewritten = offline.for_moto(definition)
+    assert "ItemBatcher" not in rewritten["States"]["Copy"]
+    assert "Parameters" not in rewritten["States"]["Copy"]["ItemProcessor"]["States"]["Work"]
+    assert offline.ITEM_BATCHERS["Copy"] == {"MaxItemsPerBatch": 25}
