@@ -14,6 +14,14 @@ from infra.config import default_context
 from infra.stack import InvmonStack
 
 
+def echo_input_check(scope: cdk.Stack) -> Any:
+    """A stand-in for the first state's input check, for tests that compose the pipeline from a few stages."""
+    from aws_cdk import aws_lambda as lambda_
+
+    return lambda_.Function(scope, "Check", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
+                            code=lambda_.Code.from_inline("def handler(event, context):\n    return event\n"))
+
+
 def synth_stack(overrides: dict[str, Any] | None = None) -> InvmonStack:
     app = build_app(cdk.App(context=default_context() | dict(overrides or {})))
     (stack,) = [child for child in app.node.children if isinstance(child, InvmonStack)]

@@ -180,7 +180,8 @@ def test_the_full_run_instance_type_can_also_be_the_deployed_default():
         # No images for that version: the image lookup's 28-line traceback before.
         ({"frameworkVersion": "9.9"}, "frameworkVersion: no PyTorch 9.9 (py311) images in infra/images.json"),
         # A tuning job's trials that cannot all run within a tuning job's 30-day limit.
-        ({"tuningMaxJobs": 100, "tuningMaxParallelJobs": 1}, "tuningMaxJobs: 100 trials, 1 at a time"),
+        ({"tuningMaxJobs": 100, "tuningMaxJobsCap": 100, "tuningMaxParallelJobs": 1},
+         "tuningMaxJobs: 100 trials, 1 at a time"),
     ],
 )
 def test_configuration_that_can_never_work_fails_synth_naming_the_key(overrides, expected):

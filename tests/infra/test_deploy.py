@@ -13,6 +13,7 @@ from infra.config import default_context, settings_from_context
 from infra.deploy import Deploy
 from infra.pipeline import Pipeline, Stage
 from infra.storage import Storage
+from tests.infra.conftest import echo_input_check
 
 
 def build(**overrides):
@@ -23,7 +24,8 @@ def build(**overrides):
     storage = Storage(stack, "Storage", settings=settings)
     deploy = Deploy(stack, "Deploy", settings=settings, data_bucket=storage.data, data_key=storage.key)
     # The stage inside the lead's pipeline, as the stack composes it.
-    Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("deploy", deploy.stage)])
+    Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("deploy", deploy.stage)],
+             input_check=echo_input_check(stack))
     return app, stack, deploy
 
 

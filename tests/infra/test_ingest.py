@@ -9,7 +9,6 @@ from typing import Any
 import aws_cdk as cdk
 import pytest
 from aws_cdk import Aspects
-from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk.assertions import Annotations, Match, Template
@@ -20,7 +19,7 @@ from infra.ingest import Ingest
 from infra.maps import RESULT_WRITER_V2_FLAG
 from infra.storage import Storage
 from lambdas.ingest.worker import ITEM_FROM_PLAN
-from tests.infra.conftest import definition_of
+from tests.infra.conftest import definition_of, echo_input_check
 
 
 def build(overrides: dict[str, Any] | None = None, *, context: dict[str, Any] | None = None):
@@ -231,8 +230,7 @@ def test_stage_runs_inside_the_pipeline_with_its_grants():
     stack = cdk.Stack(app, "PipelineWithIngest")
     storage = Storage(stack, "Storage", settings=settings)
     ingest = Ingest(stack, "Ingest", settings=settings, data_bucket=storage.data, data_key=storage.key)
-    check = lambda_.Function(stack, "Check", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
-                             code=lambda_.Code.from_inline("def handler(event, context):\n    return event\n"))
+    check = echo_input_check(stack)
     Pipeline(stack, "Pipeline", settings=settings, stages=[Stage("ingest", ingest.stage)], input_check=check)
     # No grant call: the map's reader and writer register their S3 and KMS grants themselves.
     template = Template.from_stack(stack)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import aws_cdk as cdk
-from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk.assertions import Template
 from constructs import Construct
 
 from infra.config import load_settings
 from infra.pipeline import Pipeline, Stage
-from tests.infra.conftest import definition_of
+from tests.infra.conftest import definition_of, echo_input_check
 
 
 class _Fragment(sfn.StateMachineFragment):
@@ -33,8 +32,7 @@ class _Fragment(sfn.StateMachineFragment):
 
 def _definition() -> tuple[dict, dict]:
     stack = cdk.Stack(cdk.App())
-    check = lambda_.Function(stack, "Check", runtime=lambda_.Runtime.PYTHON_3_12, handler="index.handler",
-                             code=lambda_.Code.from_inline("def handler(event, context):\n    return event\n"))
+    check = echo_input_check(stack)
     pipeline = Pipeline(
         stack,
         "Pipeline",

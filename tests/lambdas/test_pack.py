@@ -345,7 +345,8 @@ def test_poison_metadata_fails_only_its_own_photo_in_the_packer(s3) -> None:
     ids = [r.image_id for r in split_records(s3, "train")[: len(POISON_METADATA) + 2]]
     for image_id, body in zip(ids, POISON_METADATA.values(), strict=False):
         s3.put_object(Bucket=DATA, Key=layout.raw_keys(image_id)[1], Body=body)
-    output = packer.handler({"runId": RUN, "split": "train", "index": 0, "ids": ids}, CONTEXT)
+    task = {"runId": RUN, "planId": "0123456789abcdef", "split": "train", "index": 0, "ids": ids}
+    output = packer.handler(task, CONTEXT)
     reasons = {f["imageId"]: f["reason"] for f in output["failures"]}
     assert sorted(reasons) == sorted(ids[: len(POISON_METADATA)])
     assert output["photos"] == 2
