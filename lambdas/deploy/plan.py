@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ml import decisions
+
 VARIANT = "AllTraffic"  # blue/green needs the same variant name in the old and the new endpoint config
 PRIMARY_METRIC = "valid_accuracy"
 TIE_METRIC = "valid_rmse"
@@ -89,6 +91,33 @@ def _metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
     return float(value)
 
 
+# The trainer's flat operating-point figures (ml.operating.summary_metrics): a threshold per decision it takes.
+OPERATING_POINT_METRICS = {f"op_{key}": key for key in decisions.THRESHOLD_KEYS}
+DECISIONS_TAKEN_METRIC = "op_decisions_taken"
+
+
+def operating_point_problem(metrics: Mapping[str, Any] | None) -> str | None:
+    """Why the new model's operating point cannot serve, or None: thresholds that are not finite numbers in
+    [0, 1] in a consistent order (the check ``model_fn`` applies at load, ``ml.decisions``), or an operating
+    point that decides nothing (every upload would stay uncounted). A model that reports no operating point is
+    decided by the stack's single threshold, as before operating points existed."""
+    metrics = metrics or {}
+    if not any(name in metrics for name in (*OPERATING_POINT_METRICS, DECISIONS_TAKEN_METRIC)):
+        return None
+    point: dict[str, Any] = {key: metrics.get(name) for name, key in OPERATING_POINT_METRICS.items()}
+    point["not_decided"] = {key: "the trainer reports no threshold for it" for key, value in point.items()
+                            if value is None}
+    try:
+        decisions.check_operating_point(point, where="training metrics op_*")
+    except decisions.OperatingPointError as error:
+        return f"the new model's operating point cannot be served: {error}"
+    if not decisions.decided(point):
+        return ("the new model's operating point decides nothing: no threshold reached its precision target on "
+                "validation, so every upload would stay uncounted (retrain, or lower --count-precision, "
+                "--match-precision, --mismatch-precision)")
+    return None
+
+
 def decide(
     new_metrics: Mapping[str, Any] | None,
     in_service: Mapping[str, Any] | None,
@@ -104,6 +133,10 @@ def decide(
     ``in_service`` is the record the finish step wrote (``{"metrics": {...}, "servingShape": {...}}``), or
     None when no endpoint exists.
     """
+    problem = operating_point_problem(new_metrics)
+    if problem is not None:
+        # Refused even when forced: served, such a model answers every photo and decides none of them.
+        return Decision("skip", [problem])
     new_accuracy = _metric(new_metrics, PRIMARY_METRIC)
     reasons: list[str] = []
     if force:
