@@ -20,7 +20,7 @@ from ml import channel as mlchannel
 from ml import data as mldata
 from ml import decisions, operating
 from ml.model import load_model
-from ml.train import measure_operating_point, write_serving_code
+from ml.train import calibrate_and_measure, measure_operating_point, write_serving_code
 
 
 def prior_from_split(split_file: Path, num_classes: int) -> list[float]:
@@ -42,14 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match-precision", type=float, default=defaults.match_precision)
     parser.add_argument("--mismatch-precision", type=float, default=defaults.mismatch_precision)
     parser.add_argument("--consignment-error-rate", type=float, default=decisions.DEFAULT_ERROR_RATE)
+    parser.add_argument("--uniform-prior", action="store_true",
+                        help="read p(k|x) as a likelihood up to a constant (pi uniform) instead of dividing by the "
+                             "training class shares")
+    parser.add_argument("--logits", type=Path, default=None,
+                        help="the validation photos' saved logits ({'logits', 'quantities'}, torch.save), instead "
+                             "of scoring --validation again")
     args = parser.parse_args(argv)
     _, config = load_model(args.model_dir)
-    valid = mlchannel.load_channel(mldata.resolve_data(args.validation), config.image_size)
     prior = prior_from_split(args.train_prior, config.num_classes) if args.train_prior else None
+    if args.uniform_prior:
+        prior = [round(1 / config.num_classes, 6)] * config.num_classes
     targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
                                 mismatch_precision=args.mismatch_precision,
                                 error_rate=decisions.check_rate(args.consignment_error_rate))
-    point, fitted = measure_operating_point(args.model_dir, valid, torch.device("cpu"), targets, prior)
+    if args.logits is not None:
+        saved = torch.load(args.logits)
+        point, fitted = calibrate_and_measure(args.model_dir, config, saved["logits"], saved["quantities"], targets,
+                                              prior)
+    else:
+        valid = mlchannel.load_channel(mldata.resolve_data(args.validation), config.image_size)
+        point, fitted = measure_operating_point(args.model_dir, valid, torch.device("cpu"), targets, prior)
     write_serving_code(args.model_dir)
     json.dump({"calibration": fitted, "operating_point": point}, sys.stdout, indent=2)
     print()

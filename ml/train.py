@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     # a test holds them equal to ml.operating.Targets.
     p.add_argument("--count-precision", type=Bounded(float, above=0, maximum=1), default=0.8,
                    help="share of counted answers that must be right: sets the model's confidence threshold")
-    p.add_argument("--match-precision", type=Bounded(float, above=0, maximum=1), default=0.99,
+    p.add_argument("--match-precision", type=Bounded(float, above=0, maximum=1), default=0.98,
                    help="share of 'match' consignment decisions that must be right at --consignment-error-rate")
     p.add_argument("--mismatch-precision", type=Bounded(float, above=0, maximum=1), default=0.5,
                    help="share of 'mismatch' consignment decisions (alerts) that must be right at "
@@ -1065,7 +1065,13 @@ def measure_operating_point(model_dir: Path, valid: mldata.CachedImages, device:
     Returns (operating point, calibration report: temperature, ECE and NLL before and after)."""
     network, config = load_model(model_dir, device)
     logits = predict_logits(network, valid.images, config, device, tta=config.tta)
-    covered, truth = class_truth(valid.quantities, config)
+    return calibrate_and_measure(model_dir, config, logits, valid.quantities, targets, prior)
+
+
+def calibrate_and_measure(model_dir: Path, config: ModelConfig, logits: torch.Tensor, quantities: torch.Tensor,
+                          targets: operating.Targets, prior: list[float] | None = None) -> tuple[dict, dict]:
+    """``measure_operating_point`` from the validation photos' logits (as served: the model's ``tta``)."""
+    covered, truth = class_truth(quantities, config)
     logits = logits[covered]
     fitted = calibration.report(logits, truth)
     config.temperature = fitted["temperature"]
