@@ -4,9 +4,12 @@ Prints a JSON report: the headline figures on the count range the product cares 
 accuracy, RMSE, MAE, within-one accuracy, with the argmax over every class and restricted to the range),
 the same over every photo the model's classes cover, per-class precision/recall, the confusion matrix,
 accuracy when answering only the most confident photos (coverage levels), and the decisions the model's own
-operating point takes (counted share, and match / mismatch / abstain on simulated consignments by how far the
-expected count is off). Writes the report and PNG plots (confusion matrix, accuracy-coverage curve, consignment
-checks; training curves where the model dir holds a history) to ``--out``.
+operating point takes: the counted share, and at 1, 5 and 20 % wrong consignments (two wrong-count mixes,
+``ml/operating.py``) the alert precision and recall with 95 % intervals over photos, match precision, the share
+abstained, the share of wrong consignments caught by reviewing the top 5/10/20/30 % by discrepancy probability,
+and the decisions by announced count and by how far it is off; ECE before and after the model's temperature.
+Writes the report and PNG plots (confusion matrix, accuracy-coverage curve, consignment decisions at 5 %, alerts
+and review by rate; training curves where the model dir holds a history) to ``--out``.
 """
 
 from __future__ import annotations
