@@ -131,12 +131,28 @@ def decide(
     better, unless RMSE breaks it with a zero margin).
 
     ``in_service`` is the record the finish step wrote (``{"metrics": {...}, "servingShape": {...}}``), or
-    None when no endpoint exists.
+    None when no endpoint exists. A model whose operating point cannot be served or decides nothing
+    (``operating_point_problem``) is never deployed, forced or not; the cause comes first when it is what kept the
+    model out, after the comparison when that did.
     """
+    decision = _compare(new_metrics, in_service, margin=margin, force=force, serving_shape=serving_shape)
     problem = operating_point_problem(new_metrics)
-    if problem is not None:
+    if problem is None:
+        return decision
+    if decision.deploy:
         # Refused even when forced: served, such a model answers every photo and decides none of them.
-        return Decision("skip", [problem])
+        return Decision("skip", [problem, *decision.reasons])
+    return Decision("skip", [*decision.reasons, problem])
+
+
+def _compare(
+    new_metrics: Mapping[str, Any] | None,
+    in_service: Mapping[str, Any] | None,
+    *,
+    margin: float,
+    force: bool = False,
+    serving_shape: Mapping[str, Any] | None = None,
+) -> Decision:
     new_accuracy = _metric(new_metrics, PRIMARY_METRIC)
     reasons: list[str] = []
     if force:

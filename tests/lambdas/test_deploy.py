@@ -275,8 +275,11 @@ def test_gate_refuses_thresholds_that_cannot_be_served_naming_the_key(case):
     name, value, says = BROKEN_AT_THE_GATE[case]
     result = plan.decide(GOOD_POINT | {name: value}, None, margin=0.0, force=True)
     assert result.decision == "skip"
-    (reason,) = result.reasons
+    reason = result.reasons[0]
     assert name.removeprefix("op_") in reason and says in reason
+    # A model the comparison keeps out anyway says so first, and the cause after.
+    worse = plan.decide(GOOD_POINT | {name: value}, {"metrics": {"valid_accuracy": 0.5}}, margin=0.0)
+    assert worse.reasons[0].startswith("valid_accuracy") and says in worse.reasons[-1]
 
 
 def test_gate_refuses_a_model_that_decides_nothing_even_when_forced():
