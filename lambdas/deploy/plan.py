@@ -135,7 +135,7 @@ def decide(
     (``operating_point_problem``) is never deployed, forced or not; the cause comes first when it is what kept the
     model out, after the comparison when that did.
     """
-    decision = _compare(new_metrics, in_service, margin=margin, force=force, serving_shape=serving_shape)
+    decision = _compare(new_metrics, in_service, margin, force, serving_shape)
     problem = operating_point_problem(new_metrics)
     if problem is None:
         return decision
@@ -145,14 +145,9 @@ def decide(
     return Decision("skip", [*decision.reasons, problem])
 
 
-def _compare(
-    new_metrics: Mapping[str, Any] | None,
-    in_service: Mapping[str, Any] | None,
-    *,
-    margin: float,
-    force: bool = False,
-    serving_shape: Mapping[str, Any] | None = None,
-) -> Decision:
+def _compare(new_metrics: Mapping[str, Any] | None, in_service: Mapping[str, Any] | None, margin: float,
+             force: bool, serving_shape: Mapping[str, Any] | None) -> Decision:
+    """``decide`` on the metrics alone."""
     new_accuracy = _metric(new_metrics, PRIMARY_METRIC)
     reasons: list[str] = []
     if force:
