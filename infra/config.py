@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ml.decisions import ERROR_RATE_RANGE
+
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 # The data bucket's prefixes that the pipeline writes (infra/storage.py names each; a test keeps the two equal,
 # because importing infra.storage here would start the CDK's runtime for every tool that reads settings).
@@ -377,6 +379,8 @@ class Settings:
     # "model": apply the operating point each answer carries; a number overrides it with one threshold.
     count_confidence_threshold: float | str
     count_max_image_bytes: int
+    # share of consignments whose expected count is wrong: the prior of each record's discrepancyProbability
+    consignment_error_rate: float
     # notebooks (optional SageMaker Studio domain, infra/studio.py)
     studio_domain: bool
     studio_can_start_pipeline: bool
@@ -457,6 +461,8 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
+    # share of wrong consignments, 0.001-0.5 (ml.decisions.ERROR_RATE_RANGE): the posterior's prior
+    "consignment_error_rate": ("consignmentErrorRate", _float(*ERROR_RATE_RANGE)),
     "studio_domain": ("studioDomain", _bool),
     # Whether the Studio user may start the pipeline (states:StartExecution); it may always follow it.
     "studio_can_start_pipeline": ("studioCanStartPipeline", _bool),

@@ -34,6 +34,7 @@ _ASSET_EXCLUDE = [
     "!ml/__init__.py",
     "!ml/abid.py",
     "!ml/shards.py",
+    "!ml/decisions.py",
     *(f"!{path}" for path in TRAINER_SOURCES),
     ".*",
     "**/.*",

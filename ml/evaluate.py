@@ -4,9 +4,12 @@ Prints a JSON report: the headline figures on the count range the product cares 
 accuracy, RMSE, MAE, within-one accuracy, with the argmax over every class and restricted to the range),
 the same over every photo the model's classes cover, per-class precision/recall, the confusion matrix,
 accuracy when answering only the most confident photos (coverage levels), and the decisions the model's own
-operating point takes (counted share, and match / mismatch / abstain on simulated consignments by how far the
-expected count is off). Writes the report and PNG plots (confusion matrix, accuracy-coverage curve, consignment
-checks; training curves where the model dir holds a history) to ``--out``.
+operating point takes: the counted share, and at 1, 5 and 20 % wrong consignments (two wrong-count mixes,
+``ml/operating.py``) the alert precision and recall with 95 % intervals over photos, match precision, the share
+abstained, the share of wrong consignments caught by reviewing the top 5/10/20/30 % by discrepancy probability,
+and the decisions by announced count and by how far it is off; ECE before and after the model's temperature.
+Writes the report and PNG plots (confusion matrix, accuracy-coverage curve, consignment decisions at 5 %, alerts
+and review by rate; training curves where the model dir holds a history) to ``--out``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ml import calibration, operating, plots
 from ml import channel as mlchannel
 from ml import data as mldata
-from ml import operating, plots
 from ml.model import load_model
 from ml.train import class_truth, count_metrics, predict_logits
 
@@ -75,8 +78,21 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
     started = time.time()
     cached = mlchannel.load_channel(data_dir, config.image_size)
     logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
-    probabilities = logits.softmax(1)
-    quantities = cached.quantities
+    report = score(config, logits, cached.quantities, eval_range=eval_range)
+    report = {"model_dir": str(model_dir), "data": str(data_dir), "model": config.model_id or config.model_name,
+              "tta": tta, "images": len(cached.records),
+              "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected]} | report
+    report["seconds"] = round(time.time() - started, 1)
+    if out is not None:
+        write(report, out, config, name=Path(data_dir).name, history_file=Path(model_dir) / "history.json")
+    return report
+
+
+def score(config, logits: torch.Tensor, quantities: torch.Tensor, *, eval_range: tuple[int, int] = (1, 5),
+          rates=operating.REPORT_RATES, bootstrap: int = 200) -> dict:
+    """The report's figures from a model's logits (or log-probabilities) and the photos' true counts: served
+    probabilities are the calibrated ones (the model's temperature)."""
+    probabilities = calibration.calibrated(logits, config.temperature)
     classes = config.classes
     overflow_class = classes[-1] if config.overflow else None
 
@@ -92,12 +108,6 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
     restricted_pred = restricted.argmax(1) + lo
 
     report = {
-        "model_dir": str(model_dir),
-        "data": str(data_dir),
-        "model": config.model_id or config.model_name,
-        "tta": tta,
-        "images": len(cached.records),
-        "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected],
         "headline_range": [lo, hi],
         "headline": count_metrics(pred_in, truth_in),
         "headline_restricted": count_metrics(restricted_pred, truth_in),
@@ -108,30 +118,39 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
         "confusion_matrix": confusion(pred_full, truth_full, classes),
         "coverage": coverage(confidence_in, pred_in == truth_in),
         "coverage_full_range": coverage(confidence_full, pred_full == truth_full),
-        "seconds": round(time.time() - started, 1),
+        "calibration": {"temperature": config.temperature,
+                        "ece_uncalibrated": round(calibration.ece(logits[covered].softmax(-1), truth_full), 6),
+                        "ece_served": round(calibration.ece(probabilities[covered], truth_full), 6)},
     }
     # The decisions the count Lambda would take with this model's own operating point (measured on its
     # validation split when it was trained); a model without one is measured here, and the report says so.
     point = config.operating_point or operating.operating_point(probabilities[covered], truth_full,
                                                                 (confidence_full, pred_full))
     report["operating_point"] = operating.apply(point, probabilities[covered], truth_full,
-                                                (confidence_full, pred_full))
+                                                (confidence_full, pred_full), rates=rates, bootstrap=bootstrap)
     report["operating_point"]["source"] = "model config" if config.operating_point else "measured on these photos"
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-        plots.confusion_png(report["confusion_matrix"], classes, out / "confusion.png",
-                            overflow_class=overflow_class, title=f"{data_dir.name}: confusion matrix")
-        applied = report["operating_point"]
-        plots.coverage_png(applied["accuracy_coverage"], out / "coverage.png",
-                           threshold_coverage=applied["count"]["coverage"],
-                           title=f"{data_dir.name}: accuracy of the answers given, by share answered")
-        plots.consignment_png(applied["consignment"], out / "consignment.png",
-                              title=f"{data_dir.name}: consignment checks at the model's thresholds")
-        history_file = Path(model_dir) / "history.json"
-        if history_file.exists():
-            plots.curves_png(json.loads(history_file.read_text()), out / "curves.png")
     return report
+
+
+def write(report: dict, out: Path, config, *, name: str, history_file: Path | None = None) -> None:
+    """evaluation.json and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    n = sum(map(sum, report["confusion_matrix"]))
+    plots.confusion_png(report["confusion_matrix"], report["classes"], out / "confusion.png",
+                        overflow_class=report["overflow_class"], title=f"{name}: confusion matrix ({n} photos)")
+    applied = report["operating_point"]
+    plots.coverage_png(applied["accuracy_coverage"], out / "coverage.png",
+                       threshold_coverage=applied["count"]["coverage"],
+                       title=f"{name}: accuracy by share answered ({n} photos)")
+    by_rate = applied["consignment"]["prior"]
+    five = by_rate.get("0.05") or next(iter(by_rate.values()))
+    plots.consignment_png(five, out / "consignment.png",
+                          title=f"{name}: consignment decisions at a 5 % error rate ({n} photos, every count)")
+    plots.rates_png(applied["consignment"], out / "decisions.png",
+                    title=f"{name}: alerts and review at the model's thresholds ({n} photos)")
+    if history_file is not None and history_file.exists():
+        plots.curves_png(json.loads(history_file.read_text()), out / "curves.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,6 +206,9 @@ class ModelConfig:
     # model trained before they existed. Serving passes them on with every answer, so the count Lambda applies
     # the operating point of the model that answered, with no redeploy when a new model lands.
     operating_point: dict = field(default_factory=dict)
+    # Temperature scaling fitted on validation at the end of training (ml/calibration.py): served probabilities
+    # are softmax(logits / temperature). 1.0 for a model trained before calibration.
+    temperature: float = 1.0
 
     @property
     def classes(self) -> list[int]:

@@ -38,19 +38,24 @@ def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[int], path:
 
 
 def curves_png(history: Sequence[dict], path: Path) -> Path:
-    """Train loss and validation accuracy/RMSE per epoch, from the training job's history.json."""
+    """Train loss, validation accuracy and validation RMSE per epoch, each on its own axes (one is a share, one
+    a count error), from the training job's history.json."""
     epochs = [h["epoch"] for h in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    left.set_xlabel("epoch")
-    left.set_title("training loss")
-    left.legend()
-    for key, label in (("valid_accuracy", "accuracy"), ("valid_rmse", "RMSE"), ("valid_within1", "within one")):
-        if all(key in h for h in history):
-            right.plot(epochs, [h[key] for h in history], marker="o", label=label)
-    right.set_xlabel("epoch")
-    right.set_title("validation (headline count range)")
-    right.legend()
+    n = next((int(h["valid_n"]) for h in history if "valid_n" in h), None)
+    photos = f" ({n} photos)" if n else ""
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    panels = ((("train_loss", "train loss"), ("valid_loss", "validation loss")),
+              (("valid_accuracy", "accuracy"), ("valid_within1", "within one")),
+              (("valid_rmse", "RMSE"), ("valid_mae", "MAE")))
+    titles = ("loss", f"validation accuracy, headline range{photos}", f"validation count error{photos}")
+    for axis, panel, title in zip(axes, panels, titles, strict=True):
+        for key, label in panel:
+            if history and all(key in h for h in history):
+                axis.plot(epochs, [h[key] for h in history], marker="o", label=label)
+        axis.set_xlabel("epoch")
+        axis.set_title(title, fontsize=10)
+        if axis.get_lines():  # a legend only for the lines drawn
+            axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -91,6 +96,43 @@ def consignment_png(table: dict, path: Path, *, title: str = "Consignment checks
     axis.set_ylim(0, 1)
     axis.legend(loc="upper left", fontsize=8)
     axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def rates_png(by_mix: dict, path: Path, *, title: str = "Decisions at real discrepancy rates") -> Path:
+    """Left: alert (mismatch) precision and recall at each error rate, at the model's thresholds. Right: share
+    of the wrong consignments caught when reviewing the top share of photos by discrepancy probability. Solid
+    lines: wrong counts distributed as bins are (the posterior's model); dashed: half off by one."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"prior": "-", "near": "--"}
+    for mix, by_rate in by_mix.items():
+        rates = [float(r) for r in by_rate]
+        for key, colour in (("precision", "tab:red"), ("recall", "tab:blue")):
+            values = [row["mismatch"][key] for row in by_rate.values()]
+            if any(v is not None for v in values):
+                left.plot([100 * r for r in rates], [v if v is not None else float("nan") for v in values],
+                          styles.get(mix, "-"), marker="o", color=colour, label=f"alert {key} ({mix})")
+        for (rate, row), colour in zip(by_rate.items(), ("tab:green", "tab:orange", "tab:purple", "tab:grey"),
+                                       strict=False):
+            curve = row["review_top"]
+            right.plot([100 * c["reviewed"] for c in curve], [c["wrong_caught"] for c in curve], styles.get(mix, "-"),
+                       marker="o", color=colour, label=f"{100 * float(rate):g} % wrong ({mix})")
+    left.set_xscale("log")
+    left.set_xlabel("share of wrong consignments (%)")
+    left.set_ylabel("share")
+    left.set_ylim(0, 1)
+    left.set_title("alerts at the model's thresholds", fontsize=10)
+    right.set_xlabel("photos reviewed, most likely wrong first (%)")
+    right.set_ylabel("share of wrong consignments caught")
+    right.set_ylim(0, 1)
+    right.set_title("review by discrepancyProbability", fontsize=10)
+    for axis in (left, right):
+        if axis.get_lines():
+            axis.legend(fontsize=7)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -58,9 +58,9 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
+from ml import calibration, operating
 from ml import channel as mlchannel
 from ml import data as mldata
-from ml import operating
 from ml.health import TrainingMonitor
 from ml.model import CONFIG_FILE, LITE_SCALING, ModelConfig, build_model, load_model, low_blocks, save_model
 from ml.pretrained import TRAINER_NETWORK, pick_weights
@@ -69,7 +69,9 @@ from ml.profiling import StepProbe
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
-CODE_FILES = ("inference.py", "model.py", "data.py", "abid.py")
+# The figures an epoch line shows: what a person follows during a run (every figure is in history.json).
+EPOCH_LINE = ("epoch", "train_loss", "valid_loss", "valid_accuracy", "valid_rmse", "valid_mae", "lr", "seconds")
+CODE_FILES = ("inference.py", "model.py", "data.py", "abid.py", "decisions.py", "calibration.py")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -180,10 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     # a test holds them equal to ml.operating.Targets.
     p.add_argument("--count-precision", type=Bounded(float, above=0, maximum=1), default=0.8,
                    help="share of counted answers that must be right: sets the model's confidence threshold")
-    p.add_argument("--match-precision", type=Bounded(float, above=0, maximum=1), default=0.9,
-                   help="share of 'match' consignment decisions that must be right")
-    p.add_argument("--mismatch-precision", type=Bounded(float, above=0, maximum=1), default=0.9,
-                   help="share of 'mismatch' consignment decisions that must be right")
+    p.add_argument("--match-precision", type=Bounded(float, above=0, maximum=1), default=0.98,
+                   help="share of 'match' consignment decisions that must be right at --consignment-error-rate")
+    p.add_argument("--mismatch-precision", type=Bounded(float, above=0, maximum=1), default=0.5,
+                   help="share of 'mismatch' consignment decisions (alerts) that must be right at "
+                        "--consignment-error-rate")
+    p.add_argument("--consignment-error-rate", type=Bounded(float, 0.001, 0.5), default=0.05,
+                   help="share of wrong consignments the thresholds are chosen for (the stack's "
+                        "consignmentErrorRate; ml/decisions.py)")
     # Reading the data (ml/channel.py). Literal choices: the prepare Lambda compiles this parser without torch.
     p.add_argument("--data-mode", default="auto", choices=("auto", "memory", "stream"),
                    help="memory: decode every training photo once and keep them (on the GPU when there is one); "
@@ -827,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in rejected:
         log(f"rejected {item.image_id}: {item.reason}", flush=True)
     workers = loader_workers(args.workers, device)
+    train_prior = None  # the training photos' class shares, where they are all at hand (memory mode)
     if mode == "memory":
         t0 = time.time()
         train = mlchannel.load_parts(parts, args.image_size, selection, progress=rank == 0)
@@ -839,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("no usable training images")
         targets = (targets_for(train.quantities, args.max_count, args.overflow),
                    product_targets(train.records, args.max_count))
+        train_prior = operating.class_prior(targets[0], config.num_classes)
         if device.type == "cuda":
             # The decoded photos live on the GPU (12,000 photos are 1.8 GB): each step then gathers, normalises and
             # augments its batch there instead of copying it over from the host and waiting for it.
@@ -977,8 +985,11 @@ def main(argv: list[str] | None = None) -> int:
         state["monitor"].end_epoch(history)
         state["epoch"], state["step"] = epoch + 1, 0
         if rank == 0:
-            print("; ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                            if not k.endswith("_n")) + ";", flush=True)
+            # The line a person reads (and SageMaker's metric definitions scrape); the rest on a detail line.
+            print("; ".join(f"{k}={record[k]:.4f}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                            for k in EPOCH_LINE if k in record) + ";", flush=True)
+            print("epoch detail: " + json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                                 for k, v in record.items() if k not in EPOCH_LINE}), flush=True)
             # The kept epoch has the lowest validation cross-entropy over every photo: a proper score of the
             # whole class range, steadier on 900 photos than an accuracy (which, on the first run, preferred an
             # epoch that was worse by loss, restricted accuracy, RMSE and full-range accuracy). Without
@@ -1028,8 +1039,15 @@ def main(argv: list[str] | None = None) -> int:
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("hosts",)},
         }
         if valid is not None and len(valid.records):
-            point = measure_operating_point(model_dir, valid, device, args)
+            targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
+                                        mismatch_precision=args.mismatch_precision,
+                                        error_rate=args.consignment_error_rate)
+            point, fitted = measure_operating_point(model_dir, valid, device, targets, train_prior)
             final["operating_point"] = operating.summary_metrics(point)
+            final["calibration"] = fitted
+            # Flat as well: the training report (lambdas/training/report.py) and the deploy gate read top-level
+            # numbers.
+            final |= final["operating_point"] | {k: v for k, v in fitted.items() if k != "photos"}
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
         (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
@@ -1046,19 +1064,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_operating_point(model_dir: Path, valid: mldata.CachedImages, device: torch.device,
-                            args: argparse.Namespace) -> dict:
-    """Measure the saved model's decision thresholds on the validation photos and write them into its config.
+                            targets: operating.Targets, prior: list[float] | None = None) -> tuple[dict, dict]:
+    """Calibrate the saved model on the validation photos (temperature scaling, ``ml/calibration.py``), then
+    measure its decision thresholds on the calibrated probabilities, and write both into its config.
 
-    The saved weights, not the ones in memory, are measured: they are what serves (the kept epoch, in fp16)."""
+    The saved weights, not the ones in memory, are measured: they are what serves (the kept epoch, in fp16).
+    Returns (operating point, calibration report: temperature, ECE and NLL before and after)."""
     network, config = load_model(model_dir, device)
-    probabilities = predict_logits(network, valid.images, config, device, tta=config.tta).softmax(1)
-    covered, truth = class_truth(valid.quantities, config)
-    probabilities = probabilities[covered]
-    targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
-                                mismatch_precision=args.mismatch_precision)
-    config.operating_point = operating.operating_point(probabilities, truth, config.answer(probabilities), targets)
+    logits = predict_logits(network, valid.images, config, device, tta=config.tta)
+    return calibrate_and_measure(model_dir, config, logits, valid.quantities, targets, prior)
+
+
+def calibrate_and_measure(model_dir: Path, config: ModelConfig, logits: torch.Tensor, quantities: torch.Tensor,
+                          targets: operating.Targets, prior: list[float] | None = None) -> tuple[dict, dict]:
+    """``measure_operating_point`` from the validation photos' logits (as served: the model's ``tta``)."""
+    covered, truth = class_truth(quantities, config)
+    logits = logits[covered]
+    fitted = calibration.report(logits, truth)
+    config.temperature = fitted["temperature"]
+    probabilities = calibration.calibrated(logits, config.temperature)
+    config.operating_point = operating.operating_point(probabilities, truth, config.answer(probabilities), targets,
+                                                       prior=prior)
+    config.metrics = dict(config.metrics) | {"calibration": fitted}
     (Path(model_dir) / CONFIG_FILE).write_text(config.to_json() + "\n")
-    return config.operating_point
+    return config.operating_point, fitted
 
 
 def _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best) -> None:

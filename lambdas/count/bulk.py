@@ -134,8 +134,8 @@ def plan(s3: Any, sagemaker: Any, table: Any, *, bucket: str, prefix: str, job_n
     }
 
 
-def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: float | None, page: int = PAGE
-         ) -> dict[str, Any]:
+def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: float | None, page: int = PAGE,
+         error_rate: float = rec.decisions.DEFAULT_ERROR_RATE) -> dict[str, Any]:
     bucket, base = job["Bucket"], job["Base"]
     inputs = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}inputs.json")["Body"].read())
     chunk = inputs[index : index + page]
@@ -161,7 +161,7 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
                 bucket=bucket, key=entry["key"], version_id=entry.get("versionId"), size=entry["size"],
                 prediction=prediction, rejection=None, expected=entry.get("expected"),
                 expected_from=entry.get("expectedFrom"), threshold=threshold, counted_at=_now(),
-                source=f"bulk:{job['TransformJobName']}", notes=entry.get("notes")))
+                source=f"bulk:{job['TransformJobName']}", notes=entry.get("notes"), error_rate=error_rate))
             loaded += 1
     report = {"index": index, "loaded": loaded, "unanswered": unanswered, "broken": broken}
     s3.put_object(Bucket=bucket, Key=f"{base}load-{index:07d}.json", Body=json.dumps(report).encode())
@@ -212,6 +212,7 @@ def plan_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any
 def load_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     s3, _, table = clients()
     result = load(s3, table, job=event["job"], index=int(event["cursor"]["index"]),
-                  threshold=rec.parse_threshold(os.environ["CONFIDENCE_THRESHOLD"]))
+                  threshold=rec.parse_threshold(os.environ["CONFIDENCE_THRESHOLD"]),
+                  error_rate=rec.parse_error_rate(os.environ.get("CONSIGNMENT_ERROR_RATE")))
     logger.info("bulk results loaded", extra=result)
     return result

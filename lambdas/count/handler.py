@@ -96,6 +96,7 @@ class Services:
         self.table = boto3.resource("dynamodb", region_name=region).Table(os.environ["COUNTS_TABLE"])
         self.endpoint_name = os.environ["ENDPOINT_NAME"]
         self.threshold = rec.parse_threshold(os.environ.get("CONFIDENCE_THRESHOLD", "model"))
+        self.error_rate = rec.parse_error_rate(os.environ.get("CONSIGNMENT_ERROR_RATE"))
         # A serverless endpoint takes at most 4 MB per request (the default mode; infra checks the setting).
         self.max_bytes = int(os.environ.get("MAX_IMAGE_BYTES", str(4_000_000)))
         self.incoming_prefix = os.environ.get("INCOMING_PREFIX", "incoming/")
@@ -264,6 +265,7 @@ def count_photo(ref: ObjectRef, svc: Services) -> dict[str, Any]:
         counted_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         source="event",
         notes=notes,
+        error_rate=svc.error_rate,
     )
     svc.table.put_item(Item=item)
     if item["status"] in rec.NOTIFY_STATUSES:

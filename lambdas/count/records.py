@@ -10,7 +10,9 @@ Table design (one table, single-table style; every item has ``pk`` and ``sk``)::
                       status, count, confidence, classes, probabilities, model, countedAt, expectedCount,
                       expectedFrom, reason, rejectReason, bucket, key, versionId, size, source, notes,
                       decidedBy ("model": the answering model's operating point; "config": the stack's
-                      threshold), thresholds (the ones applied)
+                      threshold), thresholds (the ones applied), discrepancyProbability (the posterior that
+                      the consignment is wrong, ml.decisions; on every record with a prediction and an
+                      expected count)
     consignment       pk = "consignment#<object key>"  sk = "consignment"      expectedCount
                       pk = "consignment#bin#<bin id>"  sk = "consignment"      expectedCount
 
@@ -24,12 +26,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Annotated, Any
 
 from aws_lambda_powertools.utilities.parser import ValidationError, parse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from ml import decisions
 
 # Statuses a count record can have. "counted" is a confident count with nothing to compare it with.
 MATCH = "match"
@@ -193,13 +197,37 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class OperatingPoint(BaseModel):
-    """The decision thresholds measured for the answering model (``ModelConfig.operating_point``)."""
+    """The decision thresholds measured for the answering model (``ModelConfig.operating_point``): the posterior
+    rule of ``ml.decisions`` (thresholds on the discrepancy probability, ``null`` with a reason for a decision the
+    model never takes, its class prior and the error rate they were chosen at), or a model's from before it
+    (thresholds on the probability of the expected count)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    count_threshold: Probability
-    match_threshold: Probability
-    mismatch_threshold: Probability
+    count_threshold: Probability | None = None
+    match_max_discrepancy: Probability | None = None
+    mismatch_min_discrepancy: Probability | None = None
+    class_prior: list[Probability] | None = None
+    consignment_error_rate: Probability | None = None
+    not_decided: dict[str, str] | None = None
+    match_threshold: Probability | None = None
+    mismatch_threshold: Probability | None = None
+
+    @property
+    def posterior_rule(self) -> bool:
+        return self.match_threshold is None and self.mismatch_threshold is None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checked(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and ("match_threshold" in data or "mismatch_threshold" in data):
+            for key in ("count_threshold", "match_threshold", "mismatch_threshold"):
+                if data.get(key) is None:
+                    raise ValueError(f"operating_point.{key} is missing")
+            return data
+        # The same check as the model's load (ml/inference.py model_fn): one source of truth.
+        decisions.check_operating_point(data)
+        return data
 
 
 class Prediction(BaseModel):
@@ -240,12 +268,33 @@ def read_prediction(answer: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Decision:
     """A record's status, which rule set it (``model``: the answer's operating point; ``config``: the stack's
-    single threshold), the thresholds that rule used, and why a count was not trusted."""
+    single threshold), the thresholds that rule used, why a count was not trusted, and the posterior probability
+    that the consignment is wrong (``ml.decisions``; None without an expected count)."""
 
     status: str
     decided_by: str | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+    discrepancy: float | None = None
+
+
+def parse_error_rate(text: str | None) -> float:
+    """The ``CONSIGNMENT_ERROR_RATE`` setting (the stack's ``consignmentErrorRate``); the default when unset."""
+    if text is None or not text.strip():
+        return decisions.DEFAULT_ERROR_RATE
+    try:
+        value = float(text)
+    except ValueError:
+        value = text  # type: ignore[assignment]
+    return decisions.check_rate(value, "CONSIGNMENT_ERROR_RATE")
+
+
+def discrepancy_probability(prediction: Mapping[str, Any], expected: int, rate: float) -> float:
+    """The posterior that the consignment is wrong, from the answer's calibrated probabilities and the class
+    prior its operating point carries (uniform for a model that carries none)."""
+    point = prediction.get("operating_point") or {}
+    return decisions.for_answer(prediction["classes"], prediction["probabilities"], prediction.get("overflow_class"),
+                                expected, point.get("class_prior"), rate)
 
 
 MODEL_RULE = "model"
@@ -294,6 +343,30 @@ def _by_operating_point(prediction: Mapping[str, Any], expected: int | None, poi
                     "thresholds")
 
 
+def _by_posterior(prediction: Mapping[str, Any], expected: int | None, point: Mapping[str, Any],
+                  rate: float) -> Decision:
+    thresholds = {name: float(point[name]) for name in decisions.THRESHOLD_KEYS if point.get(name) is not None}
+    never = point.get("not_decided") or {}
+    if expected is None:
+        if decisions.COUNT_KEY not in thresholds:
+            return Decision(LOW_CONFIDENCE, MODEL_RULE, thresholds,
+                            f"the model never counts without an expected count: {never.get(decisions.COUNT_KEY)}")
+        if prediction["confidence"] >= thresholds[decisions.COUNT_KEY]:
+            return Decision(COUNTED, MODEL_RULE, thresholds)
+        return Decision(LOW_CONFIDENCE, MODEL_RULE, thresholds,
+                        f"confidence {prediction['confidence']:.3f} is below the model's count threshold "
+                        f"{thresholds[decisions.COUNT_KEY]:.3f}")
+    q = discrepancy_probability(prediction, expected, rate)
+    status = decisions.decide(q, point)
+    if status is not None:
+        return Decision(status, MODEL_RULE, thresholds, discrepancy=q)
+    bounds = [f"{name} {thresholds[key]:.3f}" if key in thresholds else f"no {name} ({never.get(key)})"
+              for key, name in ((decisions.MATCH_KEY, "match below"), (decisions.MISMATCH_KEY, "mismatch above"))]
+    return Decision(LOW_CONFIDENCE, MODEL_RULE, thresholds,
+                    f"probability {q:.3f} that the consignment of {expected} is wrong (error rate {rate:g}) is "
+                    f"not decided by the model's thresholds: {'; '.join(bounds)}", discrepancy=q)
+
+
 def _by_threshold(prediction: Mapping[str, Any], expected: int | None, threshold: float) -> Decision:
     decided = {"threshold": threshold}
     low = Decision(LOW_CONFIDENCE, CONFIG_RULE, decided,
@@ -318,15 +391,23 @@ def decide(
     rejection: Rejection | None,
     expected: int | None,
     threshold: float | None,
+    error_rate: float = decisions.DEFAULT_ERROR_RATE,
 ) -> Decision:
     """The record's status. ``threshold`` None applies the answer's operating point (``DEFAULT_THRESHOLD``
-    with the single-threshold rule when the answer has none); a number overrides with that rule."""
+    with the single-threshold rule when the answer has none); a number overrides with that rule. Whatever the
+    rule, a photo with an expected count gets the posterior that its consignment is wrong at ``error_rate``."""
     if rejection is not None or prediction is None:
         return Decision(REJECTED)
     point = prediction.get("operating_point")
+    if threshold is None and point and "match_threshold" not in point:
+        return _by_posterior(prediction, expected, point, error_rate)
     if threshold is None and point:
-        return _by_operating_point(prediction, expected, point)
-    return _by_threshold(prediction, expected, DEFAULT_THRESHOLD if threshold is None else threshold)
+        decision = _by_operating_point(prediction, expected, point)
+    else:
+        decision = _by_threshold(prediction, expected, DEFAULT_THRESHOLD if threshold is None else threshold)
+    if expected is None:
+        return decision
+    return replace(decision, discrepancy=discrepancy_probability(prediction, expected, error_rate))
 
 
 def decide_status(
@@ -357,9 +438,10 @@ def build_record(
     counted_at: str,
     source: str,
     notes: list[str] | None = None,
+    error_rate: float = decisions.DEFAULT_ERROR_RATE,
 ) -> dict[str, Any]:
     """The table item for one photo (DynamoDB-ready: numbers as Decimal, no None values)."""
-    decision = decide(prediction, rejection, expected, threshold)
+    decision = decide(prediction, rejection, expected, threshold, error_rate)
     item: dict[str, Any] = {
         "pk": photo_pk(key),
         "sk": version_sk(version_id),
@@ -384,6 +466,9 @@ def build_record(
         )
         if "overflow_class" in prediction:
             item["overflowClass"] = prediction["overflow_class"]
+    if decision.discrepancy is not None:
+        # The review queue's order (CONTRACTS.md): most likely wrong first.
+        item["discrepancyProbability"] = _decimal(decision.discrepancy)
     if decision.decided_by:
         item["decidedBy"] = decision.decided_by
         item["thresholds"] = {name: _decimal(value) for name, value in decision.thresholds.items()}
@@ -401,7 +486,8 @@ def summary(item: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON-safe digest of a record: what the Lambda logs, returns and publishes."""
     out: dict[str, Any] = {}
     for name in ("bucket", "key", "versionId", "status", "count", "expectedCount", "expectedFrom",
-                 "confidence", "model", "rejectReason", "reason", "countedAt", "overflowClass", "decidedBy"):
+                 "confidence", "model", "rejectReason", "reason", "countedAt", "overflowClass", "decidedBy",
+                 "discrepancyProbability"):
         if name in item:
             value = item[name]
             out[name] = float(value) if isinstance(value, Decimal) else value

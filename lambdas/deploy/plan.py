@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from lambdas.training.request import has_local_storage
+from ml import decisions
 
 VARIANT = "AllTraffic"  # blue/green needs the same variant name in the old and the new endpoint config
 PRIMARY_METRIC = "valid_accuracy"
@@ -93,6 +94,33 @@ def _metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
     return float(value)
 
 
+# The trainer's flat operating-point figures (ml.operating.summary_metrics): a threshold per decision it takes.
+OPERATING_POINT_METRICS = {f"op_{key}": key for key in decisions.THRESHOLD_KEYS}
+DECISIONS_TAKEN_METRIC = "op_decisions_taken"
+
+
+def operating_point_problem(metrics: Mapping[str, Any] | None) -> str | None:
+    """Why the new model's operating point cannot serve, or None: thresholds that are not finite numbers in
+    [0, 1] in a consistent order (the check ``model_fn`` applies at load, ``ml.decisions``), or an operating
+    point that decides nothing (every upload would stay uncounted). A model that reports no operating point is
+    decided by the stack's single threshold, as before operating points existed."""
+    metrics = metrics or {}
+    if not any(name in metrics for name in (*OPERATING_POINT_METRICS, DECISIONS_TAKEN_METRIC)):
+        return None
+    point: dict[str, Any] = {key: metrics.get(name) for name, key in OPERATING_POINT_METRICS.items()}
+    point["not_decided"] = {key: "the trainer reports no threshold for it" for key, value in point.items()
+                            if value is None}
+    try:
+        decisions.check_operating_point(point, where="training metrics op_*")
+    except decisions.OperatingPointError as error:
+        return f"the new model's operating point cannot be served: {error}"
+    if not decisions.decided(point):
+        return ("the new model's operating point decides nothing: no threshold reached its precision target on "
+                "validation, so every upload would stay uncounted (retrain, or lower --count-precision, "
+                "--match-precision, --mismatch-precision)")
+    return None
+
+
 def decide(
     new_metrics: Mapping[str, Any] | None,
     in_service: Mapping[str, Any] | None,
@@ -106,8 +134,23 @@ def decide(
     better, unless RMSE breaks it with a zero margin).
 
     ``in_service`` is the record the finish step wrote (``{"metrics": {...}, "servingShape": {...}}``), or
-    None when no endpoint exists.
+    None when no endpoint exists. A model whose operating point cannot be served or decides nothing
+    (``operating_point_problem``) is never deployed, forced or not; the cause comes first when it is what kept the
+    model out, after the comparison when that did.
     """
+    decision = _compare(new_metrics, in_service, margin, force, serving_shape)
+    problem = operating_point_problem(new_metrics)
+    if problem is None:
+        return decision
+    if decision.deploy:
+        # Refused even when forced: served, such a model answers every photo and decides none of them.
+        return Decision("skip", [problem, *decision.reasons])
+    return Decision("skip", [*decision.reasons, problem])
+
+
+def _compare(new_metrics: Mapping[str, Any] | None, in_service: Mapping[str, Any] | None, margin: float,
+             force: bool, serving_shape: Mapping[str, Any] | None) -> Decision:
+    """``decide`` on the metrics alone."""
     new_accuracy = _metric(new_metrics, PRIMARY_METRIC)
     reasons: list[str] = []
     if force:

@@ -122,6 +122,22 @@ def test_synth_refuses_a_confidence_threshold_that_is_neither(value):
         load_settings({"countConfidenceThreshold": value})
 
 
+def test_the_count_functions_get_the_consignment_error_rate_knob(built):
+    _, _, template = built
+    functions = [f for f in template.find_resources("AWS::Lambda::Function").values()
+                 if "CONFIDENCE_THRESHOLD" in f["Properties"].get("Environment", {}).get("Variables", {})]
+    # The event-driven counter and the bulk loader (both write records with discrepancyProbability).
+    assert len(functions) >= 2
+    assert {f["Properties"]["Environment"]["Variables"]["CONSIGNMENT_ERROR_RATE"] for f in functions} == {"0.05"}
+
+
+@pytest.mark.parametrize("value", [0.0, 0.6, "five", True])
+def test_synth_refuses_a_consignment_error_rate_outside_its_range(value):
+    assert load_settings({"consignmentErrorRate": 0.2}).consignment_error_rate == 0.2
+    with pytest.raises(ConfigError, match="consignmentErrorRate"):
+        load_settings({"consignmentErrorRate": value})
+
+
 def test_lambda_consumes_the_queue_reporting_partial_batch_failures(built):
     stack, count, template = built
     template.has_resource_properties("AWS::Lambda::EventSourceMapping", {

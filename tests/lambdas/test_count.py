@@ -858,3 +858,81 @@ def test_bulk_counts_started_in_the_same_second_get_distinct_transform_job_names
     longest = "p" * 31 + "-prod-counter"  # the longest endpoint name the project/stage knobs allow
     names = {transform_job_name(longest, execution, now) for execution in ("a", "b")}
     assert len(names) == 2 and all(len(n) <= MAX_JOB_NAME and n.startswith(f"{longest}-bulk-") for n in names)
+
+
+# --- the posterior rule (ml.decisions) -------------------------------------------------------------------
+
+PRIOR = [0.1, 0.1, 0.1, 0.1, 0.2, 0.2, 0.2]
+POSTERIOR_POINT = {"count_threshold": 0.6, "match_max_discrepancy": 0.02, "mismatch_min_discrepancy": 0.3,
+                   "class_prior": PRIOR, "consignment_error_rate": 0.05}
+
+
+def _q(p: float, pi: float, r: float = 0.05) -> float:
+    # By hand: wrong = r (1 - p) / (1 - pi), right = (1 - r) p / pi.
+    wrong, right = r * (1 - p) / (1 - pi), (1 - r) * p / pi
+    return wrong / (wrong + right)
+
+
+@pytest.mark.parametrize(("probabilities", "expected", "status", "q"), [
+    ([0.0, 0.02, 0.9, 0.05, 0.03, 0.0, 0.0], 2, rec.MATCH, _q(0.9, 0.1)),             # q = 0.0065 <= 0.02
+    ([0.0, 0.05, 0.9, 0.01, 0.04, 0.0, 0.0], 3, rec.MISMATCH, _q(0.01, 0.1)),         # q = 0.37 >= 0.3
+    ([0.0, 0.05, 0.85, 0.05, 0.05, 0.0, 0.0], 3, rec.LOW_CONFIDENCE, _q(0.05, 0.1)),  # q = 0.10: abstain
+    ([0.0, 0.0, 0.0, 0.0, 0.05, 0.05, 0.9], 9, rec.MATCH, _q(0.9, 0.2)),              # 9 items: p(6+), pi(6+)
+    ([0.0, 0.0, 0.0, 0.0, 0.01, 0.98, 0.01], 9, rec.MISMATCH, _q(0.01, 0.2)),         # q = 0.57
+])
+def test_the_posterior_that_the_consignment_is_wrong_decides_and_is_recorded(probabilities, expected, status, q):
+    decision = rec.decide(answered(probabilities, point=POSTERIOR_POINT), None, expected, None, 0.05)
+    assert (decision.status, decision.decided_by) == (status, rec.MODEL_RULE)
+    assert decision.discrepancy == pytest.approx(q, rel=1e-9)
+
+
+def test_a_decision_the_model_never_takes_abstains_and_says_why():
+    point = POSTERIOR_POINT | {"mismatch_min_discrepancy": None,
+                               "not_decided": {"mismatch_min_discrepancy": "alert precision 50 % unreachable"}}
+    decision = rec.decide(answered([0.0, 0.0, 0.98, 0.01, 0.01, 0.0, 0.0], point=point), None, 3, None, 0.05)
+    assert decision.status == rec.LOW_CONFIDENCE
+    assert "no mismatch above (alert precision 50 % unreachable)" in decision.reason
+    assert decision.discrepancy == pytest.approx(_q(0.01, 0.1))  # 0.37: an alert, were alerts taken
+
+
+def test_every_rule_writes_the_discrepancy_probability_with_an_expected_count(aws, sample_dir, lambda_context,
+                                                                              monkeypatch):
+    monkeypatch.setenv("CONSIGNMENT_ERROR_RATE", "0.2")
+    count.reset()
+    count.services().runtime = FakeEndpoint(
+        lambda body: prediction(2, confidence=0.5) | {"operating_point": POSTERIOR_POINT})
+    checked = upload(aws, "incoming/01046.jpg", photo(sample_dir, "01046"), {"expected-count": "2"})
+    unchecked = upload(aws, "incoming/01062.jpg", photo(sample_dir, "01062"))
+    count.handler(sqs_event(notification(checked), notification(unchecked)), lambda_context)
+    item = record_of(aws, "incoming/01046.jpg", checked["s3"]["object"]["versionId"])
+    # At the stack's rate (0.2), not the one the model's thresholds were chosen at.
+    assert float(item["discrepancyProbability"]) == pytest.approx(_q(0.5, 0.1, 0.2), abs=1e-6)
+    assert "discrepancyProbability" not in record_of(aws, "incoming/01062.jpg", unchecked["s3"]["object"]["versionId"])
+    # The stack's single threshold and an answer without an operating point write it too (uniform prior).
+    for threshold, point in ((0.45, POSTERIOR_POINT), (None, None)):
+        answer = answered([0.0, 0.05, 0.5, 0.4, 0.05, 0.0, 0.0], point=point)
+        decision = rec.decide(answer, None, 3, threshold, 0.05)
+        assert decision.discrepancy == pytest.approx(_q(0.4, 0.1 if point else 1 / 7), rel=1e-9)
+
+
+@pytest.mark.parametrize("text", ["0", "0.9", "five", "nan"])
+def test_an_error_rate_setting_outside_its_range_is_refused(text):
+    with pytest.raises(ValueError, match="CONSIGNMENT_ERROR_RATE"):
+        rec.parse_error_rate(text)
+
+
+BROKEN_POINTS = {
+    "NaN": {"match_max_discrepancy": float("nan")},
+    "infinity": {"mismatch_min_discrepancy": float("inf")},
+    "string": {"count_threshold": "0.6"},
+    "list": {"match_max_discrepancy": [0.02]},
+    "inverted": {"match_max_discrepancy": 0.5},
+    "out of range": {"mismatch_min_discrepancy": 1.3},
+}
+
+
+@pytest.mark.parametrize("change", BROKEN_POINTS.values(), ids=BROKEN_POINTS.keys())
+def test_an_answer_with_thresholds_that_cannot_decide_is_outside_the_contract(change):
+    answer = prediction(3) | {"operating_point": POSTERIOR_POINT | change}
+    with pytest.raises(rec.BadPrediction, match=next(iter(change))):
+        rec.read_prediction(json.loads(json.dumps(answer)))

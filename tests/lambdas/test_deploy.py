@@ -312,3 +312,49 @@ def test_an_expired_lease_is_taken_over_and_its_old_holder_cannot_release_it(loc
     lock.acquire(lock_table, "counter", "arn:second", "second", lease_seconds=600, now=1601)
     assert lock.release(lock_table, "counter", "arn:first")["released"] is False
     assert lock_table.get_item(Key={lock.KEY: "counter"})["Item"]["owner"] == "arn:second"
+
+
+# --- the new model's operating point (ml.decisions) ------------------------------------------------------
+
+GOOD_POINT = {"valid_accuracy": 0.46, "op_count_threshold": 0.74, "op_match_max_discrepancy": 0.02,
+              "op_mismatch_min_discrepancy": 0.32, "op_decisions_taken": 3.0}
+BROKEN_AT_THE_GATE = {
+    "NaN": ("op_match_max_discrepancy", float("nan"), "finite number"),
+    "infinity": ("op_count_threshold", float("inf"), "finite number"),
+    "string": ("op_mismatch_min_discrepancy", "0.3", "finite number"),
+    "list": ("op_count_threshold", [0.7], "finite number"),
+    "inverted": ("op_match_max_discrepancy", 0.5, "must be below"),
+    "out of range": ("op_mismatch_min_discrepancy", 1.2, "in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_AT_THE_GATE)
+def test_gate_refuses_thresholds_that_cannot_be_served_naming_the_key(case):
+    name, value, says = BROKEN_AT_THE_GATE[case]
+    result = plan.decide(GOOD_POINT | {name: value}, None, margin=0.0, force=True)
+    assert result.decision == "skip"
+    reason = result.reasons[0]
+    assert name.removeprefix("op_") in reason and says in reason
+    # A model the comparison keeps out anyway says so first, and the cause after.
+    worse = plan.decide(GOOD_POINT | {name: value}, {"metrics": {"valid_accuracy": 0.5}}, margin=0.0)
+    assert worse.reasons[0].startswith("valid_accuracy") and says in worse.reasons[-1]
+
+
+def test_gate_refuses_a_model_that_decides_nothing_even_when_forced():
+    nothing = {"valid_accuracy": 0.46, "op_decisions_taken": 0.0, "op_count_coverage": 0.0}
+    result = plan.decide(nothing, None, margin=0.0, force=True)
+    assert result.decision == "skip"
+    assert "decides nothing" in result.reasons[0] and "every upload would stay uncounted" in result.reasons[0]
+    # One decision is enough to serve; a model with no operating point at all is judged as before.
+    one = {"valid_accuracy": 0.46, "op_decisions_taken": 1.0, "op_mismatch_min_discrepancy": 0.3}
+    assert plan.decide(one, None, margin=0.0).decision == "deploy"
+    assert plan.decide({"valid_accuracy": 0.46}, None, margin=0.0).decision == "deploy"
+
+
+def test_gate_handler_records_why_a_model_that_decides_nothing_stays_out(aws, monkeypatch, lambda_context):
+    use(monkeypatch, SERVERLESS)
+    candidate = training(0.5)
+    candidate["metrics"] |= {"op_decisions_taken": 0.0}
+    result = gate.handler({"training": candidate, "input": {}, "execution": "run-9"}, lambda_context)
+    assert result["decision"] == "skip"
+    assert "decides nothing" in report(aws, "run-9")["reasons"][0]

@@ -31,15 +31,24 @@ def test_evaluate_cli_prints_the_report_and_writes_plots(tiny_model_dir: Path, s
     assert set(report["per_class"]) == {str(c) for c in range(7)}
     assert report["coverage"][0]["coverage"] == 1.0
     assert report["coverage"][0]["accuracy"] == report["headline"]["accuracy"]
-    for name in ("confusion.png", "curves.png", "coverage.png", "consignment.png", "evaluation.json"):
+    for name in ("confusion.png", "curves.png", "coverage.png", "consignment.png", "decisions.png",
+                 "evaluation.json"):
         assert (tmp_path / name).stat().st_size > 0
-    # The consignment-check table at the model's own operating point (the tiny run measured one).
+    # The consignment tables at the model's own operating point (the tiny run measured one), at 1, 5 and 20 %
+    # wrong consignments, for both wrong-count mixes.
     applied = report["operating_point"]
     assert applied["source"] == "model config"
     config = json.loads((tiny_model_dir / "model-config.json").read_text())
-    assert applied["thresholds"]["match_threshold"] == config["operating_point"]["match_threshold"]
-    assert applied["consignment"]["pairs"] == 3 * 240
-    assert set(applied["consignment"]["by_offset"]) == {"0", "1", "2+"}
+    assert applied["thresholds"]["match_max_discrepancy"] == config["operating_point"]["match_max_discrepancy"]
+    assert report["calibration"]["temperature"] == config["temperature"]
+    for mix in ("prior", "near"):
+        tables = applied["consignment"][mix]
+        assert set(tables) == {"0.01", "0.05", "0.2"}
+        for table in tables.values():
+            assert set(table["by_offset"]) == {"0", "1", "2+"}
+            assert [row["reviewed"] for row in table["review_top"]] == [0.05, 0.1, 0.2, 0.3]
+            assert set(table["by_expected"]) == {str(c) for c in range(7)}
+            assert {"precision", "recall", "share"} <= set(table["mismatch"])
 
 
 def test_a_channel_of_shards_is_scored_exactly_as_the_folder_it_was_packed_from(tiny_model_dir: Path,

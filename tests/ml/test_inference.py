@@ -4,13 +4,14 @@ import base64
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from ml import inference
+from ml import decisions, inference
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +216,11 @@ def test_an_accept_that_lists_json_among_others_is_answered_in_json(model, sampl
     _check_one(_answer(model, sample_photo, "image/jpeg", accept))
 
 
-POINT = {"count_threshold": 0.55, "match_threshold": 0.8, "mismatch_threshold": 0.05}
+POINT = {"count_threshold": 0.55, "match_max_discrepancy": 0.02, "mismatch_min_discrepancy": 0.3,
+         "class_prior": [0.02, 0.08, 0.15, 0.19, 0.16, 0.12, 0.28], "consignment_error_rate": 0.05}
 
 
-def test_an_answer_carries_the_models_operating_point_and_only_its_three_thresholds() -> None:
+def test_an_answer_carries_the_models_operating_point_and_only_what_deciding_needs() -> None:
     probabilities = torch.tensor([0.0, 0.0, 0.05, 0.05, 0.1, 0.2, 0.6])
     config = inference.ModelConfig(operating_point=POINT | {"targets": {"precision": 0.98}, "coverage": [[0.5, 1]]})
     assert inference._one(probabilities, config)["operating_point"] == POINT
@@ -228,9 +230,55 @@ def test_an_answer_carries_the_models_operating_point_and_only_its_three_thresho
 def test_the_count_lambda_accepts_an_answer_with_an_operating_point(model) -> None:
     from lambdas.count.records import read_prediction
 
-    answer = inference._one(torch.tensor([0.0, 0.0, 0.05, 0.05, 0.1, 0.2, 0.6]),
-                            inference.ModelConfig(operating_point=POINT))
-    assert read_prediction(json.loads(json.dumps(answer)))["operating_point"] == POINT
+    never = POINT | {"count_threshold": None, "not_decided": {"count_threshold": "unreachable"}}
+    for point in (POINT, never):
+        answer = inference._one(torch.tensor([0.0, 0.0, 0.05, 0.05, 0.1, 0.2, 0.6]),
+                                inference.ModelConfig(operating_point=point))
+        read = read_prediction(json.loads(json.dumps(answer)))["operating_point"]
+        assert read == {k: v for k, v in point.items() if v is not None}
+
+
+BROKEN_THRESHOLDS = {
+    "NaN": ("match_max_discrepancy", float("nan")),
+    "infinity": ("mismatch_min_discrepancy", float("inf")),
+    "string": ("count_threshold", "0.5"),
+    "list": ("mismatch_min_discrepancy", [0.3]),
+    "inverted": ("match_max_discrepancy", 0.6),
+    "out of range": ("count_threshold", 1.5),
+    "null without a reason": ("match_max_discrepancy", None),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_THRESHOLDS)
+def test_model_fn_refuses_a_config_whose_thresholds_cannot_be_served_naming_the_key(
+        tiny_model_dir: Path, tmp_path: Path, case: str) -> None:
+    key, value = BROKEN_THRESHOLDS[case]
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "model-config.json").read_text())
+    config["operating_point"] = POINT | {key: value}
+    # json writes NaN and Infinity as the bare words, which Python's reader takes back.
+    (broken / "model-config.json").write_text(json.dumps(config))
+    with pytest.raises(decisions.OperatingPointError, match=key):
+        inference.model_fn(str(broken))
+
+
+def test_model_fn_refuses_a_temperature_that_is_not_positive(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "model-config.json").read_text())
+    (broken / "model-config.json").write_text(json.dumps(config | {"temperature": 0}))
+    with pytest.raises(decisions.OperatingPointError, match="temperature"):
+        inference.model_fn(str(broken))
+
+
+def test_served_probabilities_are_the_calibrated_ones(model, sample_photo: bytes) -> None:
+    hot = inference.LoadedModel(model.network, replace(model.config, temperature=0.25), model.device)
+    plain = inference.predict_fn(inference.input_fn(sample_photo, "image/jpeg"), model)["probabilities"]
+    sharp = inference.predict_fn(inference.input_fn(sample_photo, "image/jpeg"), hot)["probabilities"]
+    assert sharp.argmax() == plain.argmax()
+    expected = (plain.log() / (0.25 / model.config.temperature)).softmax(-1)
+    assert torch.allclose(sharp, expected, atol=1e-4)
 
 
 def _upscaled_jpeg(photo: Path, size: tuple[int, int] = (1280, 960)) -> bytes:

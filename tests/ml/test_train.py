@@ -381,3 +381,16 @@ def test_a_two_process_ddp_run_from_shards_sees_every_photo_of_each_epoch_exactl
         # Adam moments and weight average, so their next updates agree.
         assert consumed[0]["digest"][epoch] == consumed[1]["digest"][epoch], epoch
     assert json.loads((tmp_path / "algo-1" / "o" / "metrics.json").read_text())["train_images"] == 30
+
+
+def test_the_epoch_line_shows_the_few_figures_a_person_reads_and_the_rest_goes_to_a_detail_line(
+        tiny_run: dict) -> None:
+    from ml.train import EPOCH_LINE
+
+    lines = tiny_run["log"].splitlines()
+    epoch_line = next(line for line in lines if line.startswith("epoch=1;"))
+    names = [part.split("=", 1)[0].strip() for part in epoch_line.split(";") if "=" in part]
+    assert set(names) <= set(EPOCH_LINE) and "valid_accuracy" in names
+    detail_line = next(line for line in lines if line.startswith("epoch detail: "))
+    detail = json.loads(detail_line.removeprefix("epoch detail: "))
+    assert {"valid_within1", "valid_full_accuracy"} <= set(detail)

@@ -9,8 +9,8 @@ strings is accepted too). One image answers::
 
 (``overflow_class`` only when the last class means "that many or more"; whether ``count`` may be that class
 is the model's ``answer_overflow``, and ``confidence`` is the probability of the class answered;
-``operating_point`` — ``count_threshold``, ``match_threshold``, ``mismatch_threshold`` — only when the model's
-config measured one); a batch answers ``{"predictions": [<one per image>]}``. A bad body raises
+``operating_point`` — the thresholds of ``ml.decisions``, ``class_prior``, ``consignment_error_rate`` — only
+when the model's config measured one); a batch answers ``{"predictions": [<one per image>]}``. A bad body raises
 :class:`BadRequest`, whose ``status_code`` SageMaker's handler and ``ml.serve`` put on the response with the
 message: 400 (not a readable photo, too small, blank), 413 (too many bytes or pixels), 415 (a content type or
 image format we do not serve), 406 (an Accept without JSON).
@@ -21,12 +21,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ml import decisions
+from ml.calibration import calibrated
 from ml.data import (
     MAX_IMAGE_PIXELS,
     ImageError,
@@ -49,8 +52,9 @@ MAX_REQUEST_PIXELS = int(os.environ.get("INVMON_MAX_REQUEST_PIXELS", str(2 * MAX
 # A bin photo smaller than this on a side holds nothing the model could count (a 1x1 image was answered "0"
 # with confidence).
 MIN_IMAGE_SIDE = 32
-# The operating point keys an answer carries (the config may hold more: targets, coverage tables).
-OPERATING_POINT_KEYS = ("count_threshold", "match_threshold", "mismatch_threshold")
+# The operating point keys an answer carries (the config may hold more: targets, coverage tables): the
+# thresholds, the class prior and the error rate they were chosen at, and why a decision is never taken.
+OPERATING_POINT_KEYS = (*decisions.THRESHOLD_KEYS, "class_prior", "consignment_error_rate", "not_decided")
 # Symmetries averaged at prediction time (1 = none, up to 8); the model config may set its own default.
 TTA_ENV = "INVMON_TTA"
 
@@ -99,11 +103,27 @@ def model_fn(model_dir: str) -> LoadedModel:
     global _image_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network, config = load_model(Path(model_dir), device)
+    check_config(config)
     if device.type == "cpu" and os.environ.get(EAGER_ENV, "") not in ("1", "true"):
         network = for_cpu_serving(network, config.image_size)
     _image_size = config.image_size
     tta = int(os.environ.get(TTA_ENV, str(config.tta)))
     return LoadedModel(network, config, device, max(1, min(8, tta)))
+
+
+def check_config(config: ModelConfig) -> None:
+    """Refuse, at load, a config whose decisions could not be served: thresholds that are not finite numbers in
+    [0, 1] in a consistent order (``ml.decisions.check_operating_point`` names the key), or a temperature that
+    is not a positive finite number. Served, such a config answered 200 while the count Lambda refused every
+    answer (NaN, infinity, out of range) or failed every request with 500 (strings, lists)."""
+    temperature = config.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise decisions.OperatingPointError(f"model-config.json temperature must be a positive finite number, got "
+                                            f"{temperature!r}")
+    if config.operating_point:
+        decisions.check_operating_point(config.operating_point, config.num_classes,
+                                        where="model-config.json operating_point")
 
 
 def _base_type(content_type: str | None) -> str:
@@ -199,6 +219,9 @@ def predict_fn(input_data: Images, model: LoadedModel) -> dict:
     config = model.config
     batch = normalize(input_data.tensor, config.mean, config.std).to(model.device)
     probabilities = sum(model.network(dihedral(batch, k)).float().softmax(1) for k in range(model.tta)) / model.tta
+    if config.temperature != 1.0:
+        # The calibrated probabilities (ml/calibration.py): the temperature divides the log of the average.
+        probabilities = calibrated(probabilities.clamp_min(1e-8).log(), config.temperature)
     return {"probabilities": probabilities.cpu(), "batch": input_data.batch, "config": config}
 
 
@@ -214,8 +237,8 @@ def _one(probabilities: torch.Tensor, config: ModelConfig) -> dict:
     if config.overflow:
         answer["overflow_class"] = config.classes[-1]
     point = config.operating_point or {}
-    if all(key in point for key in OPERATING_POINT_KEYS):
-        answer["operating_point"] = {key: float(point[key]) for key in OPERATING_POINT_KEYS}
+    if all(key in point for key in decisions.THRESHOLD_KEYS):
+        answer["operating_point"] = {key: point[key] for key in OPERATING_POINT_KEYS if key in point}
     return answer
 
 
