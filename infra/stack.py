@@ -14,6 +14,7 @@ from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
 from infra.pack import Pack
 from infra.pipeline import Pipeline, Stage
+from infra.review import Review
 from infra.storage import Storage
 from infra.studio import Studio
 from infra.training import Training, stage_timeout_seconds
@@ -39,6 +40,7 @@ class InvmonStack(Stack):
         self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name,
                            sagemaker_role=self.training.role)
         self.costs = Costs(self, "Costs", **data)
+        self.review = Review(self, "Review", **data, counts_table=self.count.table)
 
         training_hours = -(-stage_timeout_seconds(settings) // 3600)
         self.pipeline = Pipeline(
@@ -65,7 +67,7 @@ class InvmonStack(Stack):
             *self.pack.functions,
             self.training.prepare.function, self.training.report.function,
             self.deploy.gate.function, self.deploy.release.function, self.deploy.finish.function,
-            self.count.function, self.costs.report.function,
+            self.count.function, self.costs.report.function, self.review.handler.function,
         ]
         self.observability = Observability(
             self,
@@ -77,8 +79,9 @@ class InvmonStack(Stack):
             count_function=self.count.function,
             functions=functions,
             key=self.storage.key,
-            domain_alarms=[self.deploy.rollback_alarm],
+            domain_alarms=[self.deploy.rollback_alarm, self.review.oldest_alarm],
         )
+        self.observability.dashboard.add_widgets(*self.review.widgets())
 
         self.studio = None
         if settings.studio_domain:
@@ -93,7 +96,7 @@ class InvmonStack(Stack):
         for component, construct in (
             ("storage", self.storage), ("ingest", self.ingest), ("pack", self.pack), ("training", self.training),
             ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
-            ("pipeline", self.pipeline), ("observability", self.observability),
+            ("pipeline", self.pipeline), ("observability", self.observability), ("review", self.review),
         ):
             Tags.of(construct).add("component", component)
 
