@@ -12,6 +12,8 @@ sign-up.
 
 from __future__ import annotations
 
+import json
+
 from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_apigatewayv2 as apigw
 from aws_cdk import aws_apigatewayv2_authorizers as authorizers
@@ -137,11 +139,16 @@ class Review(Construct):
             # The stage's default route throttling: API Gateway answers 429 above it, before the Lambda runs.
             throttle=apigw.ThrottleSettings(rate_limit=settings.review_api_rate_limit,
                                             burst_limit=settings.review_api_burst_limit),
-            access_log_settings=apigw.HttpStageAccessLogSettings(
-                destination=apigw.LogGroupLogDestination(access_logs),
-                format=apigw.AccessLogFormat.json_with_standard_fields(
-                    caller=False, http_method=True, ip=True, protocol=True, request_time=True,
-                    resource_path=True, response_length=True, status=True, user=True)),
+        )
+        # Every request with its caller (the JWT's sub), status and latency.
+        stage = self.stage.node.default_child
+        stage.access_log_settings = apigw.CfnStage.AccessLogSettingsProperty(  # type: ignore[union-attr]
+            destination_arn=access_logs.log_group_arn,
+            format=json.dumps({"requestId": "$context.requestId", "ip": "$context.identity.sourceIp",
+                               "sub": "$context.authorizer.claims.sub", "time": "$context.requestTime",
+                               "method": "$context.httpMethod", "route": "$context.routeKey",
+                               "status": "$context.status", "latencyMs": "$context.responseLatency",
+                               "error": "$context.authorizer.error"}),
         )
         authorizer = authorizers.HttpJwtAuthorizer(
             "Jwt", jwt_issuer=f"https://cognito-idp.{stack.region}.amazonaws.com/{self.user_pool.user_pool_id}",
@@ -233,6 +240,9 @@ class Review(Construct):
             NagPackSuppression(id="AwsSolutions-COG3", reason="Threat protection (advanced security) is a paid "
                                "feature plan; the pool has no self sign-up, MFA is required and only an "
                                "administrator adds reviewers."),
+            NagPackSuppression(id="AwsSolutions-COG8", reason="The Plus feature plan (threat protection) is "
+                               "priced per monthly active user on top of Essentials; a pool of a few invited "
+                               "reviewers with required MFA and no self sign-up does not need it."),
         ], apply_to_children=True)
         NagSuppressions.add_resource_suppressions(self.site, [
             NagPackSuppression(id="AwsSolutions-S1", reason="The page's bucket holds three static files that "
