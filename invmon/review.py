@@ -437,8 +437,8 @@ def demo_step(progress: Any, synthesized: Any, moto_url: str, rows: list[dict[st
 
     table = execution.physical_name(synthesized.logical_id("AWS::DynamoDB::Table", "CountCounts"))
     bucket = execution.physical_name(synthesized.logical_id("AWS::S3::Bucket", "StorageData"))
-    prefix = rows[0]["record"].get("key", "").rsplit("/", 1)[0] + "/" if rows else ""
-    truth = {f"{prefix}{row['photo']}": row["truth"] for row in rows if row.get("truth") is not None}
+    truth = {row["record"]["key"]: row["truth"] for row in rows
+             if row.get("truth") is not None and row["record"].get("key")}
     with progress.step("Review: a scripted reviewer signs in (moto's Cognito, code + PKCE) and answers every "
                        "pending photo with ABID's true count through the local review API"):
         cognito = Cognito.create(moto_url)
@@ -575,3 +575,71 @@ def seed_photo(table: Any, bucket: str, key: str, photo: bytes, *, count: int, c
     q.mark(item, policy)
     table.put_item(Item=item)
     return item
+
+
+def seed_from_model(table: Any, bucket: str, data: Path, model_dir: Path, n: int = 12) -> list[dict[str, Any]]:
+    """Count the demo's held-out photos with the shipped model (its serving functions, in this process), store
+    the records the count path would write, queued by the default policy (statuses and the audit sample)."""
+    from datetime import UTC, datetime
+
+    from invmon.demo import consignment, hold_out, never_trained_on
+    from lambdas.count import records as rec
+    from lambdas.review import queue as q
+    from ml import abid, inference
+
+    records, _ = abid.scan_folder(data)
+    _, held = hold_out(records, n, never_trained_on(model_dir))
+    model = inference.model_fn(str(model_dir))
+    s3 = boto3.client("s3")
+    stored = []
+    for index, record in enumerate(held):
+        body = (data / record.image_key).read_bytes()
+        answer = json.loads(inference.output_fn(inference.predict_fn(inference.input_fn(body, "image/jpeg"), model),
+                                                "application/json"))
+        key = f"incoming/bin {record.image_id}.jpg"
+        put = s3.put_object(Bucket=bucket, Key=key, Body=body)
+        item = rec.build_record(bucket=bucket, key=key, version_id=put.get("VersionId"), size=len(body),
+                                prediction=rec.read_prediction(answer), rejection=None,
+                                expected=consignment(record, index), expected_from="metadata", threshold=None,
+                                counted_at=datetime.now(UTC).isoformat(timespec="milliseconds"), source="event")
+        q.mark(item, q.QueuePolicy())
+        table.put_item(Item=item)
+        stored.append(item)
+    return stored
+
+
+def serve(data: Path, model_dir: Path, *, open_browser: bool = True) -> int:
+    """``invmon review serve``: the demo's backend (moto, the counts table, the shipped model's counts of the
+    held-out photos, a user pool with one reviewer) and the page on 127.0.0.1, until Ctrl-C."""
+    import webbrowser
+
+    from invmon.local import MotoServer
+
+    with MotoServer() as moto:
+        bucket, name = "invmon-review-data", "invmon-review-counts"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        boto3.client("s3").put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        table = create_counts_table(name)
+        stored = seed_from_model(table, bucket, data, model_dir)
+        cognito = Cognito.create(moto.url)
+        password = secrets.token_urlsafe(9) + "aA1!"
+        cognito.add_reviewer(DEMO_REVIEWER, password)
+        with LocalReviewServer(cognito, table=name, data_bucket=bucket) as server:
+            queued = sum(1 for item in stored if "reviewQueue" in item)
+            print(f"{queued} of {len(stored)} photos wait for review (the shipped model's own decisions)")
+            print(f"review page: {server.url}/\n  sign in as {DEMO_REVIEWER} with password {password}")
+            print("Ctrl-C stops it (nothing is kept)")
+            if open_browser:
+                webbrowser.open(f"{server.url}/")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\nstopped")
+    return 0
+
+
+def print_stats(table: Any) -> int:
+    """``invmon review stats``: production precision from the audit sample and consignments caught."""
+    print(format_figures(review_figures(reviewed_records(table))))
+    return 0
