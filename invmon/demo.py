@@ -460,6 +460,7 @@ def report(result: DemoResult) -> str:
         record = row["record"]
         confidence = record.get("confidence")
         status = record.get("status", "missing")
+        status = review.shown_status(record) if status == "reviewed" else status
         if status == "rejected":
             reason = str(record.get("reason", ""))
             status += f": {reason[:57] + '...' if len(reason) > 60 else reason}"

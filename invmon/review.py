@@ -440,7 +440,7 @@ def demo_step(progress: Any, synthesized: Any, moto_url: str, rows: list[dict[st
     truth = {row["record"]["key"]: row["truth"] for row in rows
              if row.get("truth") is not None and row["record"].get("key")}
     with progress.step("Review: a scripted reviewer signs in (moto's Cognito, code + PKCE) and answers every "
-                       "pending photo with ABID's true count through the local review API"):
+                       "pending upload with ABID's true count through the local review API"):
         cognito = Cognito.create(moto_url)
         password = secrets.token_urlsafe(12) + "aA1!"
         cognito.add_reviewer(DEMO_REVIEWER, password)
@@ -457,11 +457,17 @@ def demo_step(progress: Any, synthesized: Any, moto_url: str, rows: list[dict[st
                   "" if a["modelCount"] is None else a["modelCount"], a["modelStatus"],
                   {True: "yes", False: "no", None: ""}[a["agrees"]]] for a in answers]
         print(f"      {len(answers)} photos reviewed:")
-        for line in render_table(["photo", "person", "model", "model's status", "agree"], shown).splitlines():
+        for line in render_table(["upload", "person", "model", "model's status", "agree"], shown).splitlines():
             print(f"      {line}")
         print(f"      label files under s3://{bucket}/raw/reviewed/:")
         for key in labels(bucket):
             print(f"        {key}")
+
+
+def shown_status(record: Mapping[str, Any]) -> str:
+    """A reviewed record's status for the demo's table: the person's count beside the model's decision."""
+    person = "unusable" if record.get("reviewUnusable") else f"person {_number(record.get('reviewedCount'))}"
+    return f"reviewed: {person}, model {record.get('modelStatus')}"
 
 
 # --- invmon review stats -------------------------------------------------------------------------------------------
