@@ -294,6 +294,9 @@ class BulkCount(Construct):
             "BULK_PREFIX": BULK_PREFIX,
             "TRANSFORM_INSTANCE_TYPE": settings.endpoint_instance_type,
             "KMS_KEY_ID": data_key.key_arn,
+            "REVIEW_STATUSES": ",".join(settings.review_statuses),
+            "REVIEW_AUDIT_RATE": str(settings.review_audit_rate),
+            "REVIEW_MAX_PER_DAY": str(settings.review_max_per_day),
         }
         self.plan = PythonFunction(self, "Plan", settings=settings, handler="lambdas.count.bulk.plan_handler",
                                    service="count-bulk-plan", environment=environment, timeout_seconds=300,
