@@ -506,19 +506,6 @@ def review_figures(reviewed: list[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def reviewed_records(table: Any) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    args: dict[str, Any] = {"IndexName": "byStatus", "KeyConditionExpression": "#s = :r",
-                            "ExpressionAttributeNames": {"#s": "status"},
-                            "ExpressionAttributeValues": {":r": "reviewed"}}
-    while True:
-        page = table.query(**args)
-        items += page.get("Items", [])
-        if not page.get("LastEvaluatedKey"):
-            return items
-        args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-
 def format_figures(figures: Mapping[str, Any]) -> str:
     lines = [f"{figures['reviews']} reviews"]
     for status, audit in figures["audit"].items():
@@ -647,5 +634,7 @@ def serve(data: Path, model_dir: Path, *, open_browser: bool = True) -> int:
 
 def print_stats(table: Any) -> int:
     """``invmon review stats``: production precision from the audit sample and consignments caught."""
-    print(format_figures(review_figures(reviewed_records(table))))
+    from lambdas.review import store
+
+    print(format_figures(review_figures(store.reviewed(table))))
     return 0

@@ -307,16 +307,26 @@ def skip(table: Any, value: str, sub: str, lease_id: str) -> dict[str, Any]:
     return {"id": value, "skipped": True}
 
 
-def pending(table: Any) -> list[dict[str, Any]]:
+def query_all(table: Any, **args: Any) -> list[dict[str, Any]]:
+    """Every item of a Query, page by page."""
     items: list[dict[str, Any]] = []
-    args: dict[str, Any] = {"IndexName": q.QUEUE_INDEX, "KeyConditionExpression": "reviewQueue = :p",
-                            "ExpressionAttributeValues": {":p": q.PENDING}}
     while True:
         page = table.query(**args)
         items += page.get("Items", [])
         if not page.get("LastEvaluatedKey"):
             return items
         args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def pending(table: Any) -> list[dict[str, Any]]:
+    return query_all(table, IndexName=q.QUEUE_INDEX, KeyConditionExpression="reviewQueue = :p",
+                     ExpressionAttributeValues={":p": q.PENDING})
+
+
+def reviewed(table: Any) -> list[dict[str, Any]]:
+    """Every reviewed record, through the byStatus index."""
+    return query_all(table, IndexName="byStatus", KeyConditionExpression="#s = :r",
+                     ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":r": REVIEWED})
 
 
 def stats(table: Any, *, now: int | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The API tests talk HTTP to invmon.review.LocalReviewServer (the review Lambda's handler behind a JWT check as
 API Gateway's authorizer makes it) with tokens that moto's cognito-idp (server mode) issued and signed. One
-moto server and user pool per module, a fresh counts table per test. Costs about 5 s.
+moto server and user pool per module, a fresh counts table per test. About 60 s here (2 loaded cores).
 """
 
 from __future__ import annotations
@@ -365,3 +365,17 @@ def test_wilson_interval_matches_the_textbook_value():
     # 8 right out of 10 at 95 %: 0.4902 to 0.9433 (Wilson, 1927; e.g. Newcombe 1998, table I method 3).
     low, high = review.wilson(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+
+
+def test_review_stats_reads_the_reviewed_records_through_the_status_index(backend, capsys):
+    seed(backend, "01046", count=5, confidence=0.97, expected=5, status=rec.MATCH, audit=True)
+    seed(backend, "01062", count=1, confidence=0.3, expected=3, status=rec.MISMATCH)
+    s3, table = boto3.client("s3"), backend["table"]
+    truth = {"incoming/bin 01046.jpg": 5, "incoming/bin 01062.jpg": 1}
+    while (item := store.claim(table, "alice", lease_seconds=300)) is not None:
+        store.answer(table, s3, item["id"], "alice", item["leaseId"], store.Answer(count=truth[item["photo"]]),
+                     data_bucket=backend["bucket"])
+    review.print_stats(table)
+    out = capsys.readouterr().out
+    assert "2 reviews" in out and "production precision of 'match' (audit sample): 1.000 (1/1" in out
+    assert "wrong consignments caught: 1 (50.0 per 100 reviews)" in out
