@@ -201,6 +201,9 @@ def test_mixed_batch_gets_one_right_record_each_and_reports_no_failure(aws, endp
     assert spaced_record["key"] == spaced_key
     assert spaced_record["status"] == rec.MISMATCH
     assert (spaced_record["count"], spaced_record["expectedCount"]) == (labels[spaced_id], labels[spaced_id] + 1)
+    # A mismatch waits for a person (the review queue's sparse index keys); a rejection does not.
+    assert spaced_record["reviewQueue"] == "pending" and spaced_record["reviewReason"] == "status"
+    assert "reviewQueue" not in huge
 
     # The endpoint saw the real photo once (the duplicate was not recounted), the spaced one, and the
     # corrupt one (only the endpoint can tell it is corrupt); the rejects never reached it.
@@ -257,6 +260,8 @@ def test_low_confidence_count_is_not_compared_and_raises_an_event(aws, sample_di
     item = record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"])
     assert item["status"] == rec.LOW_CONFIDENCE
     assert "below the 0.5 threshold" in item["reason"]
+    # Queued for a person, ranked by 1 - confidence (no discrepancyProbability on this record).
+    assert item["reviewQueue"] == "pending" and item["reviewRank"].startswith("0.310000#")
     assert [a["detail-type"] for a in published(aws)] == ["Photo count uncounted-low-confidence"]
 
 
