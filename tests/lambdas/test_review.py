@@ -379,3 +379,11 @@ def test_review_stats_reads_the_reviewed_records_through_the_status_index(backen
     out = capsys.readouterr().out
     assert "2 reviews" in out and "production precision of 'match' (audit sample): 1.000 (1/1" in out
     assert "wrong consignments caught: 1 (50.0 per 100 reviews)" in out
+
+
+def test_the_schedule_measures_the_queue_for_the_dashboard_and_its_alarm(backend):
+    from lambdas.review import handler
+
+    seed(backend, "01046", counted_at="2026-12-06T10:00:00.000+00:00")
+    figures = handler.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, review._Context())
+    assert figures["pending"] == 1 and figures["oldestPendingSeconds"] > 0
