@@ -83,8 +83,9 @@ class Review(Construct):
         )
         self.domain = self.user_pool.add_domain(
             "Login",
-            cognito_domain=cognito.CognitoDomainOptions(domain_prefix=f"{settings.project}-{settings.stage}-review-"
-                                                        f"{stack.account}"[:63]),
+            # At most 63 characters: a project name of up to 31, the stage, "-review-" and the 12-digit account.
+            cognito_domain=cognito.CognitoDomainOptions(
+                domain_prefix=f"{settings.project}-{settings.stage}-review-{stack.account}"),
             managed_login_version=cognito.ManagedLoginVersion.NEWER_MANAGED_LOGIN,
         )
         # A public client (no secret) with the authorization-code grant only: Cognito requires PKCE of a client
@@ -170,7 +171,7 @@ class Review(Construct):
             sources=[s3deploy.Source.asset(str(WEB_DIR)),
                      s3deploy.Source.json_data("config.json", {
                          "apiUrl": self.api_url,
-                         "authUrl": f"https://{self.domain.domain_name}.auth.{stack.region}.amazoncognito.com",
+                         "authUrl": self.domain.base_url(),
                          "clientId": self.client.user_pool_client_id})],
             distribution=self.distribution,
             distribution_paths=["/*"],
