@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack, Tags
 from aws_cdk import aws_apigatewayv2 as apigw
 from aws_cdk import aws_apigatewayv2_authorizers as authorizers
 from aws_cdk import aws_apigatewayv2_integrations as integrations
@@ -33,7 +33,7 @@ from constructs import Construct
 
 from infra.config import Settings
 from infra.function import PROJECT_ROOT, PythonFunction, log_group
-from infra.nag import IAM4, suppress, wildcard_suppression
+from infra.nag import IAM4, IAM5, flatten, resource_finding, suppress, wildcard_suppression
 
 WEB_DIR = PROJECT_ROOT / "web" / "review"
 REVIEWERS_GROUP = "reviewers"
@@ -64,7 +64,6 @@ class Review(Construct):
                 cache_policy=cloudfront.CachePolicy.CACHING_DISABLED,
                 response_headers_policy=cloudfront.ResponseHeadersPolicy.SECURITY_HEADERS,
             ),
-            minimum_protocol_version=cloudfront.SecurityPolicyProtocol.TLS_V1_2_2021,
         )
         page_url = f"https://{self.distribution.distribution_domain_name}/"
 
@@ -251,7 +250,8 @@ class Review(Construct):
                                "is the audit trail. Access logs would log only CloudFront's own reads."),
         ], apply_to_children=True)
         NagSuppressions.add_resource_suppressions(self.distribution, [
-            NagPackSuppression(id="AwsSolutions-CFR1", reason="Reviewers may work from any country."),
+            NagPackSuppression(id="AwsSolutions-CFR1", reason="Reviewers may work from any country, so the page has "
+                               "no geographic restriction; sign-in and the API decide who may review."),
             NagPackSuppression(id="AwsSolutions-CFR2", reason="The distribution serves three static files; every "
                                "request that reads or changes data goes to the API, which checks a JWT and is "
                                "throttled. A web ACL would cost more than the page."),
@@ -266,14 +266,25 @@ class Review(Construct):
                                "preflight (OPTIONS), which API Gateway answers itself, has none."),
         ], apply_to_children=True)
         # CDK's BucketDeployment brings its own singleton Lambda (and layer) that copies the page into the bucket.
-        for child in stack.node.children:
-            if child.node.id.startswith("Custom::CDKBucketDeployment") or child.node.id.startswith(
-                    "CustomS3AutoDeleteObjects"):
-                NagSuppressions.add_resource_suppressions(child, [
-                    NagPackSuppression(id=IAM4, reason="CDK's deployment/auto-delete handler uses "
-                                       "AWSLambdaBasicExecutionRole for its own logs; CDK generates it."),
-                    NagPackSuppression(id="AwsSolutions-IAM5", reason="CDK's deployment handler reads the "
-                                       "asset and writes and deletes any key of the page's bucket."),
-                    NagPackSuppression(id="AwsSolutions-L1", reason="CDK chooses the runtime of its own "
-                                       "deployment handler."),
-                ], apply_to_children=True)
+        handler = next((c for c in stack.node.children if c.node.id.startswith("Custom::CDKBucketDeployment")), None)
+        if handler is not None:
+            Tags.of(handler).add("component", "review")
+            basic_execution = f"arn:{stack.partition}:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+            NagSuppressions.add_resource_suppressions(handler, [
+                NagPackSuppression(id="AwsSolutions-L1", reason="CDK chooses the runtime of its own "
+                                   "BucketDeployment handler, which copies the page's files at deploy time only."),
+                NagPackSuppression(id=IAM4, reason="CDK's BucketDeployment handler attaches "
+                                   "AWSLambdaBasicExecutionRole for its own logs; CDK generates the function and role.",
+                                   applies_to=[f"Policy::{flatten(stack.resolve(basic_execution))}"]),
+                NagPackSuppression(id=IAM5, reason="CDK's BucketDeployment handler reads the page's asset zip from "
+                                   "the bootstrap assets bucket, writes and prunes the page's bucket, and invalidates "
+                                   "the distribution (CloudFront invalidation actions take no narrower resource).",
+                                   applies_to=[
+                                       *(f"Action::{a}" for a in ("s3:GetObject*", "s3:GetBucket*", "s3:List*",
+                                                                  "s3:DeleteObject*", "s3:Abort*")),
+                                       resource_finding(self, self.site.arn_for_objects("*")),
+                                       "Resource::*",
+                                       {"regex": r"/^Resource::arn:(<AWS::Partition>|aws[a-z-]*):s3:::"
+                                                 r"cdk-[a-z0-9]+-assets-[^/]+\/\*$/"},
+                                   ]),
+            ], apply_to_children=True)
