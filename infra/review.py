@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack, Tags
+from aws_cdk import CfnOutput, Duration, RemovalPolicy, Stack, Tags, Token
 from aws_cdk import aws_apigatewayv2 as apigw
 from aws_cdk import aws_apigatewayv2_authorizers as authorizers
 from aws_cdk import aws_apigatewayv2_integrations as integrations
@@ -39,6 +39,14 @@ WEB_DIR = PROJECT_ROOT / "web" / "review"
 REVIEWERS_GROUP = "reviewers"
 # How often the queue's gauges (pending, oldest pending age) are measured for the dashboard and its alarm.
 GAUGE_MINUTES = 5
+
+
+def _bootstrap_assets_finding(stack: Stack) -> str:
+    """The IAM5 finding for the BucketDeployment's read of the page's zip in CDK's bootstrap assets bucket
+    (default qualifier), named with the stack's account and region where they are known, as CDK names it."""
+    account = "<AWS::AccountId>" if Token.is_unresolved(stack.account) else stack.account
+    region = "<AWS::Region>" if Token.is_unresolved(stack.region) else stack.region
+    return f"Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-{account}-{region}/*"
 
 
 class Review(Construct):
@@ -284,7 +292,6 @@ class Review(Construct):
                                                                   "s3:DeleteObject*", "s3:Abort*")),
                                        resource_finding(self, self.site.arn_for_objects("*")),
                                        "Resource::*",
-                                       {"regex": r"/^Resource::arn:(<AWS::Partition>|aws[a-z-]*):s3:::"
-                                                 r"cdk-[a-z0-9]+-assets-[^/]+\/\*$/"},
+                                       _bootstrap_assets_finding(stack),
                                    ]),
             ], apply_to_children=True)
