@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.json
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint synth bench clean
+.PHONY: setup demo test lint synth bench clean browser
 
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
@@ -39,7 +39,15 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: lint
+# The review page's test drives the system's Chromium; Debian's packages install it (as root), and the test skips
+# with its reason where none can be installed.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	  else echo "no Chromium here: the review page's browser test will skip (install chromium, chromium-driver)"; fi; }
+
+test: lint browser
 	$(BIN)/python -m pytest $(ARGS)
 
 synth: setup

@@ -232,6 +232,19 @@ def _json(value: Any, shape: str, example: str) -> Any:
         return json.loads(value)
     except ValueError:
         raise ValueError(f"expected {shape} in JSON, such as {example}, got {value!r}") from None
+def _review_statuses(value: Any) -> tuple[str, ...]:
+    """Count statuses that need a person; the audit sample covers the confident ones separately."""
+    from lambdas.count.records import LOW_CONFIDENCE, MISMATCH, REJECTED
+
+    allowed = (MISMATCH, LOW_CONFIDENCE, REJECTED)
+    if isinstance(value, str) and not value.strip().startswith("["):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    value = _json(value, "a list of statuses", '["mismatch", "uncounted-low-confidence"]')
+    if not isinstance(value, list) or not all(isinstance(item, str) and item in allowed for item in value):
+        raise ValueError(f"expected a list of statuses from {', '.join(allowed)}, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
 _PREFIX = _pattern(r"[A-Za-z0-9!_.*'()\-/]+/", "an S3 prefix ending in '/', such as incoming/")
 _BUCKET = _pattern(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", "an S3 bucket name")
 _SCHEDULE = _pattern(r"(rate|cron)\(.+\)", "an EventBridge schedule such as rate(7 days)")
@@ -381,6 +394,14 @@ class Settings:
     count_max_image_bytes: int
     # share of consignments whose expected count is wrong: the prior of each record's discrepancyProbability
     consignment_error_rate: float
+    # review (infra/review.py, lambdas/review/)
+    review_statuses: tuple[str, ...]
+    review_audit_rate: float
+    review_max_per_day: int
+    review_lease_seconds: int
+    review_oldest_pending_alarm_hours: int
+    review_api_rate_limit: int
+    review_api_burst_limit: int
     # notebooks (optional SageMaker Studio domain, infra/studio.py)
     studio_domain: bool
     studio_can_start_pipeline: bool
@@ -463,6 +484,19 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
     # share of wrong consignments, 0.001-0.5 (ml.decisions.ERROR_RATE_RANGE): the posterior's prior
     "consignment_error_rate": ("consignmentErrorRate", _float(*ERROR_RATE_RANGE)),
+    # Count statuses that go to a person (besides the audit sample).
+    "review_statuses": ("reviewStatuses", _review_statuses),
+    # Share of confident decisions (counted, match) sent to a person blind, to measure production precision.
+    "review_audit_rate": ("reviewAuditRate", _float(0.0, 1.0)),
+    # Most photos queued for review per UTC day; the rest keep their status and are not queued.
+    "review_max_per_day": ("reviewMaxPerDay", _int(0, 1_000_000)),
+    # How long a claimed photo stays with its reviewer before it returns to the queue.
+    "review_lease_seconds": ("reviewLeaseSeconds", _int(30, 3600)),
+    # The alarm on the age of the oldest pending review fires above this many hours.
+    "review_oldest_pending_alarm_hours": ("reviewOldestPendingAlarmHours", _int(1, 24 * 14)),
+    # The review API stage's steady request rate (requests per second) and burst.
+    "review_api_rate_limit": ("reviewApiRateLimit", _int(1, 10000)),
+    "review_api_burst_limit": ("reviewApiBurstLimit", _int(1, 5000)),
     "studio_domain": ("studioDomain", _bool),
     # Whether the Studio user may start the pipeline (states:StartExecution); it may always follow it.
     "studio_can_start_pipeline": ("studioCanStartPipeline", _bool),

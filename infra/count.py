@@ -128,6 +128,12 @@ class Count(Construct):
             partition_key=dynamodb.Attribute(name="status", type=dynamodb.AttributeType.STRING),
             sort_key=dynamodb.Attribute(name="countedAt", type=dynamodb.AttributeType.STRING),
         )
+        # The review queue (lambdas/review/queue.py): sparse, only records waiting for a person carry its keys.
+        self.table.add_global_secondary_index(
+            index_name="reviewQueue",
+            partition_key=dynamodb.Attribute(name="reviewQueue", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="reviewRank", type=dynamodb.AttributeType.STRING),
+        )
         # Powertools' idempotency records: short-lived (TTL), so kept apart from the counts.
         self.idempotency_table = dynamodb.Table(
             self,
@@ -221,6 +227,9 @@ class Count(Construct):
                 "ENDPOINT_READ_TIMEOUT": str(ENDPOINT_READ_TIMEOUT_SECONDS),
                 "ENDPOINT_MAX_ATTEMPTS": str(ENDPOINT_MAX_ATTEMPTS),
                 "RECORD_OVERHEAD_SECONDS": str(RECORD_OVERHEAD_SECONDS),
+                "REVIEW_STATUSES": ",".join(settings.review_statuses),
+                "REVIEW_AUDIT_RATE": str(settings.review_audit_rate),
+                "REVIEW_MAX_PER_DAY": str(settings.review_max_per_day),
             },
             timeout_seconds=COUNT_TIMEOUT_SECONDS,
             # The object is held in memory once (at most countMaxImageBytes) and sent as the request body.
@@ -326,6 +335,9 @@ class BulkCount(Construct):
             "TRANSFORM_INSTANCE_TYPE": settings.endpoint_instance_type,
             "KMS_KEY_ID": data_key.key_arn,
             "TRANSFORM_ROLE_ARN": self.transform_role.role_arn,
+            "REVIEW_STATUSES": ",".join(settings.review_statuses),
+            "REVIEW_AUDIT_RATE": str(settings.review_audit_rate),
+            "REVIEW_MAX_PER_DAY": str(settings.review_max_per_day),
         }
         self.plan = PythonFunction(self, "Plan", settings=settings, handler="lambdas.count.bulk.plan_handler",
                                    service="count-bulk-plan", environment=environment, timeout_seconds=300,

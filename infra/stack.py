@@ -16,6 +16,7 @@ from infra.nag import STATE_MACHINE_REASON, suppress, wildcard_suppression
 from infra.observability import Observability
 from infra.pack import Pack
 from infra.pipeline import Pipeline, Stage
+from infra.review import Review
 from infra.storage import Storage
 from infra.studio import Studio
 from infra.training import Training
@@ -38,11 +39,11 @@ class InvmonStack(Stack):
         self.deploy = Deploy(self, "Deploy", **data)
         self.count = Count(self, "Count", **data, endpoint_name=self.deploy.endpoint_name)
         self.costs = Costs(self, "Costs", **data)
+        self.review = Review(self, "Review", **data, counts_table=self.count.table)
 
         self.execution_input = ExecutionInputCheck(
             self, "ExecutionInput", settings=settings, ingest_environment=self.ingest.environment,
             training_environment=self.training.deployment_environment)
-
 
         budget.check(settings)
         self.pipeline = Pipeline(
@@ -72,7 +73,7 @@ class InvmonStack(Stack):
             *self.pack.functions,
             self.training.prepare.function, self.training.report.function,
             self.deploy.gate.function, self.deploy.release.function, self.deploy.finish.function,
-            self.count.function, self.costs.report.function,
+            self.count.function, self.costs.report.function, self.review.handler.function,
         ]
         self.observability = Observability(
             self,
@@ -83,8 +84,9 @@ class InvmonStack(Stack):
             count_dlq=self.count.dlq,
             count_function=self.count.function,
             functions=functions,
-            domain_alarms=[self.deploy.rollback_alarm, self.count.oldest_upload_alarm],
+            domain_alarms=[self.deploy.rollback_alarm, self.count.oldest_upload_alarm, self.review.oldest_alarm],
         )
+        self.observability.dashboard.add_widgets(*self.review.widgets())
 
         self.studio = None
         if settings.studio_domain:
@@ -100,6 +102,7 @@ class InvmonStack(Stack):
             ("storage", self.storage), ("ingest", self.ingest), ("pack", self.pack), ("training", self.training),
             ("deploy", self.deploy), ("count", self.count), ("costs", self.costs),
             ("pipeline", self.pipeline), ("pipeline", self.execution_input), ("observability", self.observability),
+            ("review", self.review),
         ):
             Tags.of(construct).add("component", component)
 

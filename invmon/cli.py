@@ -61,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("action", choices=("list", "redrive"))
     dlq.add_argument("--limit", type=int, default=100, help="messages to list at most")
 
-    for sub in (start, status, count, costs, dlq):
+    review = commands.add_parser("review", help="the review loop: try the page locally, or the audit's figures")
+    review_commands = review.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = review_commands.add_parser("serve", help="the review page on 127.0.0.1 against the demo's backend")
+    serve.add_argument("--data", type=Path, default=SAMPLE_DIR, help="an ABID-layout folder (default: the sample)")
+    serve.add_argument("--no-browser", action="store_true", help="print the address instead of opening it")
+    review_stats = review_commands.add_parser("stats", help="audit precision of counted/match, consignments caught")
+
+    for sub in (start, status, count, costs, dlq, review_stats):
         sub.add_argument("--stack", default=aws.DEFAULT_STACK, help=f"stack name (default {aws.DEFAULT_STACK})")
     return parser
 
@@ -160,6 +167,13 @@ def _dlq(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace, deployment: aws.Deployment) -> int:
+    from invmon import review as review_loop
+
+    table = deployment.session.resource("dynamodb").Table(deployment.output("table"))
+    return review_loop.print_stats(table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return train_locally(data=args.data, workdir=args.workdir, epochs=args.epochs,
                                  extra=args.hyperparameter)
+        if args.command == "review" and args.action == "serve":
+            from invmon import review as review_loop
+            from invmon.demo import SHIPPED_MODEL
+
+            return review_loop.serve(args.data, SHIPPED_MODEL, open_browser=not args.no_browser)
         if args.command is None:
             parser.print_help()
             return 2
@@ -183,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         deployment = aws.Deployment(stack_name=args.stack)
-        handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs, "dlq": _dlq}
+        handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs, "dlq": _dlq, "review": _review}
         return handlers[args.command](args, deployment)
     except aws.CliError as error:
         print(f"invmon: {error}", file=sys.stderr)

@@ -38,7 +38,7 @@ import boto3
 from tqdm import tqdm
 
 from infra.config import Settings, load_settings
-from invmon import execution
+from invmon import execution, review
 from invmon.local import OFFLINE_ENV, ChildProcess, LocalEndpoints, MotoServer, patched_environ
 from invmon.table import render_table
 from ml import abid
@@ -48,7 +48,7 @@ SHIPPED_MODEL = ROOT / "models" / "abid-effnet-lite0"
 
 SOURCE_BUCKET = "aft-vbi-pds"  # the public bucket's name (the ingest functions' SOURCE_BUCKET), in moto
 PIPELINE = "PipelineStateMachine"  # the pipeline's logical id prefix in the template
-STEPS = 6
+STEPS = 7
 # The handlers' structured logs would drown the progress output (errors still show), and the CDK's Node banner
 # says nothing about the demo.
 QUIET = {"POWERTOOLS_LOG_LEVEL": "ERROR", "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20"}
@@ -449,6 +449,7 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
             f"under {settings.incoming_prefix}; count each with the count Lambda through the endpoint, read the table"
         ):
             rows = count_uploads(lambdas, synthesized, data, held, settings)
+        review.demo_step(progress, synthesized, moto.url, rows)  # people answer what the model could not settle
     return DemoResult(rows=rows, metrics=training.get("metrics", {}), evaluation=evaluation, decision=deploy,
                       workdir=workdir)
 
@@ -459,6 +460,7 @@ def report(result: DemoResult) -> str:
         record = row["record"]
         confidence = record.get("confidence")
         status = record.get("status", "missing")
+        status = review.shown_status(record) if status == "reviewed" else status
         if status == "rejected":
             reason = str(record.get("reason", ""))
             status += f": {reason[:57] + '...' if len(reason) > 60 else reason}"

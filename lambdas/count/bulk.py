@@ -24,6 +24,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from lambdas.count import records as rec
+from lambdas.review import queue as review_queue
 from lambdas.training.request import has_local_storage
 
 logger = Logger()
@@ -140,6 +141,9 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
     inputs = json.loads(s3.get_object(Bucket=bucket, Key=f"{base}inputs.json")["Body"].read())
     chunk = inputs[index : index + page]
     loaded, unanswered, broken = 0, [], []
+    # Bulk counts join the review queue by the same rules as single uploads (lambdas/review/queue.py).
+    policy = review_queue.QueuePolicy.from_environ()
+    take_slot = review_queue.day_slot_taker(table, policy)
     with table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
         for entry in chunk:
             try:
@@ -157,11 +161,12 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
             except (ValueError, IndexError) as error:
                 broken.append({"key": entry["key"], "error": str(error)})
                 continue
-            batch.put_item(Item=rec.build_record(
+            batch.put_item(Item=review_queue.mark(rec.build_record(
                 bucket=bucket, key=entry["key"], version_id=entry.get("versionId"), size=entry["size"],
                 prediction=prediction, rejection=None, expected=entry.get("expected"),
                 expected_from=entry.get("expectedFrom"), threshold=threshold, counted_at=_now(),
-                source=f"bulk:{job['TransformJobName']}", notes=entry.get("notes"), error_rate=error_rate))
+                source=f"bulk:{job['TransformJobName']}", notes=entry.get("notes"), error_rate=error_rate),
+                policy, take_slot))
             loaded += 1
     report = {"index": index, "loaded": loaded, "unanswered": unanswered, "broken": broken}
     s3.put_object(Bucket=bucket, Key=f"{base}load-{index:07d}.json", Body=json.dumps(report).encode())

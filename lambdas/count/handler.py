@@ -38,6 +38,7 @@ from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutErr
 from botocore.exceptions import ConnectionError as EndpointUnreachable  # not the builtin: botocore's base
 
 from lambdas.count import records as rec
+from lambdas.review import queue as review_queue
 
 logger = Logger()
 tracer = Tracer()
@@ -102,6 +103,7 @@ class Services:
         self.incoming_prefix = os.environ.get("INCOMING_PREFIX", "incoming/")
         self.event_bus = os.environ.get("EVENT_BUS_NAME", "default")
         self.event_source = os.environ.get("EVENT_SOURCE", "invmon.count")
+        self.review_policy = review_queue.QueuePolicy.from_environ()
         self.persistence = DynamoDBPersistenceLayer(
             table_name=os.environ["IDEMPOTENCY_TABLE"],
             boto3_client=boto3.client("dynamodb", region_name=region),
@@ -267,6 +269,7 @@ def count_photo(ref: ObjectRef, svc: Services) -> dict[str, Any]:
         notes=notes,
         error_rate=svc.error_rate,
     )
+    review_queue.mark(item, svc.review_policy, review_queue.day_slot_taker(svc.table, svc.review_policy))
     svc.table.put_item(Item=item)
     if item["status"] in rec.NOTIFY_STATUSES:
         publish(svc, item)

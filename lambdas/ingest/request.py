@@ -48,6 +48,8 @@ class DatasetRequest(BaseModel):
     validation_fraction: float | None = Field(default=None, ge=0.01, le=0.5)
     test_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     seed: str | int | None = None
+    # People's answers from the review loop (raw/reviewed/) join the train split; validation and test stay ABID's.
+    include_reviewed: bool = True
 
     @field_validator("manifest_uri")
     @classmethod
@@ -97,6 +99,7 @@ class Plan:
     test_fraction: float
     seed: str
     tolerated_failure_percent: float
+    include_reviewed: bool | None = True
 
     def to_dict(self) -> dict[str, Any]:
         return {to_camel(key): value for key, value in asdict(self).items()}
@@ -206,4 +209,5 @@ def resolve(request: DatasetRequest, *, run_id: str, environ: dict[str, str] | N
         test_fraction=test,
         seed=str(request.seed) if request.seed is not None else "invmon",
         tolerated_failure_percent=float(env.get("INGEST_TOLERATED_FAILURE_PERCENT", "5")),
+        include_reviewed=request.include_reviewed,
     )

@@ -27,6 +27,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from lambdas import map_results
 from lambdas.ingest import aws
 from lambdas.ingest.request import Plan
+from lambdas.pack import layout
 from ml import abid
 
 logger = Logger()
@@ -138,6 +139,9 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
     parts = abid.stratified_split(
         records, validation_fraction=plan.validation_fraction, test_fraction=plan.test_fraction, seed=plan.seed
     )
+    # People's labels train only: validation and test stay the fixed ABID benchmark the deploy gate compares on.
+    reviewed = reviewed_records(s3, data_bucket) if plan.include_reviewed is not False else []
+    parts["train"] = sorted([*parts["train"], *reviewed])
     raw_prefix = f"s3://{data_bucket}/raw/"
     manifests = f"manifests/{run}/"
     records_key = f"{manifests}records.jsonl"
@@ -155,6 +159,7 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
         "objectsUnchanged": tally["unchanged"],
         "failedBatches": len(failed_batches),
         "counts": {name: len(part) for name, part in parts.items()},
+        "reviewedUsed": len(reviewed),
         "classes": {
             name: {str(q): n for q, n in sorted(Counter(r.quantity for r in part).items())}
             for name, part in parts.items()
@@ -178,10 +183,13 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
     channels = {}
     for name, part in parts.items():
         manifest_key = f"{manifests}{name}.manifest"
-        aws.put_json(s3, data_bucket, manifest_key, abid.sagemaker_manifest(part, raw_prefix))
+        in_raw = [r for r in part if not r.image_id.startswith(layout.REVIEWED_ID_PREFIX)]
+        aws.put_json(s3, data_bucket, manifest_key, abid.sagemaker_manifest(in_raw, raw_prefix))
         s3.put_object(Bucket=data_bucket, Key=f"{manifests}{name}.jsonl", Body=abid.records_jsonl(part).encode(),
                       ContentType="application/x-ndjson")
         channels[name] = f"s3://{data_bucket}/{manifest_key}"
+    # The ManifestFile channels hold one prefix (raw/): reviewed photos reach training through the shards, which
+    # the packers read from raw/reviewed/ (lambdas/pack/layout.py raw_keys).
     aws.put_json(s3, data_bucket, report_key, report)
     return {
         "runId": run,
@@ -189,7 +197,33 @@ def split(event: dict[str, Any], *, s3: Any, data_bucket: str) -> dict[str, Any]
         "channels": channels,
         "counts": report["counts"],
         "reportKey": report_key,
+        "reviewedUsed": len(reviewed),
     }
+
+
+def reviewed_records(s3: Any, data_bucket: str) -> list[abid.AbidRecord]:
+    """The review loop's labels under raw/reviewed/ (ABID layout): every labelled photo whose image is there.
+    An ``unusable`` answer leaves no label, so it never gets here."""
+    found: list[abid.AbidRecord] = []
+    photos: set[str] = set()
+    metadata: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=data_bucket, Prefix=layout.REVIEWED_PREFIX):
+        for item in page.get("Contents", []):
+            key = item["Key"].removeprefix(layout.REVIEWED_PREFIX)
+            if key.startswith(f"{abid.IMAGE_DIR}/") and key.endswith(".jpg"):
+                photos.add(key[len(abid.IMAGE_DIR) + 1 : -4])
+            elif key.startswith(f"{abid.METADATA_DIR}/") and key.endswith(".json"):
+                metadata.append(key)
+    for key in sorted(metadata):
+        image_id = key[len(abid.METADATA_DIR) + 1 : -5]
+        if not image_id.startswith(layout.REVIEWED_ID_PREFIX) or image_id not in photos:
+            continue
+        body = s3.get_object(Bucket=data_bucket, Key=layout.REVIEWED_PREFIX + key)["Body"].read()
+        try:
+            found.append(abid.parse_metadata(image_id, body))
+        except abid.InvalidRecord as error:
+            logger.warning("reviewed label skipped", extra={"key": key, "reason": str(error)})
+    return found
 
 
 

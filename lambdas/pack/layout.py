@@ -6,6 +6,9 @@ from __future__ import annotations
 from ml import abid, shards
 
 RAW_PREFIX = "raw/"
+# The review loop's labels (lambdas/review/store.py writes them; kept equal by tests/lambdas/test_review.py).
+REVIEWED_PREFIX = "raw/reviewed/"
+REVIEWED_ID_PREFIX = "reviewed-"
 MANIFEST_PREFIX = "manifests/"
 SHARD_PREFIX = "shards/"
 REPORT_PREFIX = "reports/pack/"
@@ -39,6 +42,8 @@ def shard_key(plan_id: str, split: str, index: int) -> str:
 
 
 def raw_keys(image_id: str) -> tuple[str, str]:
-    """(photo, metadata) of one image under raw/, as the ingest copy workers wrote them."""
+    """(photo, metadata) of one image under raw/, as the ingest copy workers wrote them; a reviewed photo's
+    (an id the review loop gave it, lambdas/review/store.py) under raw/reviewed/ in the same layout."""
     record = abid.AbidRecord(image_id, 0, 0)
-    return RAW_PREFIX + record.image_key, RAW_PREFIX + record.metadata_key
+    prefix = REVIEWED_PREFIX if image_id.startswith(REVIEWED_ID_PREFIX) else RAW_PREFIX
+    return prefix + record.image_key, prefix + record.metadata_key

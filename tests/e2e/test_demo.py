@@ -177,6 +177,10 @@ def test_demo_runs_the_pipeline_end_to_end_offline_and_leaves_nothing_running(tm
     assert re.search(r"Deploy gate: compare with the model in service \(.*abid-effnet-lite0\)", out)
     assert "skip: valid_accuracy" in out
     assert {"match", "mismatch"} & set(statuses), statuses
+    # The review step: every queued upload answered over HTTP, shown as reviewed, with its label files.
+    answered = int(re.search(r"(\d+) photos reviewed:", out).group(1))
+    assert answered >= 1 and len([r for r in rows if "reviewed: person" in r]) == answered
+    assert len(re.findall(r"raw/reviewed/metadata/reviewed-\w+\.json", out)) == answered
     assert all(row.rstrip().endswith("model") for row in rows if row.startswith("bin "))
     assert re.search(r"The demo's own model on its held-out test split, 1-5 objects \(\d+ photos\): accuracy "
                      r"[01]\.\d{3}, RMSE", out)

@@ -18,6 +18,10 @@ UNTAGGABLE = {
     "AWS::SNS::Subscription", "AWS::KMS::Alias", "AWS::ApplicationAutoScaling::ScalingPolicy",
     "AWS::Events::Rule", "AWS::CloudWatch::Alarm", "AWS::Scheduler::Schedule", "Custom::S3BucketNotifications",
     "Custom::S3AutoDeleteObjects", "AWS::Lambda::LayerVersionPermission", "Custom::CDKBucketDeployment",
+    # The review stage's parts that CloudFormation gives no Tags property.
+    "AWS::CloudFront::OriginAccessControl", "AWS::Cognito::UserPoolDomain", "AWS::Cognito::UserPoolClient",
+    "AWS::Cognito::ManagedLoginBranding", "AWS::Cognito::UserPoolGroup", "AWS::ApiGatewayV2::Integration",
+    "AWS::ApiGatewayV2::Route", "AWS::ApiGatewayV2::Authorizer", "AWS::Lambda::LayerVersion",
 }
 
 
@@ -26,7 +30,8 @@ def test_every_taggable_resource_carries_project_stage_and_component(template):
     for logical_id, resource in template.to_json()["Resources"].items():
         if resource["Type"] in UNTAGGABLE or resource["Type"].startswith("Custom::"):
             continue
-        tags = resource.get("Properties", {}).get("Tags")
+        # A user pool's tags are its UserPoolTags.
+        tags = resource.get("Properties", {}).get("Tags", resource.get("Properties", {}).get("UserPoolTags"))
         if tags is None:
             missing.append(f"{logical_id} ({resource['Type']}): no tags")
             continue

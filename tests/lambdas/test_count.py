@@ -201,6 +201,9 @@ def test_mixed_batch_gets_one_right_record_each_and_reports_no_failure(aws, endp
     assert spaced_record["key"] == spaced_key
     assert spaced_record["status"] == rec.MISMATCH
     assert (spaced_record["count"], spaced_record["expectedCount"]) == (labels[spaced_id], labels[spaced_id] + 1)
+    # A mismatch waits for a person (the review queue's sparse index keys); a rejection does not.
+    assert spaced_record["reviewQueue"] == "pending" and spaced_record["reviewReason"] == "status"
+    assert "reviewQueue" not in huge
 
     # The endpoint saw the real photo once (the duplicate was not recounted), the spaced one, and the
     # corrupt one (only the endpoint can tell it is corrupt); the rejects never reached it.
@@ -257,6 +260,8 @@ def test_low_confidence_count_is_not_compared_and_raises_an_event(aws, sample_di
     item = record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"])
     assert item["status"] == rec.LOW_CONFIDENCE
     assert "below the 0.5 threshold" in item["reason"]
+    # Queued for a person, ranked by 1 - confidence (no discrepancyProbability on this record).
+    assert item["reviewQueue"] == "pending" and item["reviewRank"].startswith("0.310000#")
     assert [a["detail-type"] for a in published(aws)] == ["Photo count uncounted-low-confidence"]
 
 
@@ -460,7 +465,7 @@ def test_bulk_plan_screens_the_prefix_and_load_stores_the_transform_answers(aws,
     assert first == {"done": False, "next": {"index": 2}, "loaded": 2}
     second = bulk.load(aws["s3"], table, job=job, index=2, threshold=0.5, page=2)
     assert second == {"done": True, "next": {"index": 3}, "loaded": 0}
-    items = {i["key"]: i for i in table.scan()["Items"]}
+    items = {i["key"]: i for i in table.scan()["Items"] if i["pk"].startswith("photo#")}  # not the review counters
     assert items["incoming/2026-11/01046.jpg"]["status"] == rec.MATCH
     assert items["incoming/2026-11/01062.jpg"]["status"] == rec.MISMATCH
     assert items["incoming/2026-11/01062.jpg"]["source"] == "bulk:invmon-dev-counter-bulk-1"

@@ -535,3 +535,45 @@ def test_poison_metadata_and_an_oversized_photo_fail_only_themselves_in_a_batch(
     assert "RecursionError" in reasons[ids[1]] and "5000-digit number" in reasons[ids[2]]
     assert reasons[ids[3]].endswith(f"is {big} bytes, above the {big - 1} bytes a photo may have")
     assert [r["image_id"] for r in result.records] == [ids[4]]
+
+
+def _reviewed_label(s3, image_id: str, count: int) -> str:
+    """A label as the review API writes it (lambdas/review/store.py), for one of the sample photos."""
+    from lambdas.review import store
+
+    key = f"incoming/bin {image_id}.jpg"
+    photo = Path(__file__).resolve().parents[2] / "data" / "abid-sample" / "bin-images" / f"{image_id}.jpg"
+    put = s3.put_object(Bucket=DATA, Key=key, Body=photo.read_bytes())
+    item = {"bucket": DATA, "key": key, "versionId": put.get("VersionId"), "reviewedCount": count,
+            "reviewedBy": "reviewer-sub", "reviewedAt": "2026-12-06T10:00:00+00:00", "count": 2,
+            "modelStatus": "mismatch", "expectedCount": 5}
+    store.write_label(s3, DATA, item)
+    return store.label_id(key, put.get("VersionId"))
+
+
+def test_reviewed_labels_join_the_train_split_only_and_the_packers_read_them(s3, sample_dir):
+    from lambdas.pack import packer
+
+    labels = sample_labels(sample_dir)
+    uri = upload_list(s3, sorted(labels)[:80])
+    reviewed_id = _reviewed_label(s3, "01046", 4)
+
+    _, _, result = ingest(s3, {"selector": "manifest", "manifestUri": uri}, "run-reviewed")
+
+    assert result["reviewedUsed"] == 1
+    parts = {name: {r.image_id: r.quantity for r in abid.parse_records_jsonl(
+        s3.get_object(Bucket=DATA, Key=f"manifests/run-reviewed/{name}.jsonl")["Body"].read().decode())}
+        for name in ("train", "validation", "test")}
+    assert parts["train"][reviewed_id] == 4  # the person's count, not the model's
+    assert reviewed_id not in parts["validation"] and reviewed_id not in parts["test"]
+    report = read_json(s3, result["reportKey"])
+    assert report["reviewedUsed"] == 1 and report["counts"]["train"] == len(parts["train"])
+    # The packers that build the training shards find it under raw/reviewed/ in ABID's layout.
+    fetched = packer.fetch(s3, DATA, reviewed_id)
+    assert fetched.sample is not None and fetched.sample.image.startswith(b"\xff\xd8")
+
+    # The same run with includeReviewed false leaves people's labels out; so is an unusable answer.
+    _, _, without = ingest(s3, {"selector": "manifest", "manifestUri": uri, "includeReviewed": False}, "run-plain")
+    assert without["reviewedUsed"] == 0
+    assert without["counts"]["validation"] == result["counts"]["validation"]
+    assert without["counts"]["test"] == result["counts"]["test"]

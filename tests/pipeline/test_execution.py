@@ -527,7 +527,8 @@ def test_bulk_count_transforms_the_uploads_and_loads_a_record_per_photo(cloud: C
     assert "transformrole" in transform["ExecutionRoleArn"].lower()
     assert "inferencerole" in serving["ExecutionRoleArn"].lower()
     table = cloud.name("AWS::DynamoDB::Table", "CountCounts")
-    items = cloud.client("dynamodb").scan(TableName=table)["Items"]
+    items = [item for item in cloud.client("dynamodb").scan(TableName=table)["Items"]
+             if item["pk"]["S"].startswith("photo#")]  # not the review queue's day counters
     assert sorted(item["count"]["N"] for item in items) == ["4"] * len(keys)
 
 
