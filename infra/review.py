@@ -34,6 +34,7 @@ from constructs import Construct
 from infra.config import Settings
 from infra.function import PROJECT_ROOT, PythonFunction, log_group
 from infra.nag import IAM4, IAM5, flatten, resource_finding, suppress, wildcard_suppression
+from infra.storage import grant_read_prefix
 
 WEB_DIR = PROJECT_ROOT / "web" / "review"
 REVIEWERS_GROUP = "reviewers"
@@ -127,7 +128,7 @@ class Review(Construct):
         role = self.handler.role
         counts_table.grant_read_write_data(role)
         # Presigned GETs are signed with this role: it reads the uploads, and copies them to raw/reviewed/.
-        data_bucket.grant_read(role, f"{settings.incoming_prefix}*")
+        grant_read_prefix(data_bucket, data_key, role, f"{settings.incoming_prefix}*")
         data_bucket.grant_put(role, "raw/reviewed/*")
         data_bucket.grant_delete(role, "raw/reviewed/*")
         data_key.grant_encrypt_decrypt(role)
@@ -239,10 +240,9 @@ class Review(Construct):
                 resources=[data_bucket.arn_for_objects(f"{settings.incoming_prefix}*"),
                            data_bucket.arn_for_objects("raw/reviewed/*"), f"{counts_table.table_arn}/index/*"]),
             wildcard_suppression(
-                self.handler, "CDK's bucket read/put/delete grants and the data key's encrypt/decrypt grant expand to "
+                self.handler, "CDK's bucket put/delete grants and the data key's encrypt/decrypt grant expand to "
                 "these action families; the resources are the prefixes and key above.",
-                actions=["s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:DeleteObject*", "s3:Abort*",
-                         "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
+                actions=["s3:DeleteObject*", "s3:Abort*", "kms:GenerateDataKey*", "kms:ReEncrypt*"]),
         )
         NagSuppressions.add_resource_suppressions(self.user_pool, [
             NagPackSuppression(id="AwsSolutions-COG3", reason="Threat protection (advanced security) is a paid "

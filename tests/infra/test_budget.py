@@ -51,4 +51,4 @@ def test_a_config_without_a_deadline_is_not_checked():
 
 def test_synth_refuses_tuning_trials_that_cannot_fit_a_tuning_jobs_limit():
     with pytest.raises(ConfigError, match="tuningMaxJobs: 100 trials, 1 at a time"):
-        budget.check(load_settings({"tuningMaxJobs": 100, "tuningMaxParallelJobs": 1}))
+        budget.check(load_settings({"tuningMaxJobs": 100, "tuningMaxJobsCap": 100, "tuningMaxParallelJobs": 1}))
