@@ -668,7 +668,8 @@ def test_only_the_normalized_input_travels_on(cloud: Cloud) -> None:
     raw = {"dataset": {"selector": "count-range", "min_count": 1, "maxCount": None}}
     execution = cloud.run(first_state_only(cloud), raw)
     assert execution.status == "SUCCEEDED", execution.cause
-    assert execution.output == {"input": {"dataset": {"selector": "count-range", "minCount": 1}}, "execution": "run"}
+    dataset = {"selector": "count-range", "minCount": 1, "includeReviewed": True}  # the default shown, not None
+    assert execution.output == {"input": {"dataset": dataset}, "execution": "run"}
 
 
 def test_a_network_isolation_off_that_the_stack_allows_reaches_the_training_job(cloud: Cloud) -> None:
