@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--limit", type=int, default=100, help="messages to list at most")
 
     for sub in (start, status, count, costs, dlq):
-        sub.add_argument("--stack", default=aws.DEFAULT_STACK, help=f"stack name (default {aws.DEFAULT_STACK})")
+        sub.add_argument("--stage", default=aws.DEFAULT_STAGE,
+                         help="the stage deployed with -c stage=...: its stack is Invmon-<stage> (default dev)")
+        sub.add_argument("--stack", default=None, help=f"stack name (default from --stage: {aws.DEFAULT_STACK})")
+        sub.add_argument("--region", default=None,
+                         help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the profile's)")
+        sub.add_argument("--profile", default=None, help="AWS profile from ~/.aws/config (default: AWS_PROFILE)")
     return parser
 
 
@@ -177,12 +182,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", args.stage):
+            print(f"invmon: --stage: expected a stage name such as dev or prod, got {args.stage!r}", file=sys.stderr)
+            return 2
+        args.stack = aws.stack_name(args.stage) if args.stack is None else args.stack
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,127}", args.stack):
             # A CloudFormation stack name: letters, digits and hyphens, starting with a letter.
             print(f"invmon: --stack: expected a stack name such as {aws.DEFAULT_STACK}, got {args.stack!r}",
                   file=sys.stderr)
             return 2
-        deployment = aws.Deployment(stack_name=args.stack)
+        deployment = aws.Deployment(stack_name=args.stack,
+                                    session=aws.make_session(region=args.region, profile=args.profile))
         handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs, "dlq": _dlq}
         return handlers[args.command](args, deployment)
     except aws.CliError as error:
