@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from infra.config import Settings, load_settings
 from invmon import execution
+from invmon.aws import failure_reason
 from invmon.local import OFFLINE_ENV, ChildProcess, LocalEndpoints, MotoServer, patched_environ
 from invmon.table import render_table
 from ml import abid
@@ -312,7 +313,7 @@ class HistoryPrinter:
             self.say(f"{stamp}{kind.removesuffix('StateEntered'):<8} {event['stateEnteredEventDetails']['name']}")
         elif kind.endswith(("Failed", "TimedOut", "Aborted")):
             details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
-            cause = str(details.get("cause", ""))
+            cause = failure_reason(str(details.get("cause", "")))
             self.say(f"{stamp}{kind}: {details.get('error', '')}" + (f": {cause[:400]}" if cause else ""))
         elif kind == "ExecutionSucceeded":
             self.say(f"{stamp}{kind}")
@@ -320,6 +321,23 @@ class HistoryPrinter:
 
 class PipelineFailed(RuntimeError):
     pass
+
+
+class DemoArgumentError(ValueError):
+    """An argument the demo cannot run with, found before any work (the CLI exits 2 with the message)."""
+
+
+# Fewer photos than this left after the hold-out cannot be split into training, validation and test shards.
+MIN_TRAINING_PHOTOS = 20
+
+
+def check_hold_out(records: list[abid.AbidRecord], hold: int, data: Path) -> None:
+    if hold < 1:
+        raise DemoArgumentError(f"--hold-out: expected at least 1 photo to count, got {hold}")
+    if len(records) - hold < MIN_TRAINING_PHOTOS:
+        raise DemoArgumentError(
+            f"--hold-out: {data} holds {len(records)} photos and training needs {MIN_TRAINING_PHOTOS}, so at most "
+            f"{max(len(records) - MIN_TRAINING_PHOTOS, 0)} can be held out, got {hold}")
 
 
 def follow(sfn: Any, definition: dict[str, Any], execution_input: dict[str, Any], name: str) -> execution.Execution:
@@ -331,7 +349,9 @@ def follow(sfn: Any, definition: dict[str, Any], execution_input: dict[str, Any]
         raise PipelineFailed(f"execution {name} hit a States.Runtime error, which no Catch catches on AWS: "
                              f"{json.dumps(result.runtime_errors()[0], default=str)[:1000]}")
     if result.status != "SUCCEEDED":
-        raise PipelineFailed(f"execution {name} {result.status}: {result.error}: {result.cause}")
+        # The reason a person needs, not the whole cause (a Lambda's stack trace, a job description's JSON).
+        raise PipelineFailed(f"execution {name} {result.status}: {result.error}: "
+                             f"{failure_reason(str(result.cause or ''))[:1000]}")
     return result
 
 
@@ -367,7 +387,8 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
     settings = load_settings()
     records, rejected = abid.scan_folder(data)
     if not records:
-        raise SystemExit(f"invmon demo: no ABID records in {data} (expected bin-images/ and metadata/)")
+        raise DemoArgumentError(f"--data: no ABID records in {data} (expected bin-images/ and metadata/)")
+    check_hold_out(records, hold, data)
     for item in rejected:
         print(f"skipped {item.image_id} in {data}: {item.reason}")
     in_service = model_in_service(in_service_dir)
@@ -384,7 +405,7 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
             resolver = execution.Resolver(synthesized.template)
             definition = execution.for_moto(resolver.definition(
                 synthesized.logical_id("AWS::StepFunctions::StateMachine", PIPELINE)))
-        moto = stack.enter_context(MotoServer())
+        moto = stack.enter_context(MotoServer(log=workdir / "moto.log"))
         execution.enable_interpreter(moto.url)
         bucket = execution.physical_name(synthesized.logical_id("AWS::S3::Bucket", "StorageData"))
         with progress.step(
