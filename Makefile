@@ -9,7 +9,7 @@ NPM_STAMP := node_modules/.package-lock.json
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint synth bench clean
+.PHONY: setup demo test lint synth bench docs clean
 
 setup: $(STAMP) $(NPM_STAMP)
 
@@ -35,6 +35,9 @@ test: lint
 synth: setup
 	npx cdk synth --quiet $(ARGS)
 	@echo "templates written to cdk.out/"
+
+docs: setup
+	$(BIN)/python -m infra.reference
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

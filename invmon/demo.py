@@ -40,7 +40,7 @@ from tqdm import tqdm
 from infra.config import Settings, load_settings
 from invmon import execution
 from invmon.aws import failure_reason
-from invmon.local import OFFLINE_ENV, ChildProcess, LocalEndpoints, MotoServer, patched_environ
+from invmon.local import OFFLINE_ENV, ChildProcess, LocalEndpoints, MotoServer, patched_environ, stop_all_children
 from invmon.table import render_table
 from ml import abid
 
@@ -397,6 +397,7 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
     stamp = time.strftime("%Y%m%dT%H%M%S")
     progress = Progress(STEPS if in_service_dir else STEPS - 1)
     with contextlib.ExitStack() as stack:
+        stack.callback(stop_all_children)  # last: whatever the other cleanups did not know about
         # Before anything imports a handler: Powertools reads its settings (log level, metrics namespace) once,
         # when a module makes its Logger and Metrics.
         stack.enter_context(patched_environ(OFFLINE_ENV | QUIET))

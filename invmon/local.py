@@ -110,12 +110,14 @@ class ChildProcess:
             # Own session: Ctrl-C reaches only us, and we decide how the child stops.
             start_new_session=True,
         )
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def stop(self, grace: float = 10.0) -> None:
+        _LIVE.discard(self)
         if self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -132,6 +134,17 @@ class ChildProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# Every child not stopped yet, whichever thread started it: an endpoint still starting up in the interpreter's
+# thread when Ctrl-C arrives is in no one else's list yet.
+_LIVE: set[ChildProcess] = set()
+
+
+def stop_all_children() -> None:
+    """Stop every child this process started and has not stopped (the demo's last cleanup)."""
+    for child in list(_LIVE):
+        child.stop()
 
 
 class MotoServer:
