@@ -298,19 +298,26 @@ def default_epochs(n_photos: int) -> int:
 
 class HistoryPrinter:
     """Prints an execution's history as it grows: each state as it is entered (time, seconds since the start,
-    state type, name), each failure with its error and cause, and how the execution ended."""
+    state type, name), how long each took as it exits (``└ name: 85.2 s``), each failure with its error and cause,
+    and how the execution ended."""
 
     def __init__(self, say: Callable[[str], None] | None = None) -> None:
         # Bound to the real stdout now: a Lambda running in another thread redirects sys.stdout meanwhile.
         self.say = say or functools.partial(print, file=sys.stdout, flush=True)
         self.started: datetime | None = None
+        self.entered: dict[str, datetime] = {}
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind, when = event["type"], event["timestamp"]
         self.started = self.started or when
         stamp = f"      {when:%H:%M:%S} +{(when - self.started).total_seconds():6.1f} s  "
         if kind.endswith("StateEntered"):
+            self.entered[event["stateEnteredEventDetails"]["name"]] = when
             self.say(f"{stamp}{kind.removesuffix('StateEntered'):<8} {event['stateEnteredEventDetails']['name']}")
+        elif kind.endswith("StateExited"):
+            name = event["stateExitedEventDetails"]["name"]
+            if name in self.entered:
+                self.say(f"{stamp}└ {name}: {(when - self.entered.pop(name)).total_seconds():.1f} s")
         elif kind.endswith(("Failed", "TimedOut", "Aborted")):
             details = next((v for k, v in event.items() if k.endswith("EventDetails")), {})
             cause = failure_reason(str(details.get("cause", "")))
@@ -475,6 +482,30 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
                       workdir=workdir)
 
 
+# What each status in the table means (lambdas/count/records.py decides them); a test keeps one line per status.
+STATUS_LEGEND = {
+    "match": "the count agrees with the consignment, with the confidence the model's operating point asks for",
+    "mismatch": "the count disagrees with the consignment: a discrepancy to look at",
+    "uncounted-low-confidence": "the model cannot tell confidently enough: a person should count",
+    "rejected": "the upload was not counted (empty, too large, not a JPEG/PNG, corrupt): see its reason",
+    "counted": "counted confidently, with no consignment to compare with",
+}
+
+
+def counting_models(result: DemoResult) -> list[str]:
+    """The models that answered the count records, in the order they first appear."""
+    return list(dict.fromkeys(str(row["record"]["model"]) for row in result.rows if row["record"].get("model")))
+
+
+def status_summary(result: DemoResult) -> str:
+    """``13 uploads: 6 match, 3 mismatch, 3 uncounted-low-confidence, 1 rejected``."""
+    counts: dict[str, int] = {}
+    for row in result.rows:
+        status = row["record"].get("status", "missing")
+        counts[status] = counts.get(status, 0) + 1
+    return f"{len(result.rows)} uploads: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def report(result: DemoResult) -> str:
     table_rows = []
     for row in result.rows:
@@ -496,7 +527,14 @@ def report(result: DemoResult) -> str:
             ]
         )
     headers = ["photo", "in the bin", "consignment", "counted", "confidence", "status", "decided by"]
-    lines = [render_table(headers, table_rows), ""]
+    models = counting_models(result)
+    gate = result.decision.get("decision")
+    heading = (f"Counted by {', '.join(models) or 'no model'}"
+             + (f" (the deploy gate's decision on the demo's model: {gate})" if gate else ""))
+    lines = [heading, render_table(headers, table_rows), status_summary(result)]
+    shown = dict.fromkeys(str(row["record"].get("status", "missing")) for row in result.rows)
+    lines += [f"  {status}: {STATUS_LEGEND[status]}" for status in shown if status in STATUS_LEGEND]
+    lines.append("")
     for title, figures in (
         ("1-5 objects", result.evaluation.get("headline")),
         ("every class", result.evaluation.get("full_range")),
