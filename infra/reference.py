@@ -45,9 +45,11 @@ FLAGS = """
 ## CDK feature flags
 
 `cdk.json` also sets these AWS CDK feature flags (context keys starting with `@`): each changes what the CDK
-synthesizes, and a new project gets the recommended value. `npx cdk synth` mentions the flags a project leaves
-unset ("feature flags are not configured"): those keep the behaviour of the CDK version that introduced them,
-which this app was written and tested against; `npx cdk flags` lists them all.
+synthesizes. `npx cdk synth` ends with "81 feature flags are not configured": the flags this app leaves unset keep
+the CDK's default behaviour, which the app's templates, tests and cdk-nag checks were written against; setting one
+changes resources (names, policies, replacements on the next deploy), so each is a change of its own, reviewed
+with `npx cdk diff`. The CLI has no switch to hide the line (aws/aws-cdk-cli issue 913);
+`npx cdk flags --unstable=flags` lists the flags with the recommended values.
 
 | flag | value |
 | --- | --- |
