@@ -413,30 +413,47 @@ def _uploads(body: str) -> list[str]:
         return [f"(not an S3 notification) {body[:60]}"]
 
 
-def dead_letters(deployment: Deployment, *, limit: int = 100) -> tuple[int, list[DeadLetter]]:
-    """(approximate depth, up to ``limit`` messages) of the count DLQ, left in the queue.
+# How long a listed page stays hidden while the rest is read; each is made visible again at once afterwards, and
+# SQS does so by itself after this long if the listing is cut short.
+LISTING_VISIBILITY_SECONDS = 30
 
-    Messages are received with a zero visibility timeout, so they stay visible (a redrive still moves them);
-    SQS returns a sample per call, so the listing stops when a call brings nothing new.
+
+def dead_letters(deployment: Deployment, *, limit: int = 100) -> tuple[int, list[DeadLetter]]:
+    """(approximate depth, up to ``limit`` messages) of the count DLQ, every message left in the queue.
+
+    A receive with a zero visibility timeout returns a sample that may repeat the same ten messages forever
+    (short polling reads a subset of SQS's servers: SQS Developer Guide, "Amazon SQS short and long polling").
+    So each page is received with long polling and hidden for LISTING_VISIBILITY_SECONDS, which makes the next
+    receive return other messages, until a receive finds none; then every listed message is made visible again
+    at once (ChangeMessageVisibility to 0). Nothing is consumed: a message's receive count grows by one.
     """
     sqs, url = deployment.client("sqs"), deployment.output("count_dlq")
     depth = int(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
                 ["Attributes"]["ApproximateNumberOfMessages"])
     found: dict[str, DeadLetter] = {}
-    while len(found) < min(depth, limit):
-        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0,
-                                       MessageSystemAttributeNames=["All"], WaitTimeSeconds=1).get("Messages", [])
-        new = [m for m in messages if m["MessageId"] not in found]
-        if not new:
-            break
-        for message in new:
-            attributes = message.get("Attributes", {})
-            sent = attributes.get("SentTimestamp")
-            found[message["MessageId"]] = DeadLetter(
-                message_id=message["MessageId"], keys=_uploads(message["Body"]),
-                receives=int(attributes.get("ApproximateReceiveCount", 0)),
-                sent=datetime.fromtimestamp(int(sent) / 1000).astimezone() if sent else None)
-    return depth, list(found.values())[:limit]
+    handles: dict[str, str] = {}
+    try:
+        while len(found) < limit:
+            messages = sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=min(10, limit - len(found)),
+                VisibilityTimeout=LISTING_VISIBILITY_SECONDS, MessageSystemAttributeNames=["All"],
+                WaitTimeSeconds=1).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                handles[message["MessageId"]] = message["ReceiptHandle"]
+                attributes = message.get("Attributes", {})
+                sent = attributes.get("SentTimestamp")
+                found[message["MessageId"]] = DeadLetter(
+                    message_id=message["MessageId"], keys=_uploads(message["Body"]),
+                    receives=int(attributes.get("ApproximateReceiveCount", 0)),
+                    sent=datetime.fromtimestamp(int(sent) / 1000).astimezone() if sent else None)
+    finally:
+        release = [{"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                   for i, handle in enumerate(handles.values())]
+        for start in range(0, len(release), 10):  # ChangeMessageVisibilityBatch takes at most 10 entries
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=release[start:start + 10])
+    return depth, list(found.values())
 
 
 def redrive_dead_letters(deployment: Deployment) -> str:

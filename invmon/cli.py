@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="uploads that could not be counted: list them, or redrive after a fix")
     dlq.add_argument("action", choices=("list", "redrive"))
-    dlq.add_argument("--limit", type=int, default=100, help="messages to list at most")
+    dlq.add_argument("--limit", type=_at_least(1), default=100, help="messages to list at most")
 
     for sub in (start, status, count, costs, dlq):
         sub.add_argument("--stage", default=aws.DEFAULT_STAGE,
@@ -212,6 +212,11 @@ def _dlq(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     depth, letters = aws.dead_letters(deployment, limit=args.limit)
     print(f"{depth} message(s) in the count dead-letter queue; the count Lambda's log says why each failed "
           "(search for the key; cause is one of the CountFailures causes)")
+    if len(letters) < depth:
+        print(f"showing {len(letters)} of about {depth}: see them all with --limit {depth}"
+              if len(letters) >= args.limit else
+              f"showing {len(letters)} of about {depth}: the others are being received elsewhere right now "
+              "(a redrive in progress, or another listing); run it again in a minute")
     print(render_table(["message", "uploads", "receives", "sent"], [
         [letter.message_id, ", ".join(letter.keys), letter.receives,
          letter.sent.isoformat(timespec="seconds") if letter.sent else ""] for letter in letters]))
