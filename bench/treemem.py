@@ -53,7 +53,7 @@ def sample(root: int) -> tuple[int, int, dict[str, int]]:
     for pid in pids:
         r, p, command = _memory(pid)
         rss, pss = rss + r, pss + p
-        key = " ".join(command.split()[:4])
+        key = " ".join(command.split()[:5])
         by_command[key] = by_command.get(key, 0) + r
     return rss, pss, by_command
 

@@ -65,6 +65,7 @@ class DemoResult:
     evaluation: dict[str, Any]
     decision: dict[str, Any]
     workdir: Path
+    in_service: str = ""  # the model the deploy gate left in service: the one that counted the uploads
 
 
 class Progress:
@@ -478,8 +479,9 @@ def run(data: Path, workdir: Path, *, epochs: int | None, hold: int,
             f"under {settings.incoming_prefix}; count each with the count Lambda through the endpoint, read the table"
         ):
             rows = count_uploads(lambdas, synthesized, data, held, settings)
+    deployed = deploy.get("decision") == "deploy"
     return DemoResult(rows=rows, metrics=training.get("metrics", {}), evaluation=evaluation, decision=deploy,
-                      workdir=workdir)
+                      workdir=workdir, in_service=str(training.get("jobName")) if deployed else service_name)
 
 
 # What each status in the table means (lambdas/count/records.py decides them); a test keeps one line per status.
@@ -529,8 +531,10 @@ def report(result: DemoResult) -> str:
     headers = ["photo", "in the bin", "consignment", "counted", "confidence", "status", "decided by"]
     models = counting_models(result)
     gate = result.decision.get("decision")
-    heading = (f"Counted by {', '.join(models) or 'no model'}"
-             + (f" (the deploy gate's decision on the demo's model: {gate})" if gate else ""))
+    counted_by = f"{result.in_service} ({', '.join(models)})" if result.in_service and models else (
+        result.in_service or ", ".join(models) or "no model")
+    heading = (f"Counted by the model in service, {counted_by}"
+               + (f"; the deploy gate's decision on the demo's model: {gate}" if gate else ""))
     lines = [heading, render_table(headers, table_rows), status_summary(result)]
     shown = dict.fromkeys(str(row["record"].get("status", "missing")) for row in result.rows)
     lines += [f"  {status}: {STATUS_LEGEND[status]}" for status in shown if status in STATUS_LEGEND]

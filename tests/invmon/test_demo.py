@@ -40,10 +40,11 @@ def _result(rows: list[dict], decision: str = "skip") -> object:
 
     from invmon.demo import DemoResult
 
-    return DemoResult(rows=rows, metrics={}, evaluation={}, decision={"decision": decision}, workdir=Path("."))
+    return DemoResult(rows=rows, metrics={}, evaluation={}, decision={"decision": decision}, workdir=Path("."),
+                      in_service="models/abid-effnet-lite0")
 
 
-def _row(photo: str, status: str, model: str | None = "abid-effnet-lite0") -> dict:
+def _row(photo: str, status: str, model: str | None = "efficientnet-lite0") -> dict:
     record = {"status": status, "count": 2, "confidence": 0.9, "decidedBy": "model"}
     if model:
         record["model"] = model
@@ -56,7 +57,8 @@ def test_the_table_names_the_counting_model_sums_up_by_status_and_explains_each_
     text = report(_result([_row("a.jpg", "match"), _row("b.jpg", "mismatch"), _row("c.jpg", "match"),
                            _row("broken.jpg", "rejected", model=None)]))
     lines = text.splitlines()
-    assert lines[0] == "Counted by abid-effnet-lite0 (the deploy gate's decision on the demo's model: skip)"
+    assert lines[0] == ("Counted by the model in service, models/abid-effnet-lite0 (efficientnet-lite0); the deploy "
+                        "gate's decision on the demo's model: skip")
     assert "4 uploads: 2 match, 1 mismatch, 1 rejected" in lines
     assert any(line.startswith("  mismatch: the count disagrees with the consignment") for line in lines)
     assert not any(line.startswith("  counted:") for line in lines), "only the statuses the table shows"
