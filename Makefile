@@ -9,12 +9,12 @@ NPM_STAMP := node_modules/.package-lock.json
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint synth bench clean browser
+.PHONY: setup demo test lint synth bench docs clean browser
 
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 
-setup: $(STAMP) $(NPM_STAMP) $(CHECKOV_STAMP)
+setup: $(STAMP) $(NPM_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,12 +47,15 @@ browser:
 	    apt-get update -q && apt-get install -y -q chromium chromium-driver; \
 	  else echo "no Chromium here: the review page's browser test will skip (install chromium, chromium-driver)"; fi; }
 
-test: lint browser
+test: lint browser $(CHECKOV_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 synth: setup
 	npx cdk synth --quiet $(ARGS)
 	@echo "templates written to cdk.out/"
+
+docs: setup
+	$(BIN)/python -m infra.reference
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -39,6 +39,7 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
             raise ValueError(f"expected an integer {bound}, got {value}")
         return value
 
+    parse.allowed = f"{minimum} to {maximum}" if maximum is not None else f"at least {minimum}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -54,6 +55,7 @@ def _float(minimum: float, maximum: float) -> Callable[[Any], float]:
             raise ValueError(f"expected a number between {minimum} and {maximum}, got {number}")
         return number
 
+    parse.allowed = f"{minimum} to {maximum}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -65,6 +67,9 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+_bool.allowed = "true, false"  # type: ignore[attr-defined]
+
+
 def _threshold(value: Any) -> float | str:
     """``"model"`` (each answer's own operating point) or a probability that overrides it."""
     if isinstance(value, str) and value.strip().lower() == "model":
@@ -73,6 +78,9 @@ def _threshold(value: Any) -> float | str:
         return _float(0.0, 1.0)(value)
     except ValueError:
         raise ValueError(f"expected \"model\" or a number between 0.0 and 1.0, got {value!r}") from None
+
+
+_threshold.allowed = '"model", or a number 0.0 to 1.0'  # type: ignore[attr-defined]
 
 
 # The most one InvokeEndpoint request may carry, by endpoint mode: "The maximum request and response payload
@@ -88,6 +96,7 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
         return value
 
+    parse.allowed = ", ".join(allowed)  # type: ignore[attr-defined]
     return parse
 
 
@@ -100,6 +109,7 @@ def _one_of_ints(*allowed: int) -> Callable[[Any], int]:
             raise ValueError(f"expected one of {', '.join(map(str, allowed))}, got {number}")
         return number
 
+    parse.allowed = ", ".join(map(str, allowed))  # type: ignore[attr-defined]
     return parse
 
 
@@ -109,6 +119,7 @@ def _pattern(regex: str, what: str) -> Callable[[Any], str]:
             raise ValueError(f"expected {what}, got {value!r}")
         return value
 
+    parse.allowed = what  # type: ignore[attr-defined]
     return parse
 
 
@@ -139,6 +150,9 @@ def _instance_types(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of instance types such as [\"ml.g4dn.xlarge\"], got {value!r}")
     return tuple(_training_instance_type(item) for item in value)
+
+
+_training_instance_type.allowed = "a SageMaker training instance type the PyTorch images run on"  # type: ignore[attr-defined]
 
 
 def _photos_per_shard(value: Any) -> int:
@@ -189,6 +203,9 @@ def _check_cron_fires(expression: str) -> None:
         raise ValueError(f"{expression!r} never fires: no month it names has day {min(days)}")
 
 
+_photos_per_shard.allowed = "1 to lambdas/pack/plan.py MAX_PHOTOS_PER_SHARD"  # type: ignore[attr-defined]
+
+
 def _rate_or_cron(value: Any) -> str:
     """An EventBridge schedule. A rate's value is a positive number, its unit minute/hour/day, singular for 1 and
     plural above ("rate(1 hours) and rate(5 hour) aren't valid": EventBridge's rate expressions reference); a cron
@@ -221,6 +238,9 @@ def _cost_report_schedule(value: Any) -> str:
         raise ValueError(f"the cost report runs at most once a day (each Cost Explorer request is billed), "
                          f"got {expression!r}; use rate(1 day) or a cron with a fixed minute and hour")
     return expression
+
+
+_rate_or_cron.allowed = "rate(N unit) or cron(six fields)"  # type: ignore[attr-defined]
 
 
 def _json(value: Any, shape: str, example: str) -> Any:
@@ -263,6 +283,7 @@ def _id_list(prefix: str) -> Callable[[Any], tuple[str, ...]]:
             raise ValueError(f"expected a list of ids such as {prefix}-0123456789abcdef0, got {value!r}")
         return tuple(value)
 
+    parse.allowed = f"a list of ids such as {prefix}-0123456789abcdef0"  # type: ignore[attr-defined]
     return parse
 
 
@@ -282,6 +303,7 @@ def _number_range(minimum: float, maximum: float, *, integer: bool) -> Callable[
             raise ValueError(f"expected low < high, got [{low}, {high}]")
         return (low, high)
 
+    parse.allowed = f"[low, high], each {bound.allowed}, low < high"  # type: ignore[attr-defined]
     return parse
 
 
@@ -296,6 +318,7 @@ def _int_choices(minimum: int, maximum: int) -> Callable[[Any], tuple[int, ...]]
             raise ValueError(f"expected a non-empty list of integers, got {value!r}")
         return tuple(sorted({as_int(item) for item in value}))
 
+    parse.allowed = f"a non-empty list of integers, each {as_int.allowed}"  # type: ignore[attr-defined]
     return parse
 
 
@@ -323,6 +346,9 @@ def _hyperparameters(value: Any) -> tuple[tuple[str, str | int | float | bool], 
     except HyperparameterError as error:
         raise ValueError(str(error)) from None
     return tuple(sorted(value.items()))
+
+
+_hyperparameters.allowed = "an object of ml.train arguments (name: string, number or boolean)"  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -508,6 +534,74 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 assert set(_SPEC) == {f.name for f in fields(Settings)}, "every Settings field needs a context key"
+
+# What each context key means, for people: docs/configuration.md is generated from this (python -m infra.reference)
+# and a test fails when a key has none. Adding a knob: one line here, next to its _SPEC entry's domain.
+MEANINGS: dict[str, str] = {
+    "project": "Name prefix of the stack (`<Project>-<stage>`) and of its resources; the `project` cost tag.",
+    "stage": "`dev` or `prod`: names the stack (`Invmon-dev`, `Invmon-prod`); prod keeps data buckets and "
+             "table when the stack is destroyed.",
+    # ingest
+    "sourceBucket": "The public bucket the ingest stage copies photos and metadata from (ABID's aft-vbi-pds).",
+    "datasetSelector": "Which photos an execution ingests when its input names none (`dataset.selector`).",
+    "ingestMaxConcurrency": "Parallel copy batches in the ingest stage's distributed Map.",
+    "ingestBatchSize": "Photos copied per ingest batch (one Lambda invocation).",
+    "ingestToleratedFailurePercent": "Percent of ingest batches that may fail before the stage fails.",
+    "splitValidationFraction": "Share of the dataset kept for validation (the deploy gate's metrics).",
+    "splitTestFraction": "Share of the dataset kept for the final test (never seen in training).",
+    # pack
+    "packPhotosPerShard": "Photos per training shard the pack stage writes.",
+    "packMaxConcurrency": "Parallel packers in the pack stage's Map.",
+    "packerMemoryMb": "Memory of the packer Lambda (MB); CPU scales with it.",
+    # training
+    "trainingInstanceType": "SageMaker training instance type.",
+    "trainingInstanceCount": "Training instances (data-parallel when more than one).",
+    "trainingUseSpot": "Train on spot capacity (managed spot training, with checkpoints).",
+    "trainingMaxRuntimeSeconds": "Longest a training job may run (StoppingCondition.MaxRuntimeInSeconds).",
+    "trainingMaxWaitSeconds": "Longest a spot job may wait and run in all; at least trainingMaxRuntimeSeconds.",
+    "trainingVolumeSizeGb": "Training instance storage volume (GB).",
+    "trainingEpochs": "Training epochs when the execution input names none.",
+    "trainingNetworkIsolation": "Run the training container without network access.",
+    "trainingDebugger": "Ask SageMaker Debugger for its rules (closed to new customers since 2026-07-30).",
+    "trainingProfiler": "Ask SageMaker Debugger's profiler for system metrics (closed as trainingDebugger).",
+    "trainingInputMode": "How the job reads its channels: `File` (downloaded first) or `FastFile` (streamed).",
+    "trainingDataDistribution": "Shards per instance (`ShardedByS3Key`) or every shard on each (`FullyReplicated`).",
+    "frameworkVersion": "PyTorch version of the SageMaker training and inference images.",
+    "pythonVersion": "Python tag of the SageMaker PyTorch images.",
+    # tuning
+    "tuningEnabled": "Run a hyperparameter tuning job instead of one training job.",
+    "tuningMaxJobs": "Training jobs a tuning run may start in all.",
+    "tuningMaxParallelJobs": "Training jobs a tuning run may run at once; at most tuningMaxJobs.",
+    "tuningLearningRateRange": "Learning rates the tuner searches (log scale).",
+    "tuningBatchSizes": "Batch sizes the tuner chooses from.",
+    "tuningEpochsRange": "Epochs the tuner searches.",
+    "trainingHyperparameters": "Extra ml.train arguments for every job (`--name value`), checked at synth.",
+    "trainingSubnetIds": "Run training inside these VPC subnets (with trainingSecurityGroupIds); empty: no VPC.",
+    "trainingSecurityGroupIds": "Security groups of training in a VPC (with trainingSubnetIds).",
+    # endpoint
+    "endpointMode": "`serverless` (pay per request) or `realtime` (instances, autoscaled).",
+    "endpointServerlessMemoryMb": "Memory of a serverless endpoint (MB).",
+    "endpointServerlessMaxConcurrency": "Concurrent invocations of a serverless endpoint.",
+    "endpointInstanceType": "Instance type of a realtime endpoint.",
+    "endpointMinInstances": "Fewest instances of a realtime endpoint (autoscaling floor).",
+    "endpointMaxInstances": "Most instances of a realtime endpoint (autoscaling ceiling).",
+    "deployMinImprovement": "How much a new model's validation accuracy must beat the model in service by to "
+                            "be deployed (0.0: any improvement).",
+    "endpointTargetInvocationsPerInstance": "Autoscaling target: invocations per instance per minute (realtime).",
+    "deployBakeSeconds": "How long a new model takes traffic under the rollback alarms before the old one goes.",
+    # counting
+    "incomingPrefix": "Where uploads to count arrive in the data bucket; must not overlap the pipeline's prefixes.",
+    "countConfidenceThreshold": "`model`: each answer's own operating point decides; a number: one confidence "
+                                "threshold for every answer.",
+    "countMaxImageBytes": "Largest photo sent to the endpoint; larger ones are recorded `rejected` (too-large).",
+    # notebooks
+    "studioDomain": "Create a SageMaker Studio domain for notebooks on the data (infra/studio.py).",
+    "studioNetworkAccess": "Studio's network: `PublicInternetOnly` or `VpcOnly`.",
+    # platform
+    "alarmEmail": "E-mail address subscribed to the alarms topic; empty: no subscription.",
+    "costReportSchedule": "When the cost report runs (EventBridge schedule).",
+    "logRetentionDays": "Days the functions' and jobs' logs are kept.",
+}
 
 CONTEXT_KEYS: tuple[str, ...] = tuple(key for key, _ in _SPEC.values())
 

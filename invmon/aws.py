@@ -8,8 +8,9 @@ without the expected output) become :class:`CliError` with the fix in the messag
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     NoRegionError,
+    ProfileNotFound,
     ReadTimeoutError,
     SSOTokenLoadError,
     TokenRetrievalError,
@@ -32,6 +34,7 @@ from botocore.exceptions import (
 from lambdas.count.records import photo_pk, version_sk
 
 DEFAULT_STACK = "Invmon-dev"
+DEFAULT_STAGE = "dev"
 # The stack outputs the CLI reads (infra/stack.py writes them).
 OUTPUTS = {
     "bucket": "DataBucketName",
@@ -54,7 +57,8 @@ class CliError(RuntimeError):
     """A problem the user can fix; the message says how."""
 
 
-NO_CREDENTIALS = "no AWS credentials found: run `aws configure`, `aws sso login` or set AWS_PROFILE"
+NO_CREDENTIALS = ("no AWS credentials found: run `aws configure` or `aws sso login`, or name a profile that has "
+                  "them with --profile or AWS_PROFILE")
 # What AWS answers for credentials that were good once: a session token past its expiry, a signed request too old.
 _EXPIRED = {"ExpiredToken", "ExpiredTokenException", "RequestExpired", "TokenRefreshRequired"}
 _REJECTED = {"InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
@@ -84,6 +88,43 @@ def explain(error: BotoCoreError | ClientError) -> str:
     return f"the AWS call failed: {error}"
 
 
+def stack_name(stage: str, project: str = "invmon") -> str:
+    """The stack app.py names for a stage: ``<Project>-<stage>`` (Invmon-dev, Invmon-prod)."""
+    return f"{project.capitalize()}-{stage}"
+
+
+NO_REGION = ("no AWS region set: pass --region, export AWS_REGION (or AWS_DEFAULT_REGION), or use a profile "
+             "with a region (--profile or AWS_PROFILE)")
+
+
+def resolve_region(region: str | None, session: boto3.session.Session,
+                   environ: Mapping[str, str] | None = None) -> str | None:
+    """The region the way the AWS CLI and SDKs choose it: ``--region``, then ``AWS_REGION``, then
+    ``AWS_DEFAULT_REGION``, then the profile's ``region`` (docs.aws.amazon.com/sdkref/latest/guide/
+    feature-region.html: AWS_REGION is the SDKs' variable, AWS_DEFAULT_REGION the CLI's; botocore 1.x reads only
+    the second, so the first is applied here)."""
+    environ = os.environ if environ is None else environ
+    for value in (region, environ.get("AWS_REGION"), environ.get("AWS_DEFAULT_REGION")):
+        if value and value.strip():
+            return value.strip()
+    return session.region_name
+
+
+def make_session(*, region: str | None = None, profile: str | None = None) -> boto3.session.Session:
+    """A boto3 session for ``--profile`` (or AWS_PROFILE) in the region :func:`resolve_region` picks."""
+    try:
+        session = boto3.session.Session(profile_name=profile or None)
+        chosen = resolve_region(region, session)
+        if chosen and chosen != session.region_name:
+            session = boto3.session.Session(profile_name=profile or None, region_name=chosen)
+    except ProfileNotFound:
+        name = profile or os.environ.get("AWS_PROFILE", "")
+        raise CliError(f"no AWS profile named {name!r} in the AWS config or credentials file: list them with "
+                       f"`aws configure list-profiles`, or create it with `aws configure --profile {name}`"
+                       ) from None
+    return session
+
+
 @dataclass
 class Deployment:
     stack_name: str = DEFAULT_STACK
@@ -96,7 +137,7 @@ class Deployment:
             try:
                 self._clients[service] = self.session.client(service)
             except NoRegionError:
-                raise CliError("no AWS region set: export AWS_REGION or use a profile with a region") from None
+                raise CliError(NO_REGION) from None
         return self._clients[service]
 
     def output(self, name: str) -> str:
@@ -121,7 +162,7 @@ def stack_outputs(cloudformation: Any, stack_name: str) -> dict[str, str]:
             region = cloudformation.meta.region_name
             raise CliError(
                 f"stack {stack_name} not found in {region}: deploy it with `npx cdk deploy`, "
-                "or name another with --stack"
+                "or name another with --stage or --stack"
             ) from None
         raise
     return {output["OutputKey"]: output["OutputValue"] for output in stack.get("Outputs", [])}
@@ -372,30 +413,47 @@ def _uploads(body: str) -> list[str]:
         return [f"(not an S3 notification) {body[:60]}"]
 
 
-def dead_letters(deployment: Deployment, *, limit: int = 100) -> tuple[int, list[DeadLetter]]:
-    """(approximate depth, up to ``limit`` messages) of the count DLQ, left in the queue.
+# How long a listed page stays hidden while the rest is read; each is made visible again at once afterwards, and
+# SQS does so by itself after this long if the listing is cut short.
+LISTING_VISIBILITY_SECONDS = 30
 
-    Messages are received with a zero visibility timeout, so they stay visible (a redrive still moves them);
-    SQS returns a sample per call, so the listing stops when a call brings nothing new.
+
+def dead_letters(deployment: Deployment, *, limit: int = 100) -> tuple[int, list[DeadLetter]]:
+    """(approximate depth, up to ``limit`` messages) of the count DLQ, every message left in the queue.
+
+    A receive with a zero visibility timeout returns a sample that may repeat the same ten messages forever
+    (short polling reads a subset of SQS's servers: SQS Developer Guide, "Amazon SQS short and long polling").
+    So each page is received with long polling and hidden for LISTING_VISIBILITY_SECONDS, which makes the next
+    receive return other messages, until a receive finds none; then every listed message is made visible again
+    at once (ChangeMessageVisibility to 0). Nothing is consumed: a message's receive count grows by one.
     """
     sqs, url = deployment.client("sqs"), deployment.output("count_dlq")
     depth = int(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
                 ["Attributes"]["ApproximateNumberOfMessages"])
     found: dict[str, DeadLetter] = {}
-    while len(found) < min(depth, limit):
-        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0,
-                                       MessageSystemAttributeNames=["All"], WaitTimeSeconds=1).get("Messages", [])
-        new = [m for m in messages if m["MessageId"] not in found]
-        if not new:
-            break
-        for message in new:
-            attributes = message.get("Attributes", {})
-            sent = attributes.get("SentTimestamp")
-            found[message["MessageId"]] = DeadLetter(
-                message_id=message["MessageId"], keys=_uploads(message["Body"]),
-                receives=int(attributes.get("ApproximateReceiveCount", 0)),
-                sent=datetime.fromtimestamp(int(sent) / 1000).astimezone() if sent else None)
-    return depth, list(found.values())[:limit]
+    handles: dict[str, str] = {}
+    try:
+        while len(found) < limit:
+            messages = sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=min(10, limit - len(found)),
+                VisibilityTimeout=LISTING_VISIBILITY_SECONDS, MessageSystemAttributeNames=["All"],
+                WaitTimeSeconds=1).get("Messages", [])
+            if not messages:
+                break
+            for message in messages:
+                handles[message["MessageId"]] = message["ReceiptHandle"]
+                attributes = message.get("Attributes", {})
+                sent = attributes.get("SentTimestamp")
+                found[message["MessageId"]] = DeadLetter(
+                    message_id=message["MessageId"], keys=_uploads(message["Body"]),
+                    receives=int(attributes.get("ApproximateReceiveCount", 0)),
+                    sent=datetime.fromtimestamp(int(sent) / 1000).astimezone() if sent else None)
+    finally:
+        release = [{"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                   for i, handle in enumerate(handles.values())]
+        for start in range(0, len(release), 10):  # ChangeMessageVisibilityBatch takes at most 10 entries
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=release[start:start + 10])
+    return depth, list(found.values())
 
 
 def redrive_dead_letters(deployment: Deployment) -> str:

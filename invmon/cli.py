@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +23,72 @@ from invmon.table import render_table
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "abid-sample"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (``invmon demo: --epochs: ...``) and exit status 2, with
+    ``invmon <command> --help`` for the rest, instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _folder(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder (expected an ABID folder with bin-images/ "
+                                         "and metadata/)")
+    return path
+
+
+def _assignment(text: str) -> str:
+    name, sep, _ = text.partition("=")
+    if not sep or not re.fullmatch(r"-{0,2}[A-Za-z][A-Za-z0-9_-]*", name.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as lr=0.001, got {text!r}")
+    return text
+
+
+def default_local_workdir() -> Path:
+    """Where ``invmon train --local`` writes when not told: the user's cache, never the checkout (a run's
+    channels and model would otherwise land in the repository). One folder per run."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "invmon" / "train-local" / time.strftime("%Y%m%dT%H%M%S")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="invmon", description="Count the objects in warehouse bin photos.")
+    parser = _Parser(prog="invmon", description="Count the objects in warehouse bin photos.")
     parser.add_argument("--version", action="version", version="invmon 0.1.0")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the whole system offline on this machine (no AWS account)")
-    demo.add_argument("--data", type=Path, default=SAMPLE_DIR, help="an ABID-layout folder (default: the sample)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: fits the data size)")
+    demo.add_argument("--data", type=_folder, default=SAMPLE_DIR, help="an ABID-layout folder (default: the sample)")
+    demo.add_argument("--epochs", type=_at_least(1), default=None, help="training epochs (default: fits the data size)")
     demo.add_argument("--workdir", type=Path, default=None, help="where to keep the run (default: a temporary folder)")
     demo.add_argument("--keep", action="store_true", help="keep the work folder (model, reports, plots) afterwards")
-    demo.add_argument("--hold-out", type=int, default=12, help="photos kept out of training and uploaded for counting")
+    demo.add_argument("--hold-out", type=_at_least(1), default=12,
+                      help="photos kept out of training and uploaded for counting (at least 1)")
 
     train = commands.add_parser("train", help="train a counting model")
     train.add_argument("--local", action="store_true", required=True, help="on this machine (SageMaker's contract)")
-    train.add_argument("--data", type=Path, default=SAMPLE_DIR, help="an ABID-layout folder")
-    train.add_argument("--workdir", type=Path, default=Path("runs/local"), help="channels, model and output go here")
-    train.add_argument("--epochs", type=int, default=3)
-    train.add_argument("--hyperparameter", "-p", action="append", default=[], metavar="NAME=VALUE",
+    train.add_argument("--data", type=_folder, default=SAMPLE_DIR, help="an ABID-layout folder")
+    train.add_argument("--workdir", type=Path, default=None,
+                       help="channels, model and output go here (default: ~/.cache/invmon/train-local/<time>)")
+    train.add_argument("--epochs", type=_at_least(1), default=3)
+    train.add_argument("--hyperparameter", "-p", action="append", default=[], metavar="NAME=VALUE", type=_assignment,
                        help="any other ml.train hyperparameter, e.g. -p lr=0.001 (repeatable)")
 
     pipeline = commands.add_parser("pipeline", help="start or follow the deployed pipeline")
@@ -59,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="uploads that could not be counted: list them, or redrive after a fix")
     dlq.add_argument("action", choices=("list", "redrive"))
-    dlq.add_argument("--limit", type=int, default=100, help="messages to list at most")
+    dlq.add_argument("--limit", type=_at_least(1), default=100, help="messages to list at most")
 
     review = commands.add_parser("review", help="the review loop: try the page locally, or the audit's figures")
     review_commands = review.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -69,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     review_stats = review_commands.add_parser("stats", help="audit precision of counted/match, consignments caught")
 
     for sub in (start, status, count, costs, dlq, review_stats):
-        sub.add_argument("--stack", default=aws.DEFAULT_STACK, help=f"stack name (default {aws.DEFAULT_STACK})")
+        sub.add_argument("--stage", default=aws.DEFAULT_STAGE,
+                         help="the stage deployed with -c stage=...: its stack is Invmon-<stage> (default dev)")
+        sub.add_argument("--stack", default=None, help=f"stack name (default from --stage: {aws.DEFAULT_STACK})")
+        sub.add_argument("--region", default=None,
+                         help="AWS region (default: AWS_REGION, AWS_DEFAULT_REGION, then the profile's)")
+        sub.add_argument("--profile", default=None, help="AWS profile from ~/.aws/config (default: AWS_PROFILE)")
     return parser
 
 
@@ -161,6 +219,11 @@ def _dlq(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     depth, letters = aws.dead_letters(deployment, limit=args.limit)
     print(f"{depth} message(s) in the count dead-letter queue; the count Lambda's log says why each failed "
           "(search for the key; cause is one of the CountFailures causes)")
+    if len(letters) < depth:
+        print(f"showing {len(letters)} of about {depth}: see them all with --limit {depth}"
+              if len(letters) >= args.limit else
+              f"showing {len(letters)} of about {depth}: the others are being received elsewhere right now "
+              "(a redrive in progress, or another listing); run it again in a minute")
     print(render_table(["message", "uploads", "receives", "sent"], [
         [letter.message_id, ", ".join(letter.keys), letter.receives,
          letter.sent.isoformat(timespec="seconds") if letter.sent else ""] for letter in letters]))
@@ -174,19 +237,54 @@ def _review(args: argparse.Namespace, deployment: aws.Deployment) -> int:
     return review_loop.print_stats(table)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be, so every cleanup that Ctrl-C runs
+    (children stopped, ports closed, temporary folders removed) runs for them too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, raise_terminated) for signum in caught}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _signals_as_interrupts():
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
-            from invmon.demo import run_demo
+            from invmon.demo import DemoArgumentError, run_demo
 
-            return run_demo(data=args.data, epochs=args.epochs, workdir=args.workdir, keep=args.keep,
-                            hold_out=args.hold_out)
+            try:
+                return run_demo(data=args.data, epochs=args.epochs, workdir=args.workdir, keep=args.keep,
+                                hold_out=args.hold_out)
+            except DemoArgumentError as error:
+                print(f"invmon demo: {error}", file=sys.stderr)
+                return 2
         if args.command == "train":
             from invmon.training import train_locally
 
-            return train_locally(data=args.data, workdir=args.workdir, epochs=args.epochs,
+            return train_locally(data=args.data, workdir=args.workdir or default_local_workdir(), epochs=args.epochs,
                                  extra=args.hyperparameter)
         if args.command == "review" and args.action == "serve":
             from invmon import review as review_loop
@@ -196,12 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", args.stage):
+            print(f"invmon: --stage: expected a stage name such as dev or prod, got {args.stage!r}", file=sys.stderr)
+            return 2
+        args.stack = aws.stack_name(args.stage) if args.stack is None else args.stack
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,127}", args.stack):
             # A CloudFormation stack name: letters, digits and hyphens, starting with a letter.
             print(f"invmon: --stack: expected a stack name such as {aws.DEFAULT_STACK}, got {args.stack!r}",
                   file=sys.stderr)
             return 2
-        deployment = aws.Deployment(stack_name=args.stack)
+        deployment = aws.Deployment(stack_name=args.stack,
+                                    session=aws.make_session(region=args.region, profile=args.profile))
         handlers = {"pipeline": _pipeline, "count": _count, "costs": _costs, "dlq": _dlq, "review": _review}
         return handlers[args.command](args, deployment)
     except aws.CliError as error:
@@ -210,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BotoCoreError, ClientError) as error:
         print(f"invmon: {aws.explain(error)}", file=sys.stderr)
         return 1
+    except Terminated as stop:
+        print(f"invmon: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("invmon: interrupted", file=sys.stderr)
         return 130

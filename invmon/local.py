@@ -25,6 +25,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from invmon import lifeline
+
 LOOPBACK = "127.0.0.1"
 # Fake credentials: the stand-ins accept anything, and real ones must never be used by the offline run.
 OFFLINE_ENV = {
@@ -90,22 +92,32 @@ class ChildProcess:
         stdout: IO[str] | int | None = None,
     ) -> None:
         self.args = list(args)
+        command, pass_fds, environment = self.args, (), dict(env if env is not None else os.environ)
+        if len(self.args) > 2 and self.args[0] == sys.executable and self.args[1] in ("-m", "-c"):
+            # A Python child watches a pipe from us and stops its process group when we are gone, even killed
+            # (invmon/lifeline.py), from before its own start-up.
+            fd = lifeline.read_end()
+            command, pass_fds = [sys.executable, "-m", "invmon.lifeline", *self.args[1:]], (fd,)
+            environment[lifeline.FD_VARIABLE] = str(fd)
         self.process = subprocess.Popen(
-            self.args,
-            env=dict(env) if env is not None else None,
+            command,
+            env=environment,
             cwd=cwd,
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
             text=True,
+            pass_fds=pass_fds,
             # Own session: Ctrl-C reaches only us, and we decide how the child stops.
             start_new_session=True,
         )
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def stop(self, grace: float = 10.0) -> None:
+        _LIVE.discard(self)
         if self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -124,12 +136,26 @@ class ChildProcess:
         self.stop()
 
 
-class MotoServer:
-    """moto's server in this process, on a free loopback port, with boto3 pointed at it while open."""
+# Every child not stopped yet, whichever thread started it: an endpoint still starting up in the interpreter's
+# thread when Ctrl-C arrives is in no one else's list yet.
+_LIVE: set[ChildProcess] = set()
 
-    def __init__(self) -> None:
+
+def stop_all_children() -> None:
+    """Stop every child this process started and has not stopped (the demo's last cleanup)."""
+    for child in list(_LIVE):
+        child.stop()
+
+
+class MotoServer:
+    """moto's server in this process, on a free loopback port, with boto3 pointed at it while open. With ``log``,
+    moto's own logging and the tracebacks of its threads (a request cut short by Ctrl-C, an interpreter error)
+    go to that file instead of the terminal."""
+
+    def __init__(self, log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
+        self.log = log
         self._server = None
         self._env: contextlib.ExitStack | None = None
 
@@ -142,18 +168,54 @@ class MotoServer:
         # invmon/execution.py lists and works around), four times per execution.
         logging.getLogger("moto.stepfunctions.parser.asl.parse.preprocessor").setLevel(logging.ERROR)
 
+        self._env = contextlib.ExitStack()
+        if self.log is not None:
+            self._env.enter_context(_logs_to(self.log, ("moto", "werkzeug")))
         self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
         self._server.start()
-        self._env = contextlib.ExitStack()
         self._env.enter_context(patched_environ(OFFLINE_ENV | {"AWS_ENDPOINT_URL": self.url}))
         wait_for_http(f"{self.url}/moto-api/", timeout=30)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._env is not None:
-            self._env.close()
         if self._server is not None:
             self._server.stop()
+        if self._env is not None:
+            self._env.close()
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path, loggers: Sequence[str]) -> Iterator[None]:
+    """Send these loggers, and uncaught exceptions in threads other than the main one, to ``path`` while open."""
+    import threading
+
+    stream = open(path, "a")  # noqa: SIM115 (closed below, after the handlers are removed)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in loggers:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.propagate))
+        logger.addHandler(handler)
+        logger.propagate = False
+    previous_hook = threading.excepthook
+
+    def to_log(args: threading.ExceptHookArgs) -> None:
+        import traceback
+
+        stream.write(f"exception in thread {args.thread.name if args.thread else '?'}:\n")
+        traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=stream)
+        stream.flush()
+
+    threading.excepthook = to_log
+    try:
+        yield
+    finally:
+        threading.excepthook = previous_hook
+        for logger, propagate in saved:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+        stream.close()
 
 
 class LocalEndpoint:

@@ -10,18 +10,25 @@ container does, so boto3's ``invoke_endpoint`` (pointed here with ``AWS_ENDPOINT
 works unchanged: a container error comes back as HTTP 424 ``ModelError`` carrying the container's status
 and message (``OriginalStatusCode``, ``OriginalMessage``).
 
-A body comes with a ``Content-Length`` (a negative or malformed one is a 400) or ``Transfer-Encoding: chunked``,
-never both; a client that stops sending is cut off after ``--read-timeout`` seconds. Images are decoded
-outside the model's lock, so one large request does not hold every other one up while it decodes.
+A body comes with one ``Content-Length`` (a negative, malformed or repeated one is a 400) or
+``Transfer-Encoding: chunked`` (any other coding is a 501), never both; a client that stops sending is cut off
+after ``--read-timeout`` seconds, and one that keeps sending a byte now and then after ``--request-deadline``
+seconds for the whole request (a 408). A body over the limit is refused with 413 before it is read: at once for a
+client that asks ``Expect: 100-continue``, otherwise after which the rest is drained for a moment so that the
+client reads the 413 instead of a connection reset. Images are decoded outside the model's lock, at most
+``--max-decodes`` at a time, so memory stays bounded however many clients send at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,6 +38,16 @@ from ml import inference
 MAX_REQUEST_BYTES = inference.MAX_BODY_BYTES * 2
 # A client that opens a connection and then sends nothing (or half a body) is dropped after this long.
 READ_TIMEOUT_SECONDS = 30.0
+# The whole request (line, headers and body) must arrive within this long, however it trickles in (slowloris).
+# SageMaker gives a real-time invocation 60 s in all (InvokeEndpoint's model response timeout), so a request
+# still arriving after that could never be answered in time anyway.
+REQUEST_DEADLINE_SECONDS = 60.0
+# Decoded images (and their tensors) are what grow memory: at most this many requests decode and predict at once.
+MAX_CONCURRENT_DECODES = 2
+# After refusing a body unread, read and drop at most this much of it, for at most DRAIN_SECONDS, so the client
+# sees the answer rather than a reset (closing a socket with unread input makes the kernel send RST).
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 2.0
 RUNTIME_PATH = re.compile(r"^/endpoints/[A-Za-z0-9-]{1,63}/invocations/?$")
 MODEL_ERROR_TYPE = "ModelError:http://internal.amazon.com/coral/com.amazonaws.sagemaker/"
 
@@ -54,16 +71,58 @@ class _Refused(Exception):
         self.message = message
 
 
-def make_handler(model: inference.LoadedModel,
-                 read_timeout: float = READ_TIMEOUT_SECONDS) -> type[BaseHTTPRequestHandler]:
+def make_handler(model: inference.LoadedModel, read_timeout: float = READ_TIMEOUT_SECONDS, *,
+                 request_deadline: float = REQUEST_DEADLINE_SECONDS,
+                 max_decodes: int = MAX_CONCURRENT_DECODES) -> type[BaseHTTPRequestHandler]:
     # One model, many threads: torch's CPU kernels already use every core, so predictions take turns; decoding
-    # (Pillow releases the GIL) happens outside the lock.
+    # (Pillow releases the GIL) happens outside the lock, a few at a time.
     lock = threading.Lock()
+    decodes = threading.BoundedSemaphore(max_decodes)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "invmon-serve"
         timeout = read_timeout  # socketserver sets it on the connection: every read waits at most this long
+
+        def handle_one_request(self) -> None:
+            # The deadline runs from the first byte we wait for to the end of the body; past it, reading is shut
+            # off (reads return end-of-file) and the request ends in a 408 or a closed connection.
+            self.late = False
+            self.deadline = threading.Timer(request_deadline, self._cut_off)
+            self.deadline.daemon = True
+            self.deadline.start()
+            try:
+                super().handle_one_request()
+            finally:
+                self.deadline.cancel()
+
+        def _cut_off(self) -> None:
+            self.late = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RD)
+
+        def handle_expect_100(self) -> bool:
+            """``Expect: 100-continue``: refuse an oversized body before the client sends it."""
+            try:
+                self._check_framing()
+            except _Refused as refused:
+                self.close_connection = True
+                self._send(refused.status, {"error": refused.message})
+                return False
+            return super().handle_expect_100()
+
+        def _drain(self) -> None:
+            """Read and drop what the client is still sending of a refused body, briefly, then stop."""
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_WR)
+                self.connection.settimeout(0.2)
+                dropped, until = 0, time.monotonic() + DRAIN_SECONDS
+                while dropped < DRAIN_BYTES and time.monotonic() < until:
+                    chunk = self.connection.recv(65536)
+                    if not chunk:
+                        break
+                    dropped += len(chunk)
 
         def log_message(self, format: str, *args: object) -> None:
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
@@ -105,32 +164,52 @@ def make_handler(model: inference.LoadedModel,
                     raise _Refused(400, "chunked body ended early or without CRLF after a chunk")
                 body += chunk
 
-        def _read_body(self) -> bytes:
-            chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-            declared = self.headers.get("Content-Length")
-            if chunked and declared is not None:
+        def _check_framing(self) -> tuple[bool, int | None]:
+            """(chunked, declared length) from the headers, or the refusal (RFC 9112 section 6)."""
+            codings = [c.strip().lower() for value in self.headers.get_all("Transfer-Encoding") or []
+                       for c in value.split(",") if c.strip()]
+            lengths = self.headers.get_all("Content-Length") or []
+            if codings and codings != ["chunked"]:
+                raise _Refused(501, f"Transfer-Encoding {', '.join(codings)} is not supported; send the body "
+                                    "plain or chunked")
+            if codings and lengths:
                 raise _Refused(400, "a body has a Content-Length or Transfer-Encoding: chunked, not both")
-            if chunked:
-                return self._read_chunked()
-            if declared is None:
-                return b""
+            if len(lengths) > 1:
+                raise _Refused(400, f"{len(lengths)} Content-Length headers; a request has one")
+            if not lengths:
+                return bool(codings), None
+            declared = lengths[0]
             if not (declared.strip().isascii() and declared.strip().isdigit()):
                 raise _Refused(400, f"Content-Length is not a non-negative number: {declared[:40]!r}")
             length = int(declared)
             if length > MAX_REQUEST_BYTES:
                 raise _Refused(413, f"body is {length} bytes; the limit is {MAX_REQUEST_BYTES}")
-            body = self.rfile.read(length) if length else b""
-            if len(body) < length:
-                raise _Refused(400, f"body ended after {len(body)} of {length} bytes")
+            return False, length
+
+        def _read_body(self) -> bytes:
+            chunked, length = self._check_framing()
+            if chunked:
+                body = self._read_chunked()
+            else:
+                body = self.rfile.read(length) if length else b""
+                if len(body) < (length or 0):
+                    raise _Refused(400, f"body ended after {len(body)} of {length} bytes")
+            if self.late:
+                raise _Refused(408, f"the request did not arrive within {request_deadline:.0f} s")
+            self.deadline.cancel()
             return body
 
         def do_POST(self) -> None:
             try:
                 body = self._read_body()
-            except _Refused as refused:
+            except _Refused as error:
+                late = _Refused(408, f"the request did not arrive within {request_deadline:.0f} s")
+                refused = late if self.late else error
                 # What is left of the body cannot be told from the next request: this connection ends here.
                 self.close_connection = True
-                self._send(refused.status, {"error": refused.message})
+                with contextlib.suppress(OSError):
+                    self._send(refused.status, {"error": refused.message})
+                    self._drain()
                 return
             except TimeoutError:
                 self.close_connection = True
@@ -141,9 +220,11 @@ def make_handler(model: inference.LoadedModel,
                 return
             try:
                 inference.check_accept(self.headers.get("Accept"))  # a 406 before any decoding
-                data = inference.input_fn(body, self.headers.get("Content-Type"))
-                with lock:
-                    prediction = inference.predict_fn(data, model)
+                with decodes:
+                    data = inference.input_fn(body, self.headers.get("Content-Type"))
+                    with lock:
+                        prediction = inference.predict_fn(data, model)
+                    del data
                 answer = inference.output_fn(prediction, self.headers.get("Accept"))
             except inference.BadRequest as error:
                 self._send(error.status_code, {"error": error.message})
@@ -157,9 +238,11 @@ def make_handler(model: inference.LoadedModel,
 
 
 def make_server(model_dir: Path, host: str = "127.0.0.1", port: int = 8080,
-                read_timeout: float = READ_TIMEOUT_SECONDS) -> ThreadingHTTPServer:
+                read_timeout: float = READ_TIMEOUT_SECONDS, *, request_deadline: float = REQUEST_DEADLINE_SECONDS,
+                max_decodes: int = MAX_CONCURRENT_DECODES) -> ThreadingHTTPServer:
     model = inference.model_fn(str(model_dir))
-    return ThreadingHTTPServer((host, port), make_handler(model, read_timeout))
+    return ThreadingHTTPServer((host, port), make_handler(model, read_timeout, request_deadline=request_deadline,
+                                                          max_decodes=max_decodes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_SECONDS,
                         help="seconds a client may take to send its request")
+    parser.add_argument("--request-deadline", type=float, default=REQUEST_DEADLINE_SECONDS,
+                        help="seconds a client may take to send a whole request")
+    parser.add_argument("--max-decodes", type=int, default=MAX_CONCURRENT_DECODES,
+                        help="requests decoded and predicted at once (bounds memory)")
     args = parser.parse_args(argv)
-    server = make_server(args.model_dir, args.host, args.port, args.read_timeout)
+    server = make_server(args.model_dir, args.host, args.port, args.read_timeout,
+                         request_deadline=args.request_deadline, max_decodes=args.max_decodes)
     print(f"serving {args.model_dir} on http://{args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

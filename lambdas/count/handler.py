@@ -270,7 +270,13 @@ def count_photo(ref: ObjectRef, svc: Services) -> dict[str, Any]:
         error_rate=svc.error_rate,
     )
     review_queue.mark(item, svc.review_policy, review_queue.day_slot_taker(svc.table, svc.review_policy))
-    svc.table.put_item(Item=item)
+    try:
+        svc.table.put_item(**rec.conditional_put(item, ref.sequencer))
+    except svc.table.meta.client.exceptions.ConditionalCheckFailedException:
+        # A person's decision or a newer event's record stands; this event changes nothing.
+        logger.warning("record kept: a person decided it or a newer upload event wrote it",
+                       extra={"key": ref.key, "versionId": ref.version_id, "sequencer": ref.sequencer})
+        return rec.summary(item) | {"kept": True}
     if item["status"] in rec.NOTIFY_STATUSES:
         publish(svc, item)
     metrics.add_metric(name=f"Photos-{item['status']}", unit=MetricUnit.Count, value=1)

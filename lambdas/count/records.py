@@ -492,3 +492,38 @@ def summary(item: Mapping[str, Any]) -> dict[str, Any]:
             value = item[name]
             out[name] = float(value) if isinstance(value, Decimal) else value
     return out
+
+
+# --- writing a record without losing a newer one ---------------------------------------------------------
+
+# Statuses a person sets (the review loop): no count, redelivered or not, overwrites them.
+PERSON_STATUSES = ("reviewed",)
+# S3's sequencer orders the events of one key: "first left pad the shorter value with zeros, and then do a
+# lexicographical comparison" (S3 User Guide, "Event message structure"); DynamoDB compares strings by bytes.
+_SEQUENCER_WIDTH = 64
+
+
+def event_order(sequencer: str | None) -> str | None:
+    """The S3 event's sequencer, left-padded so that string order is event order (None when absent)."""
+    return sequencer.upper().rjust(_SEQUENCER_WIDTH, "0") if sequencer else None
+
+
+def conditional_put(item: dict[str, Any], sequencer: str | None) -> dict[str, Any]:
+    """put_item arguments that write ``item`` only over no record, or over one that a person did not decide and
+    that an older S3 event wrote. A redelivered event (SQS after the idempotency window, S3's own duplicates)
+    and an older event arriving late keep the record that stands; a record without an event order (the bulk
+    loader's) is kept too."""
+    order = event_order(sequencer)
+    values: dict[str, Any] = {f":person{i}": status for i, status in enumerate(PERSON_STATUSES)}
+    not_person = " AND ".join(f"#status <> :person{i}" for i in range(len(PERSON_STATUSES)))
+    if order is None:
+        condition = "attribute_not_exists(pk)"
+        values = {}
+    else:
+        item = item | {"eventOrder": order}
+        values[":order"] = order
+        condition = f"attribute_not_exists(pk) OR ({not_person} AND eventOrder < :order)"
+    arguments: dict[str, Any] = {"Item": item, "ConditionExpression": condition}
+    if values:
+        arguments |= {"ExpressionAttributeNames": {"#status": "status"}, "ExpressionAttributeValues": values}
+    return arguments

@@ -84,7 +84,7 @@ def test_pipeline_start_sends_the_input_file(deployed, tmp_path: Path):
 
 
 def test_pipeline_start_refuses_an_input_that_is_not_an_object(deployed, tmp_path: Path, capsys, monkeypatch):
-    monkeypatch.setattr(aws, "Deployment", lambda stack_name: deployed)
+    monkeypatch.setattr(aws, "Deployment", lambda stack_name, **_: deployed)
     request = tmp_path / "input.json"
     request.write_text("[1, 2]")
     assert main(["pipeline", "start", "--input", str(request)]) == 1
@@ -222,7 +222,7 @@ def test_costs_prints_the_latest_report(deployed, monkeypatch, capsys):
               "by_service": {"Amazon SageMaker": 15.5, "AWS Lambda": 0.26}, "daily": [],
               "training_jobs": [{"job_name": "a"}], "spot_saved_percent": 65.0}
     deployed.client("s3").put_object(Bucket=BUCKET, Key="reports/costs/latest.json", Body=json.dumps(report))
-    monkeypatch.setattr(aws, "Deployment", lambda stack_name: deployed)
+    monkeypatch.setattr(aws, "Deployment", lambda stack_name, **_: deployed)
     assert main(["costs"]) == 0
     out = capsys.readouterr().out
     assert "invmon 2026-11-18 .. 2026-11-25: 15.76 USD" in out

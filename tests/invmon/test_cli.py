@@ -35,7 +35,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> aws.Deployment:
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     deployment = aws.Deployment(stack_name="Invmon-dev", session=boto3.session.Session(region_name="us-east-1"))
-    monkeypatch.setattr(aws, "Deployment", lambda stack_name: deployment)
+    monkeypatch.setattr(aws, "Deployment", lambda stack_name, **_: deployment)
     return deployment
 
 

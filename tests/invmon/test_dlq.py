@@ -71,3 +71,23 @@ def test_a_redrive_already_running_is_a_message_not_a_traceback():
     deployment = aws.Deployment(_outputs={"CountDeadLetterQueueUrl": "https://q"}, _clients={"sqs": client})
     with stubber, pytest.raises(aws.CliError, match="cannot be redriven now: There is already a task running"):
         aws.redrive_dead_letters(deployment)
+
+
+def test_dlq_list_shows_every_one_of_51_messages_and_leaves_all_visible(dead_letters, capsys):
+    """SQS returns at most 10 per receive; a zero-visibility listing saw the same 10 again and stopped there."""
+    sqs, dlq = dead_letters
+    for index in range(48):
+        sqs.send_message(QueueUrl=dlq, MessageBody=_notification(f"incoming/extra-{index:02d}.jpg"))
+    assert main(["dlq", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "51 message(s)" in out and "showing" not in out
+    assert all(f"incoming/extra-{index:02d}.jpg" in out for index in range(48))
+    attributes = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    assert (attributes["ApproximateNumberOfMessages"], attributes["ApproximateNumberOfMessagesNotVisible"]) == (
+        "51", "0"), "every listed message is visible again at once"
+
+
+def test_dlq_list_over_its_limit_says_how_to_see_the_rest(dead_letters, capsys):
+    assert main(["dlq", "list", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "showing 2 of about 3: see them all with --limit 3" in out

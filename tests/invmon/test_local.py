@@ -79,3 +79,55 @@ def test_an_endpoint_whose_model_cannot_be_served_is_failed_with_the_reason(sage
     described = sagemaker.describe_endpoint(EndpointName="counter")
     assert described["EndpointStatus"] == "Failed"
     assert described["FailureReason"].startswith("the model could not be served here:")
+
+
+# --- children end with their parent, however it ends (issue 24, item 2; invmon/lifeline.py) -------------------
+
+_PARENT = """
+import sys, threading, time
+from invmon.local import ChildProcess
+children = []
+# Started from a thread that ends at once: the child must outlive the thread, only not the process.
+starter = threading.Thread(target=lambda: children.append(ChildProcess([sys.executable, "-c", sys.argv[1]])))
+starter.start()
+starter.join()
+print(children[0].pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("child_code", [
+    "import time; time.sleep(300)",
+    # Still starting up (importing torch, seconds) when its parent dies: the watch begins before its own code.
+    "import torch, time; time.sleep(300)",
+])
+def test_a_child_ends_when_its_parent_is_killed_even_started_from_a_finished_thread(child_code: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from invmon.lifeline import GRACE_SECONDS
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, child_code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+        assert _alive(child), "the child must outlive the thread that started it"
+        parent.send_signal(signal.SIGKILL)  # no cleanup at all in the parent
+        parent.wait(10)
+        deadline = time.monotonic() + GRACE_SECONDS + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child), "the child outlived its killed parent"
+    finally:
+        parent.kill()

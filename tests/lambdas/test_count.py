@@ -7,6 +7,7 @@ ModelError. One test puts botocore's Stubber on a real sagemaker-runtime client 
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -941,3 +942,70 @@ def test_an_answer_with_thresholds_that_cannot_decide_is_outside_the_contract(ch
     answer = prediction(3) | {"operating_point": POSTERIOR_POINT | change}
     with pytest.raises(rec.BadPrediction, match=next(iter(change))):
         rec.read_prediction(json.loads(json.dumps(answer)))
+
+
+# --- a redelivered or late event never overwrites a record a person decided or a newer event wrote (issue 24,
+# item 7): the write is conditional on S3's sequencer (S3 User Guide, "Event message structure": left-pad the
+# shorter sequencer with zeros, then compare lexicographically; the greater is the later event).
+
+REDELIVERED_KEY = "incoming/01046.jpg"
+
+
+def _forget_idempotency(aws) -> None:
+    """What 24 hours do: the idempotency records expire, so a redelivery is counted again."""
+    import boto3
+
+    table = boto3.resource("dynamodb").Table("idempotency")
+    for item in table.scan()["Items"]:
+        table.delete_item(Key={"id": item["id"]})
+
+
+def _with_sequencer(event: dict, sequencer: str) -> dict:
+    event = copy.deepcopy(event)
+    event["s3"]["object"]["sequencer"] = sequencer
+    return event
+
+
+def _count(aws, event: dict, lambda_context) -> dict:
+    _forget_idempotency(aws)
+    assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+    return record_of(aws, REDELIVERED_KEY, event["s3"]["object"]["versionId"])
+
+
+def test_a_redelivery_after_the_idempotency_window_keeps_the_record(aws, endpoint, sample_dir, labels,
+                                                                    lambda_context) -> None:
+    body = photo(sample_dir, "01046")
+    endpoint.truth[body] = labels["01046"] + 1  # the model disagrees with the consignment: a mismatch
+    event = upload(aws, REDELIVERED_KEY, body, {"expected-count": str(labels["01046"])})
+    assert _count(aws, event, lambda_context)["status"] == rec.MISMATCH
+    endpoint.truth[body] = labels["01046"]  # the same event, counted again today, would be a match
+    assert _count(aws, event, lambda_context)["status"] == rec.MISMATCH
+
+
+def test_a_record_a_person_decided_is_never_overwritten(aws, endpoint, sample_dir, labels,
+                                                        lambda_context) -> None:
+    body = photo(sample_dir, "01046")
+    endpoint.truth[body] = labels["01046"]
+    event = upload(aws, REDELIVERED_KEY, body, {"expected-count": str(labels["01046"])})
+    first = _count(aws, event, lambda_context)
+    aws["table"].put_item(Item=first | {"status": "reviewed"})
+    newer = _with_sequencer(event, "F" * 20)  # even a newer event
+    assert _count(aws, newer, lambda_context)["status"] == "reviewed"
+
+
+def test_a_newer_event_replaces_the_record_and_a_late_older_one_does_not(aws, endpoint, sample_dir,
+                                                                         labels, lambda_context) -> None:
+    body = photo(sample_dir, "01046")
+    endpoint.truth[body] = labels["01046"] + 1
+    event = upload(aws, REDELIVERED_KEY, body, {"expected-count": str(labels["01046"])})
+    early, late = _with_sequencer(event, "0055612AF1A2B3C4D5"), _with_sequencer(event, "0055612AF1A2B3C4D6")
+    assert _count(aws, late, lambda_context)["status"] == rec.MISMATCH
+    endpoint.truth[body] = labels["01046"]
+    assert _count(aws, early, lambda_context)["status"] == rec.MISMATCH, "an older event arrived late"
+    # A shorter sequencer is padded on the left: "56612AF1A2B3C4D7" is later than "0055612AF1A2B3C4D6".
+    assert _count(aws, _with_sequencer(event, "56612AF1A2B3C4D7"), lambda_context)["status"] == rec.MATCH
+
+
+def test_event_order_pads_on_the_left_so_strings_sort_as_events() -> None:
+    assert rec.event_order("ff") > rec.event_order("0f") and rec.event_order("100") > rec.event_order("ff")
+    assert rec.event_order(None) is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import urllib.error
@@ -148,3 +149,101 @@ def test_a_webp_sent_as_jpeg_gets_415(endpoint: str, sample_photo: bytes) -> Non
     Image.open(io.BytesIO(sample_photo)).save(buffer, format="WEBP")
     status, answer = _post(endpoint, buffer.getvalue(), "image/jpeg")
     assert status == 415 and "WebP" in answer["error"]
+
+
+# --- limits (issue 24, item 8) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_endpoint(tiny_model_dir: Path) -> Iterator[tuple[str, int]]:
+    """A short request deadline (1.5 s) and a read timeout (5 s) that a trickling client never trips alone."""
+    server = serve.make_server(tiny_model_dir, port=0, read_timeout=5.0, request_deadline=1.5, max_decodes=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield "127.0.0.1", server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_client_trickling_a_byte_at_a_time_is_cut_off_at_the_request_deadline(limited_endpoint) -> None:
+    import socket
+    import time
+
+    answer = b""
+    with socket.create_connection(limited_endpoint, timeout=10) as connection:
+        connection.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                           b"Content-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        connection.settimeout(0.5)  # one byte every 0.5 s: each read is well within the 5 s read timeout
+        while not answer and time.monotonic() - started < 8:
+            with contextlib.suppress(OSError):  # the server may have shut its side
+                connection.sendall(b"x")
+            with contextlib.suppress(TimeoutError):
+                answer += connection.recv(65536)
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert elapsed < 5, "cut off at the 1.5 s deadline, not after the 8 s the client would go on"
+
+
+def test_two_content_length_headers_are_refused(limited_endpoint) -> None:
+    answer = _raw(limited_endpoint, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                    b"Content-Length: 5\r\nContent-Length: 3\r\n\r\nabcde")
+    assert answer.startswith(b"HTTP/1.1 400") and b"2 Content-Length headers" in answer
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"gzip", b"identity"])
+def test_a_transfer_coding_other_than_chunked_is_refused(limited_endpoint, coding: bytes) -> None:
+    answer = _raw(limited_endpoint, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                    b"Transfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 501"), answer
+
+
+def test_an_oversized_body_gets_413_before_it_is_sent_when_the_client_asks(limited_endpoint) -> None:
+    answer = _raw(limited_endpoint, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                    b"Expect: 100-continue\r\n"
+                                    b"Content-Length: " + str(serve.MAX_REQUEST_BYTES + 1).encode() + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer  # no "100 Continue" first: the body is never sent
+
+
+def test_a_50_mb_upload_reads_413_not_a_connection_reset(limited_endpoint) -> None:
+    import http.client
+
+    connection = http.client.HTTPConnection(*limited_endpoint, timeout=30)
+    body = bytes(50 * 1024 * 1024)
+    # The server may stop reading the body before it is all sent; its answer is on the way regardless.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        connection.request("POST", "/invocations", body=body, headers={"Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    assert response.status == 413 and b"limit" in response.read()
+
+
+def test_at_most_max_decodes_requests_decode_at_once(limited_endpoint, sample_photo: bytes, monkeypatch) -> None:
+    import time
+
+    from ml import inference
+
+    decode, busy, most = inference.input_fn, [0], [0]
+    guard = threading.Lock()
+
+    def slow_decode(*args: object) -> object:
+        with guard:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        try:
+            time.sleep(0.3)
+            return decode(*args)
+        finally:
+            with guard:
+                busy[0] -= 1
+
+    monkeypatch.setattr(inference, "input_fn", slow_decode)
+    url = f"http://{limited_endpoint[0]}:{limited_endpoint[1]}"
+    statuses: list[int] = []
+    clients = [threading.Thread(target=lambda: statuses.append(_post(url, sample_photo, "image/jpeg")[0]))
+               for _ in range(6)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(60)
+    assert statuses == [200] * 6
+    assert most[0] == 2
