@@ -150,6 +150,7 @@ def _instance_types(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of instance types such as [\"ml.g4dn.xlarge\"], got {value!r}")
     return tuple(_training_instance_type(item) for item in value)
+_instance_types.allowed = "a non-empty list of training instance types"  # type: ignore[attr-defined]
 
 
 _training_instance_type.allowed = "a SageMaker training instance type the PyTorch images run on"  # type: ignore[attr-defined]
@@ -238,6 +239,7 @@ def _cost_report_schedule(value: Any) -> str:
         raise ValueError(f"the cost report runs at most once a day (each Cost Explorer request is billed), "
                          f"got {expression!r}; use rate(1 day) or a cron with a fixed minute and hour")
     return expression
+_cost_report_schedule.allowed = "rate(N unit) or cron(six fields), at most once a day"  # type: ignore[attr-defined]
 
 
 _rate_or_cron.allowed = "rate(N unit) or cron(six fields)"  # type: ignore[attr-defined]
@@ -263,6 +265,7 @@ def _review_statuses(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) and item in allowed for item in value):
         raise ValueError(f"expected a list of statuses from {', '.join(allowed)}, got {value!r}")
     return tuple(dict.fromkeys(value))
+_review_statuses.allowed = "a list of mismatch, uncounted-low-confidence, rejected"  # type: ignore[attr-defined]
 
 
 _PREFIX = _pattern(r"[A-Za-z0-9!_.*'()\-/]+/", "an S3 prefix ending in '/', such as incoming/")
@@ -457,7 +460,6 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pack_max_concurrency": ("packMaxConcurrency", _int(1, 1000)),
     # Lambda gives a function between 128 MB and 10,240 MB (Lambda developer guide, "Lambda quotas").
     "packer_memory_mb": ("packerMemoryMb", _int(128, 10240)),
-    # Days until shards/ and manifests/ (each run's packed shards and lists) expire by a lifecycle rule.
     "shard_retention_days": ("shardRetentionDays", _int(1, 3650)),
     "training_instance_type": ("trainingInstanceType", _training_instance_type),
     "training_instance_count": ("trainingInstanceCount", _int(1, 20)),
@@ -467,13 +469,9 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "training_volume_size_gb": ("trainingVolumeSizeGb", _int(1, 16384)),
     "training_epochs": ("trainingEpochs", _int(1, 500)),
     "training_network_isolation": ("trainingNetworkIsolation", _bool),
-    # Whether an execution input may set training.networkIsolation=false (the stack's own default aside).
     "allow_network_isolation_off": ("allowNetworkIsolationOff", _bool),
-    # The instance types an execution input may name in training.instanceType.
     "training_allowed_instance_types": ("trainingAllowedInstanceTypes", _instance_types),
-    # The most instances an execution input may ask for (training.instanceCount).
     "training_max_instance_count": ("trainingMaxInstanceCount", _int(1, 100)),
-    # The longest training.maxRuntimeSeconds / maxWaitSeconds an execution input may ask for.
     "training_max_seconds": ("trainingMaxSeconds", _int(60, 28 * 24 * 3600)),
     "training_debugger": ("trainingDebugger", _bool),
     "training_profiler": ("trainingProfiler", _bool),
@@ -484,9 +482,7 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "tuning_enabled": ("tuningEnabled", _bool),
     "tuning_max_jobs": ("tuningMaxJobs", _int(1, 500)),
     "tuning_max_parallel_jobs": ("tuningMaxParallelJobs", _int(1, 100)),
-    # The most tuning jobs (training.tuning.maxJobs) an execution input may ask for.
     "tuning_max_jobs_cap": ("tuningMaxJobsCap", _int(1, 500)),
-    # The most parallel tuning jobs (training.tuning.maxParallelJobs) an execution input may ask for.
     "tuning_max_parallel_jobs_cap": ("tuningMaxParallelJobsCap", _int(1, 100)),
     "tuning_learning_rate_range": ("tuningLearningRateRange", _number_range(1e-7, 10.0, integer=False)),
     "tuning_batch_sizes": ("tuningBatchSizes", _int_choices(1, 4096)),
@@ -501,32 +497,22 @@ _SPEC: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "endpoint_min_instances": ("endpointMinInstances", _int(1, 100)),
     "endpoint_max_instances": ("endpointMaxInstances", _int(1, 100)),
     "deploy_min_improvement": ("deployMinImprovement", _float(0.0, 1.0)),
-    # Whether an execution input may set deploy.force=true (deploy whatever the gate's metrics say).
     "allow_force_deploy": ("allowForceDeploy", _bool),
     "endpoint_target_invocations_per_instance": ("endpointTargetInvocationsPerInstance", _int(1, 100000)),
     "deploy_bake_seconds": ("deployBakeSeconds", _int(0, 3600)),
     "incoming_prefix": ("incomingPrefix", _PREFIX),
     "count_confidence_threshold": ("countConfidenceThreshold", _threshold),
     "count_max_image_bytes": ("countMaxImageBytes", _int(1024, max(ENDPOINT_PAYLOAD_LIMIT_BYTES.values()))),
-    # share of wrong consignments, 0.001-0.5 (ml.decisions.ERROR_RATE_RANGE): the posterior's prior
     "consignment_error_rate": ("consignmentErrorRate", _float(*ERROR_RATE_RANGE)),
-    # Count statuses that go to a person (besides the audit sample).
     "review_statuses": ("reviewStatuses", _review_statuses),
-    # Share of confident decisions (counted, match) sent to a person blind, to measure production precision.
     "review_audit_rate": ("reviewAuditRate", _float(0.0, 1.0)),
-    # Most photos queued for review per UTC day; the rest keep their status and are not queued.
     "review_max_per_day": ("reviewMaxPerDay", _int(0, 1_000_000)),
-    # How long a claimed photo stays with its reviewer before it returns to the queue.
     "review_lease_seconds": ("reviewLeaseSeconds", _int(30, 3600)),
-    # The alarm on the age of the oldest pending review fires above this many hours.
     "review_oldest_pending_alarm_hours": ("reviewOldestPendingAlarmHours", _int(1, 24 * 14)),
-    # The review API stage's steady request rate (requests per second) and burst.
     "review_api_rate_limit": ("reviewApiRateLimit", _int(1, 10000)),
     "review_api_burst_limit": ("reviewApiBurstLimit", _int(1, 5000)),
     "studio_domain": ("studioDomain", _bool),
-    # Whether the Studio user may start the pipeline (states:StartExecution); it may always follow it.
     "studio_can_start_pipeline": ("studioCanStartPipeline", _bool),
-    # ByStage: VpcOnly in prod, PublicInternetOnly elsewhere (infra/studio.py network_access).
     "studio_network_access": ("studioNetworkAccess", _choice("ByStage", "PublicInternetOnly", "VpcOnly")),
     "alarm_email": ("alarmEmail", _EMAIL),
     "cost_report_schedule": ("costReportSchedule", _cost_report_schedule),
@@ -553,6 +539,8 @@ MEANINGS: dict[str, str] = {
     "packPhotosPerShard": "Photos per training shard the pack stage writes.",
     "packMaxConcurrency": "Parallel packers in the pack stage's Map.",
     "packerMemoryMb": "Memory of the packer Lambda (MB); CPU scales with it.",
+    "shardRetentionDays": "Days until shards/ and manifests/ (each run's packed shards and lists) expire by a "
+                          "lifecycle rule.",
     # training
     "trainingInstanceType": "SageMaker training instance type.",
     "trainingInstanceCount": "Training instances (data-parallel when more than one).",
@@ -578,6 +566,14 @@ MEANINGS: dict[str, str] = {
     "trainingHyperparameters": "Extra ml.train arguments for every job (`--name value`), checked at synth.",
     "trainingSubnetIds": "Run training inside these VPC subnets (with trainingSecurityGroupIds); empty: no VPC.",
     "trainingSecurityGroupIds": "Security groups of training in a VPC (with trainingSubnetIds).",
+    "allowNetworkIsolationOff": "Whether an execution input may set training.networkIsolation=false (the stack's own "
+                                "default aside).",
+    "trainingAllowedInstanceTypes": "The instance types an execution input may name in training.instanceType.",
+    "trainingMaxInstanceCount": "The most instances an execution input may ask for (training.instanceCount).",
+    "trainingMaxSeconds": "The longest training.maxRuntimeSeconds / maxWaitSeconds an execution input may ask for.",
+    "tuningMaxJobsCap": "The most tuning jobs (training.tuning.maxJobs) an execution input may ask for.",
+    "tuningMaxParallelJobsCap": "The most parallel tuning jobs (training.tuning.maxParallelJobs) an execution input "
+                                "may ask for.",
     # endpoint
     "endpointMode": "`serverless` (pay per request) or `realtime` (instances, autoscaled).",
     "endpointServerlessMemoryMb": "Memory of a serverless endpoint (MB).",
@@ -589,14 +585,31 @@ MEANINGS: dict[str, str] = {
                             "be deployed (0.0: any improvement).",
     "endpointTargetInvocationsPerInstance": "Autoscaling target: invocations per instance per minute (realtime).",
     "deployBakeSeconds": "How long a new model takes traffic under the rollback alarms before the old one goes.",
+    "allowForceDeploy": "Whether an execution input may set deploy.force=true (deploy whatever the gate's metrics "
+                        "say).",
     # counting
     "incomingPrefix": "Where uploads to count arrive in the data bucket; must not overlap the pipeline's prefixes.",
     "countConfidenceThreshold": "`model`: each answer's own operating point decides; a number: one confidence "
                                 "threshold for every answer.",
     "countMaxImageBytes": "Largest photo sent to the endpoint; larger ones are recorded `rejected` (too-large).",
+    "consignmentErrorRate": "Share of consignments whose expected count is wrong (0.001 to 0.5): the prior of every "
+                            "record's discrepancyProbability and the rate the decisions are stated at.",
+    # review
+    "reviewStatuses": "Count statuses that go to a person (besides the audit sample).",
+    "reviewAuditRate": "Share of confident decisions (counted, match) sent to a person blind, to measure production "
+                       "precision.",
+    "reviewMaxPerDay": "Most photos queued for review per UTC day; the rest keep their status and are not queued.",
+    "reviewLeaseSeconds": "How long a claimed photo stays with its reviewer before it returns to the queue.",
+    "reviewOldestPendingAlarmHours": "The alarm on the age of the oldest pending review fires above this many hours.",
+    "reviewApiRateLimit": "The review API stage's steady request rate (requests per second); API Gateway answers 429 "
+                          "above it.",
+    "reviewApiBurstLimit": "The review API stage's burst of requests above reviewApiRateLimit.",
     # notebooks
     "studioDomain": "Create a SageMaker Studio domain for notebooks on the data (infra/studio.py).",
-    "studioNetworkAccess": "Studio's network: `PublicInternetOnly` or `VpcOnly`.",
+    "studioCanStartPipeline": "Whether the Studio user may start the pipeline (states:StartExecution); it may always "
+                              "follow it.",
+    "studioNetworkAccess": "Studio's network: `ByStage` (`VpcOnly` in prod, `PublicInternetOnly` elsewhere), "
+                           "`PublicInternetOnly` or `VpcOnly`.",
     # platform
     "alarmEmail": "E-mail address subscribed to the alarms topic; empty: no subscription.",
     "costReportSchedule": "When the cost report runs (EventBridge schedule).",
