@@ -561,8 +561,9 @@ def test_reviewed_labels_join_the_train_split_only_and_the_packers_read_them(s3,
     _, _, result = ingest(s3, {"selector": "manifest", "manifestUri": uri}, "run-reviewed")
 
     assert result["reviewedUsed"] == 1
+    manifests = f"manifests/{run_id_from('run-reviewed', '')}"
     parts = {name: {r.image_id: r.quantity for r in abid.parse_records_jsonl(
-        s3.get_object(Bucket=DATA, Key=f"manifests/run-reviewed/{name}.jsonl")["Body"].read().decode())}
+        s3.get_object(Bucket=DATA, Key=f"{manifests}/{name}.jsonl")["Body"].read().decode())}
         for name in ("train", "validation", "test")}
     assert parts["train"][reviewed_id] == 4  # the person's count, not the model's
     assert reviewed_id not in parts["validation"] and reviewed_id not in parts["test"]
