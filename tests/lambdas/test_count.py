@@ -260,8 +260,11 @@ def test_low_confidence_count_is_not_compared_and_raises_an_event(aws, sample_di
     item = record_of(aws, "incoming/01046.jpg", event["s3"]["object"]["versionId"])
     assert item["status"] == rec.LOW_CONFIDENCE
     assert "below the 0.5 threshold" in item["reason"]
-    # Queued for a person, ranked by 1 - confidence (no discrepancyProbability on this record).
-    assert item["reviewQueue"] == "pending" and item["reviewRank"].startswith("0.310000#")
+    # Queued for a person, most likely discrepancy first: the rank is 1 - discrepancyProbability, which the
+    # decision rule writes on every record with an expected count (not 1 - confidence, the fallback).
+    discrepancy = float(item["discrepancyProbability"])
+    assert item["reviewQueue"] == "pending" and item["reviewRank"].startswith(f"{1 - discrepancy:.6f}#")
+    assert not item["reviewRank"].startswith("0.310000#")
     assert [a["detail-type"] for a in published(aws)] == ["Photo count uncounted-low-confidence"]
 
 

@@ -562,7 +562,7 @@ def test_reviewed_labels_join_the_train_split_only_and_the_packers_read_them(s3,
 
     assert result["reviewedUsed"] == 1
     parts = {name: {r.image_id: r.quantity for r in abid.parse_records_jsonl(
-        s3.get_object(Bucket=DATA, Key=f"manifests/run-reviewed/{name}.jsonl")["Body"].read().decode())}
+        s3.get_object(Bucket=DATA, Key=f"manifests/{result['runId']}/{name}.jsonl")["Body"].read().decode())}
         for name in ("train", "validation", "test")}
     assert parts["train"][reviewed_id] == 4  # the person's count, not the model's
     assert reviewed_id not in parts["validation"] and reviewed_id not in parts["test"]
