@@ -276,6 +276,8 @@ class TrainingStage(StageFragment):
                 "mode": sfn.JsonPath.string_at("$.trainingRequest.mode"),
                 "jobName": sfn.JsonPath.string_at("$.trainingRequest.jobName"),
                 "attempt": sfn.JsonPath.number_at("$.training.attempt"),
+                # The review loop's photos in the train shards, for the report (lambdas/pack/finish.py).
+                "reviewedUsed": sfn.JsonPath.number_at("$.pack.reviewedUsed"),
             }),
             payload_response_only=True,
             result_path="$.training",

@@ -75,6 +75,7 @@ def channel_parts(folder: Path, selection: Selection = Selection(),
     if files:
         if limit:
             raise ValueError("--limit takes the first photos of a folder; a shard channel has no cheap 'first N'")
+        refuse_keys_in_two_shards(folder, files)
         return [Part(path) for path in files], []
     records, rejected = abid.scan_folder(folder)
     records = [r for r in records if selection.keeps(r)]
@@ -83,6 +84,26 @@ def channel_parts(folder: Path, selection: Selection = Selection(),
     parts = [Part(folder, tuple(records[i : i + FOLDER_PART_PHOTOS]))
              for i in range(0, len(records), FOLDER_PART_PHOTOS)]
     return parts, rejected
+
+
+def refuse_keys_in_two_shards(folder: Path, files: Sequence[Path]) -> None:
+    """Raises :class:`ml.shards.ShardError` naming the photo id and both shards when one id is in two shards of
+    a channel: it would be trained twice (a shard refuses a key repeated inside itself, ml/shards.py). The pack
+    plan puts each photo in one shard, so such a channel mixes shards of different plans or runs and is refused
+    whole rather than trained on. Only the shards this host holds are seen (with ShardedByS3Key, each host's)."""
+    first_seen: dict[str, str] = {}
+    twice: list[tuple[str, str, str]] = []
+    for path in files:
+        name = str(path.relative_to(folder))
+        for key in sorted(shards.shard_keys(path)):
+            other = first_seen.setdefault(key, name)
+            if other != name:
+                twice.append((key, other, name))
+    if twice:
+        key, first, second = twice[0]
+        more = f" (and {len(twice) - 1} more photo ids in two shards)" if len(twice) > 1 else ""
+        raise shards.ShardError(f"duplicate key {key}: photo {key} is in two shards of {folder.name}/, {first} and "
+                                f"{second}{more}; a channel must hold each photo once (one pack plan's shards)")
 
 
 def read_part(part: Part, selection: Selection) -> Iterator[tuple[AbidRecord, bytes] | Rejected]:

@@ -33,7 +33,8 @@ MEANINGS: dict[str, str] = {
     "dataset.validationFraction": "Share of photos for validation; default: `splitValidationFraction`.",
     "dataset.testFraction": "Share of photos for test; default: `splitTestFraction`.",
     "dataset.seed": "Seed of the split, so a rerun splits alike (default `invmon`).",
-    "dataset.includeReviewed": "Whether photos corrected by a reviewer join the dataset.",
+    "dataset.includeReviewed": "Whether photos labelled by reviewers (`raw/reviewed/`) join the train split; "
+                               "validation and test stay ABID's (default true).",
     "training": "The training (or tuning) job (the training stage); every key defaults to the stack's setting.",
     "training.instanceType": "Training instance type; must be in `trainingAllowedInstanceTypes`.",
     "training.instanceCount": "Instances per job; at most `trainingMaxInstanceCount`.",

@@ -49,7 +49,8 @@ class DatasetRequest(BaseModel):
     test_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     seed: str | int | None = None
     # People's answers from the review loop (raw/reviewed/) join the train split; validation and test stay ABID's.
-    include_reviewed: bool = True
+    # None (not given) means true: the normalized execution input holds only what was given.
+    include_reviewed: bool | None = None
 
     @field_validator("manifest_uri")
     @classmethod
@@ -209,5 +210,5 @@ def resolve(request: DatasetRequest, *, run_id: str, environ: dict[str, str] | N
         test_fraction=test,
         seed=str(request.seed) if request.seed is not None else "invmon",
         tolerated_failure_percent=float(env.get("INGEST_TOLERATED_FAILURE_PERCENT", "5")),
-        include_reviewed=request.include_reviewed,
+        include_reviewed=request.include_reviewed is not False,
     )

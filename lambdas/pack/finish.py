@@ -7,7 +7,10 @@ reported). Above ``INGEST_TOLERATED_FAILURE_PERCENT`` of the planned photos fail
 the stage fails; otherwise it returns::
 
     {"runId", "channels": {"train": "s3://<bucket>/shards/<plan id>/train/", ...}, "shards": {...}, "photos": {...},
-     "reportKey"}
+     "reviewedUsed", "reportKey"}
+
+``reviewedUsed`` is how many of the review loop's labelled photos are in the train shards: the ones ingest put in
+the train split (lambdas/ingest/split.py) less those that could not be packed. The training report carries it.
 
 A split with no packed photo gets no channel (an empty S3Prefix channel would fail the training job); train and
 validation must have one.
@@ -78,6 +81,7 @@ def gather(plan: list[dict[str, Any]], children: list[map_results.Child]) -> dic
             failed_children[(task["split"], int(task.get("index", -1)))] = child.failure_reason(
                 f"packing shard {_shard_name(task)}")
     photos: dict[str, int] = defaultdict(int)
+    reviewed: dict[str, int] = defaultdict(int)
     shards: dict[str, int] = defaultdict(int)
     size: dict[str, int] = defaultdict(int)
     written = unchanged = 0
@@ -93,12 +97,16 @@ def gather(plan: list[dict[str, Any]], children: list[map_results.Child]) -> dic
         failures += [{**failure, "split": split} for failure in result["failures"]]
         if result.get("key"):
             photos[split] += int(result["photos"])
+            failed_here = {failure["imageId"] for failure in result["failures"]}
+            reviewed[split] += sum(image_id.startswith(layout.REVIEWED_ID_PREFIX) and image_id not in failed_here
+                                   for image_id in item["ids"])
             shards[split] += 1
             size[split] += int(result["bytes"])
             written += bool(result.get("written"))
             unchanged += not result.get("written")
-    return {"photos": dict(photos), "shards": dict(shards), "bytes": dict(size), "written": written,
-            "unchanged": unchanged, "failures": sorted(failures, key=lambda f: (f["split"], f["imageId"]))}
+    return {"photos": dict(photos), "reviewed": dict(reviewed), "shards": dict(shards), "bytes": dict(size),
+            "written": written, "unchanged": unchanged,
+            "failures": sorted(failures, key=lambda f: (f["split"], f["imageId"]))}
 
 
 
@@ -132,6 +140,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
         "planId": event.plan_id,
         "planned": dict(planned),
         "photos": gathered["photos"],
+        "reviewed": gathered["reviewed"],
         "shards": gathered["shards"],
         "bytes": gathered["bytes"],
         "shardsWritten": gathered["written"],
@@ -158,6 +167,7 @@ def finish(event: FinishEvent, *, s3: Any, data_bucket: str, tolerated_percent: 
                      for split in abid.SPLITS if gathered["photos"].get(split)},
         "shards": gathered["shards"],
         "photos": gathered["photos"],
+        "reviewedUsed": gathered["reviewed"].get("train", 0),
         "reportKey": report_key,
     }
 

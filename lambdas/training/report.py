@@ -6,11 +6,16 @@ health files (``health.json``, ml/health.py) from ``output.tar.gz`` where there 
 
     {"jobName", "modelArtifact", "metrics": {...}, "tuningJobName", "reportKey", "findings": [...],
      "health": {"status", "findings": [...]} | None, "rulesPending": bool, "attempt": int, "problems": [...],
-     "usable": bool, "unusable": str}
+     "usable": bool, "unusable": str, "reviewedUsed": int | None}
 
 ``usable`` is false (and ``unusable`` says why, in under 1,000 characters) when the job may not go forward to
 the deploy gate: it did not end Completed, the trainer reported a fatal health finding, or its model artifact
 holds no serving code. The training stage fails on it before the gate sees the model (issue #25 item 3).
+
+``reviewedUsed`` is how many of the review loop's labelled photos the job trained on: the pack stage's count of
+those in the train shards (``$.pack.reviewedUsed``, lambdas/pack/finish.py), so photos a person marked
+``unusable`` (they get no label) and labelled photos that could not be packed are not in it. None where the step
+was called without it.
 
 ``findings`` are Debugger rule outcomes (only where the deployment opted into Debugger); ``health`` is what
 the trainer found itself, for every job.
@@ -34,7 +39,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = Logger()
 tracer = Tracer()
@@ -62,6 +67,7 @@ class ReportEvent(BaseModel):
     mode: Literal["training", "tuning"]
     jobName: str
     attempt: int = 0
+    reviewedUsed: int | None = Field(default=None, ge=0)
 
 
 class _Clients:
@@ -205,6 +211,7 @@ def summarize(
     attempt: int,
     health: dict[str, Any] | None = None,
     serving_code: bool | None = None,
+    reviewed_used: int | None = None,
 ) -> dict[str, Any]:
     """The full report (for the bucket) of one finished job; the returned ``state`` part is ``$.training``."""
     name = job["TrainingJobName"]
@@ -232,6 +239,7 @@ def summarize(
         "problems": problems,
         "usable": not unusable,
         "unusable": unusable_cause(unusable),
+        "reviewedUsed": reviewed_used,
     }
     report = {
         **state,
@@ -316,7 +324,8 @@ def record(event: ReportEvent, bucket: str) -> dict[str, Any]:
     job = clients.sagemaker.describe_training_job(TrainingJobName=name)
     output_metrics, health, output_problem = _read_output(job)
     result = summarize(job, tuning=tuning, output_metrics=output_metrics, output_problem=output_problem,
-                       attempt=event.attempt, health=health, serving_code=_read_serving_code(job))
+                       attempt=event.attempt, health=health, serving_code=_read_serving_code(job),
+                       reviewed_used=event.reviewedUsed)
     clients.s3.put_object(
         Bucket=bucket,
         Key=result["state"]["reportKey"],
@@ -335,7 +344,8 @@ def handler(event: ReportEvent, context: LambdaContext) -> dict[str, Any]:
     state, report = result["state"], result["report"]
     logger.info("training recorded", extra={"job_name": state["jobName"], "metrics": state["metrics"],
                                             "findings": state["findings"], "health": state["health"],
-                                            "problems": state["problems"]})
+                                            "problems": state["problems"],
+                                            "reviewed_used": state["reviewedUsed"]})
     if not state["rulesPending"]:
         metrics.add_dimension(name="mode", value=event.mode)
         for metric in GATE_METRICS:
@@ -344,6 +354,8 @@ def handler(event: ReportEvent, context: LambdaContext) -> dict[str, Any]:
         if report["billableSeconds"] is not None:
             metrics.add_metric(name="TrainingBillableSeconds", unit=MetricUnit.Seconds,
                                value=report["billableSeconds"])
+        if state["reviewedUsed"] is not None:
+            metrics.add_metric(name="TrainingReviewedPhotos", unit=MetricUnit.Count, value=state["reviewedUsed"])
         issues = sum(f["status"] == "IssuesFound" for f in state["findings"])
         metrics.add_metric(name="TrainingRuleIssues", unit=MetricUnit.Count, value=issues)
         if state["health"] is not None:

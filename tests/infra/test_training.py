@@ -165,6 +165,8 @@ def test_report_writes_training_and_waits_for_pending_rules(built: Built) -> Non
     assert states["StartTrainingReport"]["Next"] == "RecordTraining"
     record = states["RecordTraining"]
     assert record["ResultPath"] == "$.training"
+    # The report says how many reviewed photos the pack stage put in the train shards.
+    assert record["Parameters"]["reviewedUsed.$"] == "$.pack.reviewedUsed"
     assert record["Next"] == "TrainingRulesFinished"
     loop = states["TrainingRulesFinished"]
     (when,) = loop["Choices"]

@@ -136,6 +136,7 @@ def test_every_split_is_packed_into_shards_that_read_back_as_exactly_its_records
         # Every record of the split, once, in id order across the shards, with the labels ingest recorded.
         assert read == split_records(s3, split)
         assert result["photos"][split] == len(read)
+    assert result["reviewedUsed"] == 0
     report = read_json(s3, result["reportKey"])
     assert result["reportKey"] == f"reports/pack/{RUN}.json"
     assert report["failed"] == 0 and report["failures"] == []
@@ -190,6 +191,30 @@ def test_a_missing_photo_is_reported_with_its_reason_and_the_rest_is_packed(s3) 
     report = read_json(s3, result["reportKey"])
     assert report["failures"] == [{**output["failures"][0], "split": "train"}]
     assert result["photos"]["train"] == len(split_records(s3, "train")) - 1
+
+
+def test_reviewed_photos_are_counted_for_training_only_where_they_were_packed(s3, sample_dir: Path) -> None:
+    # Three of the review loop's labels joined train at ingest (lambdas/ingest/split.py); one lost its photo.
+    train = split_records(s3, "train")
+    reviewed = []
+    for number, path in enumerate(sorted((sample_dir / abid.METADATA_DIR).glob("*.json"))[:3]):
+        image_id = f"{layout.REVIEWED_ID_PREFIX}{number:020x}"
+        image, metadata = layout.raw_keys(image_id)
+        assert image.startswith(layout.REVIEWED_PREFIX)
+        s3.put_object(Bucket=DATA, Key=metadata, Body=path.read_bytes())
+        if number:
+            s3.put_object(Bucket=DATA, Key=image,
+                          Body=(sample_dir / abid.IMAGE_DIR / f"{path.stem}.jpg").read_bytes())
+        reviewed.append(abid.parse_metadata(image_id, path.read_bytes()))
+    s3.put_object(Bucket=DATA, Key=f"manifests/{RUN}/train.jsonl",
+                  Body=abid.records_jsonl(sorted([*train, *reviewed])).encode())
+
+    result = pack(s3)
+    assert result["reviewedUsed"] == 2
+    assert result["photos"]["train"] == len(train) + 2
+    report = read_json(s3, result["reportKey"])
+    assert report["reviewed"] == {"train": 2, "validation": 0, "test": 0}
+    assert [f["imageId"] for f in report["failures"]] == [reviewed[0].image_id]
 
 
 def test_unreadable_photos_and_metadata_are_reported_not_packed(s3) -> None:

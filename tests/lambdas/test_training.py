@@ -764,7 +764,7 @@ def test_report_records_metrics_findings_and_pending_rules(aws: Any, lambda_cont
                   Body=output_archive({"valid_accuracy": 0.5342, "valid_rmse": 0.9, "best_epoch": 9,
                                        "hyperparameters": {"lr": 0.001}}))
     stubber.add_response("describe_training_job", describe_job(name), {"TrainingJobName": name})
-    state = report.handler({"mode": "training", "jobName": name, "attempt": 0}, lambda_context)
+    state = report.handler({"mode": "training", "jobName": name, "attempt": 0, "reviewedUsed": 3}, lambda_context)
 
     assert state["jobName"] == name and state["tuningJobName"] is None
     assert state["modelArtifact"] == f"s3://{BUCKET}/models/{name}/output/model.tar.gz"
@@ -777,6 +777,8 @@ def test_report_records_metrics_findings_and_pending_rules(aws: Any, lambda_cont
     stored = stored_report(s3, state["reportKey"])
     assert state["reportKey"] == f"reports/training/{name}.json"
     assert stored["spotSavingsPercent"] == 70.0
+    # How many of the review loop's photos the job trained on ($.pack.reviewedUsed), in the state and the file.
+    assert state["reviewedUsed"] == stored["reviewedUsed"] == 3
     assert stored["scrapedMetrics"] == {"valid_accuracy": 0.51, "valid_rmse": 0.97}
     assert "sagemaker_program" not in stored["hyperparameters"]
     assert "Overfit at step 500" in next(f["details"] for f in stored["findings"] if f["rule"] == "Overfit")

@@ -137,6 +137,27 @@ def test_limit_is_refused_on_a_shard_channel(shard_dir: Path) -> None:
         channel.channel_parts(shard_dir, limit=5)
 
 
+def test_a_photo_in_two_shards_of_a_channel_is_refused_naming_it_and_both_shards(shard_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    # Another plan's shard beside this one's: its second photo is also in train-000001.tar.
+    mixed = tmp_path / "train"
+    mixed.mkdir()
+    for path in sorted(shard_dir.glob("*.tar")):
+        (mixed / path.name).write_bytes(path.read_bytes())
+    with (shard_dir / "train-000001.tar").open("rb") as handle:
+        samples = list(shards.read_shard(handle))
+    (mixed / "other-000000.tar").write_bytes(shards.pack(samples[1:3]))
+    ids = [s.key for s in samples[1:3]]
+    with pytest.raises(shards.ShardError, match=rf"duplicate key {ids[0]}: photo {ids[0]} is in two shards of "
+                       rf"train/, other-000000\.tar and train-000001\.tar \(and 1 more photo ids in two shards\)"):
+        channel.channel_parts(mixed)
+    with pytest.raises(shards.ShardError, match=f"duplicate key {ids[0]}"):
+        channel.load_channel(mixed, SIZE)  # the validation channel and ml.evaluate read through it too
+    # Without the other plan's shard, the channel is read as before.
+    (mixed / "other-000000.tar").unlink()
+    assert len(channel.channel_parts(mixed)[0]) == 5
+
+
 def test_auto_keeps_photos_in_memory_only_when_they_take_at_most_half_of_what_is_free() -> None:
     gib = 1 << 30
     # The full counting split: 360,000 photos of 3 x 224 x 224 bytes, 54 GB; a g5.2xlarge has 32 GiB of memory.

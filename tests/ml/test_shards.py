@@ -118,5 +118,17 @@ def test_a_duplicate_key_in_a_shard_is_refused() -> None:
         list(shards.read_shard(io.BytesIO(data), "s.tar"))
 
 
+def test_a_shards_keys_are_listed_from_its_headers_and_a_damaged_one_lists_up_to_the_damage(tmp_path) -> None:
+    whole = tmp_path / "whole.tar"
+    whole.write_bytes(shards.pack(SIX))
+    assert shards.shard_keys(whole) == {s.key for s in SIX}
+    data = bytearray(shards.pack(SIX))
+    offset = member_offsets(bytes(data))["00002.jpg"]
+    data[offset + 148 : offset + 156] = b"garbage!"
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(bytes(data))
+    assert shards.shard_keys(damaged) == {"00000", "00001"}  # read_shard reports the damage itself
+
+
 def test_an_intact_shard_reads_whole_through_the_checked_reader() -> None:
     assert [s.key for s in shards.read_shard(io.BytesIO(shards.pack(SIX)), "s.tar")] == [s.key for s in SIX]

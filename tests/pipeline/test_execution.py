@@ -237,7 +237,7 @@ def packed(cloud: Cloud) -> dict[str, Any]:
     shards = f"s3://{data_bucket(cloud)}/shards/run"
     return {"runId": "run", "channels": {"train": f"{shards}/train/", "validation": f"{shards}/validation/"},
             "shards": {"train": 3, "validation": 1}, "photos": {"train": 2400, "validation": 300},
-            "reportKey": "reports/pack/run.json"}
+            "reviewedUsed": 0, "reportKey": "reports/pack/run.json"}
 
 
 def run_training(cloud: Cloud, **input_: Any) -> offline.Execution:
@@ -378,6 +378,21 @@ def publish_abid(cloud: Cloud, sample_dir: Path, images: int) -> list[str]:
     return ids
 
 
+def review_label(cloud: Cloud, sample_dir: Path, image_id: str, count: int) -> str:
+    """A reviewer's answer for an upload (a copy of one sample photo), as the review API writes it: the label
+    under raw/reviewed/ in ABID's layout (lambdas/review/store.py). Returns the label's image id."""
+    from lambdas.review import store
+
+    s3, bucket = cloud.client("s3"), data_bucket(cloud)
+    key = f"uploads/bin-{image_id}.jpg"
+    put = s3.put_object(Bucket=bucket, Key=key, Body=(sample_dir / "bin-images" / f"{image_id}.jpg").read_bytes())
+    store.write_label(s3, bucket, {"bucket": bucket, "key": key, "versionId": put.get("VersionId"),
+                                   "reviewedCount": count, "reviewedBy": "reviewer-sub",
+                                   "reviewedAt": "2026-12-06T10:00:00+00:00", "count": count - 1,
+                                   "modelStatus": "uncounted-low-confidence", "expectedCount": count})
+    return store.label_id(key, put.get("VersionId"))
+
+
 def split_twelve(images: int) -> dict[str, Any]:
     """A dataset request that leaves photos in every split of the first twelve sample photos (8 / 2 / 2): with the
     default 10 %, each count class of so few photos rounds to no validation photo, and training needs some."""
@@ -389,6 +404,7 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
     from ml import shards
 
     ids = publish_abid(cloud, sample_dir, images=12)
+    reviewed = review_label(cloud, sample_dir, ids[0], count=3)
     execution = cloud.run(cloud.definition(PIPELINE), {"dataset": split_twelve(len(ids))})
     execution.assert_no_runtime_error()
     assert execution.status == "SUCCEEDED", execution.cause
@@ -407,11 +423,12 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
     assert all(set(item) > {"image_id"} for item in workers[0].event["Items"]), workers[0].event["Items"][0]
     s3 = cloud.client("s3")
     copied = s3.list_objects_v2(Bucket=data_bucket(cloud), Prefix="raw/")
-    assert copied["KeyCount"] == 2 * len(ids)  # each photo and its metadata
-    # Every ingested photo is packed once, into the shards of its split.
+    assert copied["KeyCount"] == 2 * (len(ids) + 1)  # each photo and its metadata, and the reviewed label's
+    # Every ingested photo is packed once, into the shards of its split; the person's label joins train.
     pack = execution.output["pack"]
     packers = [i for i in cloud.lambdas.invocations if i.function.startswith("packpacker")]
-    assert sorted(image_id for p in packers for image_id in p.event["ids"]) == ids
+    assert sorted(image_id for p in packers for image_id in p.event["ids"]) == sorted([*ids, reviewed])
+    assert any(reviewed in p.event["ids"] for p in packers if p.event["split"] == "train")
     packed_ids = []
     for split, prefix in pack["channels"].items():
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=data_bucket(cloud),
@@ -421,7 +438,13 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
         for key in keys:
             body = s3.get_object(Bucket=data_bucket(cloud), Key=key)["Body"].read()
             packed_ids += [sample.key for sample in shards.read_shard(io.BytesIO(body))]
-    assert sorted(packed_ids) == ids
+    assert sorted(packed_ids) == sorted([*ids, reviewed])
+    # The training report says how many reviewed photos the job trained on.
+    assert execution.output["ingest"]["reviewedUsed"] == pack["reviewedUsed"] == 1
+    training = execution.output["training"]
+    assert training["reviewedUsed"] == 1
+    stored = json.loads(s3.get_object(Bucket=data_bucket(cloud), Key=training["reportKey"])["Body"].read())
+    assert stored["reviewedUsed"] == 1
     # Training reads the shard channels the pack stage left.
     ((operation, request),) = cloud.bridge.requests
     assert operation == "CreateTrainingJob"
@@ -668,8 +691,7 @@ def test_only_the_normalized_input_travels_on(cloud: Cloud) -> None:
     raw = {"dataset": {"selector": "count-range", "min_count": 1, "maxCount": None}}
     execution = cloud.run(first_state_only(cloud), raw)
     assert execution.status == "SUCCEEDED", execution.cause
-    dataset = {"selector": "count-range", "minCount": 1, "includeReviewed": True}  # the default shown, not None
-    assert execution.output == {"input": {"dataset": dataset}, "execution": "run"}
+    assert execution.output == {"input": {"dataset": {"selector": "count-range", "minCount": 1}}, "execution": "run"}
 
 
 def test_a_network_isolation_off_that_the_stack_allows_reaches_the_training_job(cloud: Cloud) -> None:
