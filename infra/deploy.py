@@ -7,8 +7,10 @@ State contract: reads ``$.training`` and ``$.input.deploy`` (optional, e.g. ``{"
 Flow: the gate Lambda decides deploy or skip (and records why in ``reports/deploy/<execution>.json``); the
 release Lambda creates the model and endpoint config and starts CreateEndpoint or a blue/green UpdateEndpoint
 with automatic rollback on the endpoint's 5xx alarm; the state machine polls DescribeEndpoint until the
-endpoint is InService on the new config (then the finish Lambda sets up autoscaling and records the model in
-service) or fails with the reason (Failed, or rolled back to the old config).
+endpoint is InService on the new config (then the smoke Lambda sends one known photo and checks the answer against
+the serving contract, and only then does the finish Lambda set up autoscaling and record the model in service; a
+failed check puts the previous endpoint config back) or fails with the reason (Failed, or rolled back to the old
+config).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from infra.function import PythonFunction, log_group
 from infra.nag import suppress, wildcard_suppression
 from infra.pipeline import StageFragment
 from infra.storage import MODEL_PREFIX, grant_read_prefix
-from lambdas.deploy import lock, plan
+from lambdas.deploy import lock, plan, smoke
 
 # --- the deploy stage's budget: every wait in it is bounded, and the sum is the lock's lease and the stage's share
 # of the execution timeout (infra/stack.py).
@@ -64,7 +66,13 @@ def lock_lease_seconds(settings: Settings) -> int:
     wait loop, finish and release of the lock."""
     busy = _retry_seconds(int(BUSY_INTERVAL.to_seconds()), BUSY_ATTEMPTS, BUSY_BACKOFF)
     waiting = endpoint_checks(settings) * (int(ENDPOINT_POLL.to_seconds()) + DESCRIBE_CALL_SECONDS)
-    return 4 * LAMBDA_SECONDS + busy + waiting + DESCRIBE_RETRY_SECONDS
+    return 4 * LAMBDA_SECONDS + busy + waiting + DESCRIBE_RETRY_SECONDS + smoke_check_seconds()
+
+
+def smoke_check_seconds() -> int:
+    """The smoke check after InService: the smoke Lambda, then (on failure) the rollback's UpdateEndpoint call with
+    its retries."""
+    return smoke.LAMBDA_TIMEOUT_SECONDS + DESCRIBE_RETRY_SECONDS + DESCRIBE_CALL_SECONDS
 
 
 def lock_wait_seconds() -> int:
@@ -102,7 +110,8 @@ def serving_image(scope: Construct, settings: Settings) -> str:
 
 class DeployStage(StageFragment):
     def __init__(self, scope: Construct, construct_id: str, *, gate: PythonFunction, release: PythonFunction,
-                 finish: PythonFunction, endpoint: str, endpoint_arn: str, max_checks: int = 150) -> None:
+                 finish: PythonFunction, endpoint: str, endpoint_arn: str, max_checks: int = 150,
+                 smoke_function: PythonFunction, endpoint_config_arn: str) -> None:
         super().__init__(scope, construct_id)
         decide = tasks.LambdaInvoke(
             self,
@@ -126,7 +135,9 @@ class DeployStage(StageFragment):
             lambda_function=release.function,
             payload=sfn.TaskInput.from_object({"deploy.$": "$.deploy", "training.$": "$.training"}),
             result_selector={"action.$": "$.Payload.action", "modelName.$": "$.Payload.modelName",
-                             "endpointConfigName.$": "$.Payload.endpointConfigName"},
+                             "endpointConfigName.$": "$.Payload.endpointConfigName",
+                             # what a failed smoke check rolls back to (null on a first deploy)
+                             "previousEndpointConfigName.$": "$.Payload.previousEndpointConfigName"},
             result_path="$.deploy.release",
         )
         # An endpoint mid-change (a previous rollout, a SageMaker maintenance update) is waited out.
@@ -227,7 +238,8 @@ class DeployStage(StageFragment):
                         "$.deploy.endpoint.EndpointConfigName", "$.deploy.release.endpointConfigName"
                     ),
                 ),
-                done.next(finished),
+                self._smoke_check(smoke_function, endpoint, endpoint_arn, endpoint_config_arn,
+                                  passed=done.next(finished)),
             )
             .when(sfn.Condition.string_equals(status, "InService"), rolled_back)
             .when(
@@ -244,6 +256,76 @@ class DeployStage(StageFragment):
             .otherwise(skipped)
         )
         self._bound(decide, [skipped, finished])
+
+    def _smoke_check(self, smoke_function: PythonFunction, endpoint: str, endpoint_arn: str,
+                     endpoint_config_arn: str, *, passed: sfn.IChainable) -> sfn.IChainable:
+        """After InService on the new config: one known photo to the endpoint (lambdas/deploy/smoke.py). A good
+        answer goes on to ``passed`` (Finish deploy, which records the model in service). A bad one, or a smoke
+        Lambda that cannot run, fails the stage with the cause, after an update puts the previous endpoint config
+        back (the in-service record, written only by Finish deploy, still names the old model); a first deploy has
+        nothing to roll back to, and its cause says so."""
+        smoke_task = tasks.LambdaInvoke(
+            self,
+            "Smoke test endpoint",
+            comment="One known photo to the new endpoint; the answer read as the count Lambda reads answers",
+            lambda_function=smoke_function.function,
+            payload=sfn.TaskInput.from_object({"endpointName": endpoint}),
+            result_selector={"passed.$": "$.Payload.passed", "cause.$": "$.Payload.cause",
+                             "count.$": "$.Payload.count", "status.$": "$.Payload.status"},
+            result_path="$.deploy.smoke",
+            task_timeout=sfn.Timeout.duration(Duration.seconds(smoke.LAMBDA_TIMEOUT_SECONDS)),
+        )
+        could_not_run = sfn.Pass(
+            self,
+            "Smoke check could not run",
+            parameters={"passed": False,
+                        "cause.$": f"States.Format('smoke check of endpoint {endpoint} could not run: {{}}', "
+                                   "$.deploy.smokeError.Error)"},
+            result_path="$.deploy.smoke",
+        )
+        smoke_task.add_catch(could_not_run, errors=["States.ALL"], result_path="$.deploy.smokeError")
+
+        def fail(name: str, cause: str, *args: str) -> sfn.IChainable:
+            return sfn.Pass(
+                self, f"{name} cause",
+                parameters={"cause.$": f"States.Format('{{}}; {cause}', $.deploy.smoke.cause, {', '.join(args)})"},
+                result_path="$.deploy.failure",
+            ).next(sfn.Fail(self, name, error="SmokeCheckFailed", cause_path="$.deploy.failure.cause"))
+
+        previous, released = "$.deploy.release.previousEndpointConfigName", "$.deploy.release.endpointConfigName"
+        roll_back = tasks.CallAwsService(
+            self,
+            "Roll back endpoint",
+            comment="UpdateEndpoint back to the config the endpoint served before this deploy",
+            service="sagemaker",
+            action="updateEndpoint",
+            parameters={"EndpointName": endpoint, "EndpointConfigName": sfn.JsonPath.string_at(previous)},
+            iam_resources=[endpoint_arn, endpoint_config_arn],
+            iam_action="sagemaker:UpdateEndpoint",
+            result_path=sfn.JsonPath.DISCARD,
+        )
+        roll_back.add_retry(errors=["SageMaker.SageMakerException", "States.Timeout"], max_attempts=5,
+                            interval=Duration.seconds(10), backoff_rate=2)
+        roll_back.add_catch(fail("Smoke check failed, rollback failed",
+                                 "rolling back to endpoint config {} failed too ({}): the endpoint serves config {}, "
+                                 "put the previous config back by hand", previous, "$.deploy.rollbackError.Error",
+                                 released),
+                            errors=["States.ALL"], result_path="$.deploy.rollbackError")
+        roll_back.next(fail("Smoke check failed, rolled back",
+                            "the endpoint is rolled back to its previous config {} (UpdateEndpoint started) and the "
+                            "model in service is unchanged; the new config {} is left unused", previous, released))
+        first_deploy = fail("Smoke check failed on first deploy",
+                            "this was the first deploy of the endpoint, so there is no previous config to roll back "
+                            "to: the endpoint stays on config {} and no model is recorded in service", released)
+        verdict = (
+            sfn.Choice(self, "Smoke check passed?")
+            .when(sfn.Condition.boolean_equals("$.deploy.smoke.passed", True), passed)
+            .when(sfn.Condition.and_(sfn.Condition.string_equals("$.deploy.release.action", "update"),
+                                     sfn.Condition.is_string(previous)), roll_back)
+            .otherwise(first_deploy)
+        )
+        could_not_run.next(verdict)
+        return smoke_task.next(verdict)
 
 
 class LockedDeployStage(StageFragment):
@@ -312,6 +394,7 @@ class Deploy(Construct):
         self.endpoint_name = endpoint_name(settings)
         self.inference_role = self._inference_role(settings, data_bucket, data_key)
         self.endpoint_arn = self._sagemaker_arn("endpoint", self.endpoint_name)
+        self.endpoint_config_arn = self._sagemaker_arn("endpoint-config", f"{self.endpoint_name}-*")
         rollback_alarm_name = f"{self.endpoint_name}-invocation-5xx"
         self.rollback_alarm = cloudwatch.Alarm(
             self,
@@ -360,6 +443,17 @@ class Deploy(Construct):
                                 "Creates the model and endpoint config, starts the endpoint rollout")
         self.finish = function("Finish", "lambdas.deploy.finish.handler",
                                "Autoscaling and the in-service record once the endpoint is InService")
+        # Reads the answer as the count Lambda does, so it gets the count Lambda's decision settings.
+        self.smoke = PythonFunction(
+            self, "Smoke", settings=settings, handler="lambdas.deploy.smoke.handler", service="deploy-smoke",
+            description="Sends one known photo to the new endpoint and checks the answer against the contract",
+            environment={"CONFIDENCE_THRESHOLD": str(settings.count_confidence_threshold),
+                         "CONSIGNMENT_ERROR_RATE": str(settings.consignment_error_rate)},
+            timeout_seconds=smoke.LAMBDA_TIMEOUT_SECONDS, memory_size=256,
+        )
+        self.smoke.role.add_to_principal_policy(
+            iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[self.endpoint_arn])
+        )
 
         in_service = plan.in_service_key(self.endpoint_name)
         grant_read_prefix(data_bucket, data_key, self.gate.role, in_service, missing_is_404=True)
@@ -505,16 +599,21 @@ class Deploy(Construct):
 
         self.inner_stage = DeployStage(self, "Stage", gate=self.gate, release=self.release, finish=self.finish,
                                        endpoint=self.endpoint_name, endpoint_arn=self.endpoint_arn,
-                                       max_checks=endpoint_checks(settings))
+                                       max_checks=endpoint_checks(settings), smoke_function=self.smoke,
+                                       endpoint_config_arn=self.endpoint_config_arn)
         self.stage = LockedDeployStage(self, "Locked", inner=self.inner_stage, lock_function=self.lock)
 
     def add_nag_evidence(self, state_machine: sfn.StateMachine) -> None:
         """cdk-nag suppressions for the wildcards this stage grants the state machine that hosts it."""
         suppress(state_machine, wildcard_suppression(
-            state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the gate, release, finish and "
-            "lock tasks may call a version or alias of those four functions, and nothing else.",
+            state_machine, "LambdaInvoke grants the function ARN plus ':*' so that the gate, release, finish, "
+            "smoke and lock tasks may call a version or alias of those five functions, and nothing else.",
             resources=[f"{fn.function.function_arn}:*"
-                       for fn in (self.gate, self.release, self.finish, self.lock)],
+                       for fn in (self.gate, self.release, self.finish, self.smoke, self.lock)],
+        ), wildcard_suppression(
+            state_machine, "A failed smoke check rolls the endpoint back with UpdateEndpoint to the config it served "
+            "before; the deploy names its configs <endpoint>-<execution>, so the grant is that prefix.",
+            resources=[self.endpoint_config_arn],
         ))
 
     def _inference_role(self, settings: Settings, data_bucket: s3.IBucket, data_key: kms.IKey) -> iam.Role:

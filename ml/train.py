@@ -49,6 +49,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -771,6 +772,42 @@ def build_training(args: argparse.Namespace, num_classes: int, device: torch.dev
     return model, trainer, ema, optimizer
 
 
+@dataclass
+class TrainingData:
+    """What ``load_data`` sets up for this rank: the training photos (decoded in memory, or a stream through a
+    DataLoader), rank 0's validation photos, and the figures the log and the metrics report."""
+
+    mode: str  # memory | stream
+    parts: list
+    rejected: list  # what the channel's metadata rejected, before any photo was decoded
+    rejects: dict[str, str]  # every reject by image id: the channel's, the decoder's and (streaming) the stream's
+    global_photos: int
+    steps_per_epoch: int
+    train: mldata.CachedImages | None = None  # memory mode
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None  # memory mode: count and product targets
+    mine: tuple[int, int] = (0, 1)  # memory mode: (this rank's slice, slices) of each epoch's permutation
+    train_prior: list[float] | None = None  # the training photos' class shares, where all are at hand (memory)
+    stream: mlchannel.PhotoStream | None = None
+    loader: DataLoader | None = None
+    valid: mldata.CachedImages | None = None
+
+
+@dataclass
+class Training:
+    """The network and what trains it, as ``set_up_training`` builds them."""
+
+    model: nn.Module
+    trainer: nn.Module  # the network with its product head
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    network: nn.Module  # what the loop calls: the trainer, wrapped for DistributedDataParallel when world > 1
+    vote: StopVote
+    scored: nn.Module  # what validation scores and the model dir keeps: the weight average, where there is one
+    global_batch: int
+    peak_lr: float
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
@@ -790,6 +827,70 @@ def main(argv: list[str] | None = None) -> int:
         tta=args.tta,
         answer_overflow=args.answer_overflow,
     )
+    data = load_data(args, config, rank, world, device, log)
+    training = set_up_training(args, config, data.steps_per_epoch, world, device, log)
+    state = {
+        "config": config,
+        "epoch": 0,
+        "step": 0,
+        "global_step": 0,
+        "lr": training.peak_lr,
+        "total_steps": data.steps_per_epoch * args.epochs,
+        "warmup_steps": max(1, int(data.steps_per_epoch * args.warmup_epochs)),
+        "augment_rng": torch.Generator().manual_seed(args.seed * 7919 + rank),
+        "network": training.model,
+        "ema": training.ema,
+    }
+    history, best = resume(args, rank, training, state, log)
+
+    output_dir = Path(args.output_data_dir)
+    # Only from here on is there work to save; a SIGTERM while loading data simply ends the process.
+    Stop.install()
+    state["monitor"] = TrainingMonitor(log=log)
+    state["probe"] = StepProbe(device, args.profile_steps if rank == 0 else 0, output_dir)
+    history, best, stopped, epoch_photos = train_epochs(args, config, data, training, state, history, best, rank,
+                                                        world, device, log)
+
+    train_images = len(data.train.records) if data.mode == "memory" else data.global_photos
+    rejects = data.rejects
+    if is_distributed():
+        # Each rank saw its own rejects; rank 0 reports them all, once each.
+        gathered: list[dict[str, str]] = [{} for _ in range(world)]
+        dist.all_gather_object(gathered, rejects)
+        rejects = {k: v for part in gathered for k, v in part.items()}
+    if data.mode == "stream":
+        # What the stream gave in a whole epoch; else the metadata's count less what the stream then rejected.
+        train_images = epoch_photos if epoch_photos is not None else \
+            train_images - len(set(rejects) - {item.image_id for item in data.rejected})
+    state["probe"].close()
+    if state["monitor"].fatal is not None:
+        # No checkpoint: resuming from diverged weights would only diverge again.
+        if rank == 0:
+            state["monitor"].write(output_dir)
+        if is_distributed():
+            dist.destroy_process_group()
+        raise SystemExit(f"training stopped by a fatal health finding: {state['monitor'].fatal.message}")
+    if stopped:
+        _checkpoint(args, rank, training.trainer, training.optimizer, training.scaler, state, history, best)
+        log(f"stopped at epoch {state['epoch']} step {state['step']}; checkpoint saved, resume to continue",
+            flush=True)
+        if is_distributed():
+            dist.destroy_process_group()
+        return 0 if not Stop.requested else 143
+
+    if rank == 0:
+        finish_job(args, config, data, training, state, history, best,
+                   {"world_size": world, "train_images": train_images, "train_rejected": len(rejects)}, device)
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def load_data(args: argparse.Namespace, config: ModelConfig, rank: int, world: int, device: torch.device,
+              log) -> TrainingData:
+    """The training channel read as this rank reads it (its parts, decoded into memory or streamed, whichever fits:
+    the same on every rank), and the validation channel decoded on rank 0."""
     train_dir = mldata.resolve_data(args.train)
     train_max = None if args.train_max_count < 0 else args.train_max_count
     if not args.overflow:
@@ -833,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in rejected:
         log(f"rejected {item.image_id}: {item.reason}", flush=True)
     workers = loader_workers(args.workers, device)
-    train_prior = None  # the training photos' class shares, where they are all at hand (memory mode)
+    data = TrainingData(mode=mode, parts=parts, rejected=rejected, rejects=rejects, global_photos=global_photos,
+                        steps_per_epoch=0)
     if mode == "memory":
         t0 = time.time()
         train = mlchannel.load_parts(parts, args.image_size, selection, progress=rank == 0)
@@ -844,9 +946,9 @@ def main(argv: list[str] | None = None) -> int:
             flush=True)
         if not all_reduce_sum([len(train.records)], device)[0]:
             raise SystemExit("no usable training images")
-        targets = (targets_for(train.quantities, args.max_count, args.overflow),
-                   product_targets(train.records, args.max_count))
-        train_prior = operating.class_prior(targets[0], config.num_classes)
+        data.targets = (targets_for(train.quantities, args.max_count, args.overflow),
+                        product_targets(train.records, args.max_count))
+        data.train_prior = operating.class_prior(data.targets[0], config.num_classes)
         if device.type == "cuda":
             # The decoded photos live on the GPU (12,000 photos are 1.8 GB): each step then gathers, normalises and
             # augments its batch there instead of copying it over from the host and waiting for it.
@@ -860,6 +962,7 @@ def main(argv: list[str] | None = None) -> int:
               f"per epoch", flush=True)
         if distribution == "sharded" and world > 1:
             steps_per_epoch = math.ceil(all_reduce_sum([steps_per_epoch], device)[0] / world)
+        data.train, data.mine = train, mine
     else:
         if not global_photos:
             raise SystemExit("no usable training images")
@@ -867,19 +970,28 @@ def main(argv: list[str] | None = None) -> int:
                                        readers=readers, selection=selection, shuffle_buffer=args.shuffle_buffer)
         # Its own generator: each epoch's iterator draws a worker seed, which from the global generator would shift
         # dropout's random numbers and a resumed run would no longer repeat the uninterrupted one.
-        loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                            prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(args.seed))
+        data.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                                 prefetch_factor=4 if workers else None,
+                                 generator=torch.Generator().manual_seed(args.seed))
         # The schedule's epoch: the photos of all ranks spread evenly. Ranks differ by up to a shard's photos.
         steps_per_epoch = mlchannel.estimated_batches(math.ceil(global_photos / world), args.batch_size, workers)
         print(f"rank {rank}/{world}: streaming {len(stream.my_parts())} of {len(parts)} parts, about "
               f"{steps_per_epoch} batches of {args.batch_size} per epoch, {workers} loader workers, shuffle buffer "
               f"{args.shuffle_buffer}", flush=True)
-    valid = None
+        data.stream = stream
+    data.steps_per_epoch = steps_per_epoch
     if valid_parts is not None:
         valid = mlchannel.load_parts(valid_parts, args.image_size)
         valid.rejected = valid_rejected + valid.rejected
         log(f"validation: {len(valid.records)} images, {len(valid.rejected)} rejected", flush=True)
+        data.valid = valid
+    return data
 
+
+def set_up_training(args: argparse.Namespace, config: ModelConfig, steps_per_epoch: int, world: int,
+                    device: torch.device, log) -> Training:
+    """The network (from pretrained weights), its weight average, optimizer and loss scaler, at the learning rate
+    the global batch scales to."""
     pretrained = True
     if args.pretrained:
         path = Path(args.pretrained)
@@ -897,35 +1009,27 @@ def main(argv: list[str] | None = None) -> int:
     log(f"batch {args.batch_size} per process x {world} = {global_batch}; learning rate {peak_lr:.3g} "
         f"(--lr {args.lr:g} at {args.lr_reference_batch}, {args.lr_scaling} scaling); "
         f"mixed precision {'on' if device.type == 'cuda' and args.amp else 'off'}", flush=True)
+    return Training(model=model, trainer=trainer, ema=ema, optimizer=optimizer, scaler=scaler, network=ddp_model,
+                    vote=vote, scored=scored, global_batch=global_batch, peak_lr=peak_lr)
 
-    state = {
-        "config": config,
-        "epoch": 0,
-        "step": 0,
-        "global_step": 0,
-        "lr": peak_lr,
-        "total_steps": steps_per_epoch * args.epochs,
-        "warmup_steps": max(1, int(steps_per_epoch * args.warmup_epochs)),
-        "augment_rng": torch.Generator().manual_seed(args.seed * 7919 + rank),
-        "network": model,
-        "ema": ema,
-    }
+
+def resume(args: argparse.Namespace, rank: int, training: Training, state: dict, log) -> tuple[list[dict], dict]:
+    """Loads the checkpoint, where one is there, into ``training`` and ``state``; returns (history, best)."""
     history: list[dict] = []
     best: dict = {}
-
     ckpt_file = checkpoint_path(args, rank)
     if ckpt_file.exists() and checkpoint_path(args, 0).exists():
         # weights_only: a checkpoint is read as tensors and plain data, so a checkpoint someone wrote under
         # checkpoints/ cannot run code in this job (torch.load's unpickler refuses any other global).
         checkpoint = torch.load(checkpoint_path(args, 0), map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
+        training.model.load_state_dict(checkpoint["model"])
         if checkpoint.get("products"):
-            trainer.products.load_state_dict(checkpoint["products"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+            training.trainer.products.load_state_dict(checkpoint["products"])
+        if training.ema is not None and checkpoint.get("ema"):
+            training.ema.load_state_dict(checkpoint["ema"])
+        training.optimizer.load_state_dict(checkpoint["optimizer"])
+        if training.scaler is not None and checkpoint.get("scaler"):
+            training.scaler.load_state_dict(checkpoint["scaler"])
         for key in ("epoch", "step", "global_step"):
             state[key] = checkpoint[key]
         history, best = checkpoint["history"], checkpoint["best"]
@@ -935,30 +1039,37 @@ def main(argv: list[str] | None = None) -> int:
         state["step"] = own.get("step", state["step"])
         log(f"resumed from {ckpt_file}: epoch {state['epoch']} step {state['step']} "
             f"(global step {state['global_step']})", flush=True)
+    return history, best
 
+
+def train_epochs(args: argparse.Namespace, config: ModelConfig, data: TrainingData, training: Training, state: dict,
+                 history: list[dict], best: dict, rank: int, world: int, device: torch.device, log
+                 ) -> tuple[list[dict], dict, bool, int | None]:
+    """The epoch loop from ``state``'s epoch and step: train, validate on rank 0, keep the best epoch's model in the
+    model dir, checkpoint. Ends after the last epoch, on a stop (SIGTERM, or a rank's vote) or on a fatal health
+    finding. Returns (history, best epoch, stopped, photos trained in the last whole epoch or None)."""
     model_dir = Path(args.model_dir)
     output_dir = Path(args.output_data_dir)
-    # Only from here on is there work to save; a SIGTERM while loading data simply ends the process.
-    Stop.install()
-    state["monitor"] = TrainingMonitor(log=log)
-    state["probe"] = StepProbe(device, args.profile_steps if rank == 0 else 0, output_dir)
+    trainer, optimizer, scaler, ema = training.trainer, training.optimizer, training.scaler, training.ema
+    valid = data.valid
     stopped = False
     epoch_started = time.time()
     consumed_log: dict[str, dict] = {}
     epoch_photos = None  # photos trained in the last epoch run whole: a stream's exact count
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
-        if mode == "memory":
-            batches = shard(epoch_order(len(train.records), args.seed, epoch), *mine, args.batch_size)
-            source, total_batches = memory_batches(train, targets, batches, state["step"]), len(batches)
+        if data.mode == "memory":
+            batches = shard(epoch_order(len(data.train.records), args.seed, epoch), *data.mine, args.batch_size)
+            source, total_batches = memory_batches(data.train, data.targets, batches, state["step"]), len(batches)
         else:
-            stream.set_epoch(epoch)
-            source = stream_batches(loader, state["step"], args, rejects, log)
-            total_batches = f"~{steps_per_epoch}"
+            data.stream.set_epoch(epoch)
+            source = stream_batches(data.loader, state["step"], args, data.rejects, log)
+            total_batches = f"~{data.steps_per_epoch}"
         consumed = [] if args.record_ids else None
         whole_epoch = state["step"] == 0
         loss_sum, seen, next_step, stopped = train_one_epoch(
-            ddp_model, optimizer, source, total_batches, vote, args, state, device, scaler, rank, world, consumed
+            training.network, optimizer, source, total_batches, training.vote, args, state, device, scaler, rank,
+            world, consumed
         )
         # The loss of a resumed epoch covers only the steps after the resume; the log says so.
         loss_total, photos, any_stopped = all_reduce_sum([loss_sum, seen, float(stopped)], device)
@@ -979,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": time.time() - epoch_started}
         if valid is not None and rank == 0:
-            logits = predict_logits(scored, valid.images, config, device)
+            logits = predict_logits(training.scored, valid.images, config, device)
             record |= validation_metrics(logits, valid.quantities, config, (args.eval_min_count, args.eval_max_count))
         history.append(record)
         state["monitor"].end_epoch(history)
@@ -997,70 +1108,49 @@ def main(argv: list[str] | None = None) -> int:
             if valid is None or not best or record["valid_loss"] < best["valid_loss"]:
                 best = dict(record)
                 config.metrics = {k: v for k, v in best.items() if isinstance(v, float | int)}
-                save_model(scored, config, model_dir, half=args.save_fp16)
+                save_model(training.scored, config, model_dir, half=args.save_fp16)
         _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
         epoch_started = time.time()
+    return history, best, stopped, epoch_photos
 
-    train_images = len(train.records) if mode == "memory" else global_photos
-    if is_distributed():
-        # Each rank saw its own rejects; rank 0 reports them all, once each.
-        gathered: list[dict[str, str]] = [{} for _ in range(world)]
-        dist.all_gather_object(gathered, rejects)
-        rejects = {k: v for part in gathered for k, v in part.items()}
-    if mode == "stream":
-        # What the stream gave in a whole epoch; else the metadata's count less what the stream then rejected.
-        train_images = epoch_photos if epoch_photos is not None else \
-            train_images - len(set(rejects) - {item.image_id for item in rejected})
-    state["probe"].close()
-    if state["monitor"].fatal is not None:
-        # No checkpoint: resuming from diverged weights would only diverge again.
-        if rank == 0:
-            state["monitor"].write(output_dir)
-        if is_distributed():
-            dist.destroy_process_group()
-        raise SystemExit(f"training stopped by a fatal health finding: {state['monitor'].fatal.message}")
-    if stopped:
-        _checkpoint(args, rank, trainer, optimizer, scaler, state, history, best)
-        log(f"stopped at epoch {state['epoch']} step {state['step']}; checkpoint saved, resume to continue",
-            flush=True)
-        if is_distributed():
-            dist.destroy_process_group()
-        return 0 if not Stop.requested else 143
 
-    if rank == 0:
-        if not (model_dir / "model.pth").exists():
-            save_model(scored, config, model_dir, half=args.save_fp16)
-        write_serving_code(model_dir)
-        (model_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-        final = {k: v for k, v in best.items() if isinstance(v, float | int)} | {
-            "best_epoch": best.get("epoch"), "epochs": args.epochs, "world_size": world,
-            "train_images": train_images, "train_rejected": len(rejects), "data_mode": mode,
-            "global_batch": global_batch, "effective_lr": peak_lr,
-            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("hosts",)},
-        }
-        if valid is not None and len(valid.records):
-            targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
-                                        mismatch_precision=args.mismatch_precision,
-                                        error_rate=args.consignment_error_rate)
-            point, fitted = measure_operating_point(model_dir, valid, device, targets, train_prior)
-            final["operating_point"] = operating.summary_metrics(point)
-            final["calibration"] = fitted
-            # Flat as well: the training report (lambdas/training/report.py) and the deploy gate read top-level
-            # numbers.
-            final |= final["operating_point"] | {k: v for k, v in fitted.items() if k != "photos"}
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
-        (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
-        state["monitor"].write(output_dir)
-        print("final: " + "; ".join(f"{k}={v:.4f}" for k, v in best.items()
-                                    if isinstance(v, float) and k.startswith("valid_") and not k.endswith("_n"))
-              + ";", flush=True)
-        if "operating_point" in final:
-            print("; ".join(f"{k}={v:.4f}" for k, v in final["operating_point"].items()) + ";", flush=True)
-    if is_distributed():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+def finish_job(args: argparse.Namespace, config: ModelConfig, data: TrainingData, training: Training, state: dict,
+               history: list[dict], best: dict, figures: dict, device: torch.device) -> None:
+    """The end-of-job evaluation, on rank 0: the model dir gets the kept model, its serving code and history; the
+    saved model is calibrated and its operating point measured on validation; metrics.json gets the best epoch's
+    figures, ``figures`` (world size, photos trained and rejected) and the operating point."""
+    model_dir = Path(args.model_dir)
+    output_dir = Path(args.output_data_dir)
+    valid = data.valid
+    if not (model_dir / "model.pth").exists():
+        save_model(training.scored, config, model_dir, half=args.save_fp16)
+    write_serving_code(model_dir)
+    (model_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+    final = {k: v for k, v in best.items() if isinstance(v, float | int)} | {
+        "best_epoch": best.get("epoch"), "epochs": args.epochs, "world_size": figures["world_size"],
+        "train_images": figures["train_images"], "train_rejected": figures["train_rejected"], "data_mode": data.mode,
+        "global_batch": training.global_batch, "effective_lr": training.peak_lr,
+        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("hosts",)},
+    }
+    if valid is not None and len(valid.records):
+        targets = operating.Targets(count_precision=args.count_precision, match_precision=args.match_precision,
+                                    mismatch_precision=args.mismatch_precision,
+                                    error_rate=args.consignment_error_rate)
+        point, fitted = measure_operating_point(model_dir, valid, device, targets, data.train_prior)
+        final["operating_point"] = operating.summary_metrics(point)
+        final["calibration"] = fitted
+        # Flat as well: the training report (lambdas/training/report.py) and the deploy gate read top-level
+        # numbers.
+        final |= final["operating_point"] | {k: v for k, v in fitted.items() if k != "photos"}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / METRICS_FILE).write_text(json.dumps(final, indent=2, default=str) + "\n")
+    (output_dir / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+    state["monitor"].write(output_dir)
+    print("final: " + "; ".join(f"{k}={v:.4f}" for k, v in best.items()
+                                if isinstance(v, float) and k.startswith("valid_") and not k.endswith("_n"))
+          + ";", flush=True)
+    if "operating_point" in final:
+        print("; ".join(f"{k}={v:.4f}" for k, v in final["operating_point"].items()) + ";", flush=True)
 
 
 def measure_operating_point(model_dir: Path, valid: mldata.CachedImages, device: torch.device,

@@ -220,13 +220,7 @@ def invoke(svc: Services, body: bytes, content_type: str) -> tuple[dict[str, Any
         # 413: the model refused the pixel count (a small file can still decode to a huge image).
         code = rec.TOO_LARGE if status == 413 else rec.CORRUPT
         return None, rec.Rejection(code, f"the model could not read the image: {message}")
-    try:
-        answer = json.loads(response["Body"].read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise rec.BadPrediction(f"the endpoint's answer is not JSON: {error}") from None
-    if isinstance(answer, dict) and isinstance(answer.get("predictions"), list) and answer["predictions"]:
-        answer = answer["predictions"][0]
-    return rec.read_prediction(answer), None
+    return rec.read_answer(response["Body"].read()), None
 
 
 def publish(svc: Services, item: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ or rejection in time order without a scan.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -263,6 +264,18 @@ def read_prediction(answer: Any) -> dict[str, Any]:
     except (ValidationError, ValueError, TypeError) as error:
         raise BadPrediction(f"prediction does not follow the response contract: {error}") from None
     return checked.model_dump(exclude_none=True)
+
+
+def read_answer(body: bytes) -> dict[str, Any]:
+    """The endpoint's raw answer to one photo (``ml/inference.py`` output_fn: one prediction, or a batch of one),
+    checked by ``read_prediction``; the count Lambda and the deploy's smoke check read answers with it."""
+    try:
+        answer = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadPrediction(f"the endpoint's answer is not JSON: {error}") from None
+    if isinstance(answer, dict) and isinstance(answer.get("predictions"), list) and answer["predictions"]:
+        answer = answer["predictions"][0]
+    return read_prediction(answer)
 
 
 @dataclass(frozen=True)

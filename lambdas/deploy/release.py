@@ -2,7 +2,7 @@
 
 It starts the change and returns; the state machine waits for InService. Input: ``{"deploy": <gate
 result>, "training": $.training}``. Output: ``{"action": "create"|"update", "modelName",
-"endpointConfigName", "endpointName"}``.
+"endpointConfigName", "endpointName", "previousEndpointConfigName"}`` (None for a create).
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ def release(
             DeploymentConfig=plan.deployment_config(settings),
         )
         action = "update"
+    # The config the endpoint served before: what a failed smoke check rolls back to (None on a first deploy).
+    previous = endpoint["EndpointConfigName"] if endpoint is not None else None
     return {"action": action, "modelName": model_name, "endpointConfigName": config_name,
-            "endpointName": settings.endpoint_name}
+            "endpointName": settings.endpoint_name, "previousEndpointConfigName": previous}
 
 
 def _deregister(autoscaling: Any, endpoint_name: str) -> None:

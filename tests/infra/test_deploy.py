@@ -205,3 +205,41 @@ def test_the_endpoint_wait_loop_gives_up_after_its_attempt_limit_with_a_cause(bu
     assert keep["Default"] == "Wait for endpoint"
     assert states["Endpoint wait timed out"]["Error"] == "EndpointTimeout"
     assert "did not become InService" in states["Endpoint wait exhausted"]["Parameters"]["cause.$"]
+
+
+# --- the smoke check after InService --------------------------------------------------------------------------
+
+
+def test_a_smoke_check_runs_between_in_service_and_finish_and_a_failure_rolls_back(built):
+    _, _, template = built
+    states = all_states(template)
+    ready = states["Endpoint ready?"]
+    assert ready["Choices"][0]["Next"] == "Smoke test endpoint"  # InService on the new config
+    smoke_task = states["Smoke test endpoint"]
+    assert smoke_task["Next"] == "Smoke check passed?"
+    assert [c["Next"] for c in smoke_task["Catch"]] == ["Smoke check could not run"]
+    verdict = states["Smoke check passed?"]
+    assert verdict["Choices"][0] == {"Variable": "$.deploy.smoke.passed", "BooleanEquals": True,
+                                     "Next": "Finish deploy"}
+    assert verdict["Choices"][1]["Next"] == "Roll back endpoint"
+    assert verdict["Default"] == "Smoke check failed on first deploy cause"
+    roll_back = states["Roll back endpoint"]
+    assert roll_back["Resource"].endswith(":states:::aws-sdk:sagemaker:updateEndpoint")
+    assert roll_back["Parameters"]["EndpointConfigName.$"] == "$.deploy.release.previousEndpointConfigName"
+    assert roll_back["Next"] == "Smoke check failed, rolled back cause"
+    for name in ("Smoke check failed, rolled back", "Smoke check failed on first deploy",
+                 "Smoke check failed, rollback failed"):
+        assert states[name] == {"Type": "Fail", "Error": "SmokeCheckFailed", "CausePath": "$.deploy.failure.cause"}
+
+
+def test_the_smoke_function_may_invoke_only_the_counting_endpoint(built):
+    stack, deploy, template = built
+    role = stack.get_logical_id(deploy.smoke.role.node.default_child)
+    policies = [p for p in template.find_resources("AWS::IAM::Policy").values()
+                if role in json.dumps(p["Properties"]["Roles"])]
+    statements = [s for p in policies for s in p["Properties"]["PolicyDocument"]["Statement"]
+                  if "sagemaker" in json.dumps(s["Action"])]
+    assert len(statements) == 1
+    assert statements[0]["Action"] == "sagemaker:InvokeEndpoint"
+    assert ":endpoint/invmon-dev-counter" in json.dumps(statements[0]["Resource"])
+    assert "*" not in json.dumps(statements[0]["Resource"])

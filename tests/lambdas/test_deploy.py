@@ -3,16 +3,18 @@ with botocore's Stubber (moto has no UpdateEndpoint), autoscaling and the in-ser
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
 import boto3
 import botocore.session
 import pytest
+from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 
-from lambdas.deploy import finish, gate, lock, plan, release
+from lambdas.deploy import finish, gate, lock, plan, release, smoke
 
 BUCKET = "invmon-data-test"
 ROLE = "arn:aws:iam::123456789012:role/invmon-inference"
@@ -163,7 +165,9 @@ def test_serverless_update_is_blue_green_with_rollback_alarm(monkeypatch):
                                  region="us-east-1")
         stub.assert_no_pending_responses()
     assert result == {"action": "update", "modelName": "new", "endpointConfigName": "new",
-                      "endpointName": "invmon-dev-counter"}
+                      "endpointName": "invmon-dev-counter",
+                      # what a failed smoke check rolls back to
+                      "previousEndpointConfigName": "invmon-dev-counter-old"}
 
 
 def test_realtime_update_with_new_instance_type_deregisters_autoscaling_then_canaries(monkeypatch):
@@ -358,3 +362,68 @@ def test_gate_handler_records_why_a_model_that_decides_nothing_stays_out(aws, mo
     result = gate.handler({"training": candidate, "input": {}, "execution": "run-9"}, lambda_context)
     assert result["decision"] == "skip"
     assert "decides nothing" in report(aws, "run-9")["reasons"][0]
+
+
+# ------------------------------------------------------------------------------------------------- smoke check
+
+
+def runtime_answering(*answers: bytes | tuple[str, int]) -> tuple[object, Stubber]:
+    runtime = botocore.session.get_session().create_client("sagemaker-runtime", region_name="us-east-1")
+    stub = Stubber(runtime)
+    expected = {"EndpointName": "invmon-dev-counter", "ContentType": "image/jpeg", "Accept": "application/json",
+                "Body": smoke.PHOTO.read_bytes()}
+    for answer in answers:
+        if isinstance(answer, tuple):
+            code, status = answer
+            stub.add_client_error("invoke_endpoint", service_error_code=code, http_status_code=status,
+                                  service_message="Received server error (500) from primary", expected_params=expected)
+        else:
+            stub.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(answer), len(answer))}, expected)
+    return runtime, stub
+
+
+def test_the_smoke_photo_is_a_real_jpeg_within_invoke_endpoints_payload_limits():
+    photo = smoke.PHOTO.read_bytes()
+    assert photo.startswith(b"\xff\xd8\xff")  # JPEG, as the count Lambda sniffs it
+    # InvokeEndpoint: Body at most 6 MB (botocore's model), a serverless endpoint's request at most 4 MB
+    # ("Invoke a serverless endpoint", SageMaker developer guide); the Lambda asset stays small.
+    body = botocore.session.get_session().get_service_model("sagemaker-runtime").operation_model(
+        "InvokeEndpoint").input_shape.members["Body"]
+    assert body.metadata["max"] == 6 * 1024 * 1024
+    assert len(photo) <= smoke.MAX_BODY_BYTES == 4 * 1024 * 1024
+    assert len(photo) < 64 * 1024
+    # "the SDK socket timeout should be set to be 70 seconds" (InvokeEndpoint API reference), each try within
+    # the function's timeout.
+    assert smoke.READ_TIMEOUT_SECONDS == 70
+    assert smoke.LAMBDA_TIMEOUT_SECONDS > smoke.ATTEMPTS * (smoke.READ_TIMEOUT_SECONDS + smoke.CONNECT_TIMEOUT_SECONDS)
+
+
+def check(runtime) -> dict:
+    return smoke.check(runtime, "invmon-dev-counter", smoke.PHOTO.read_bytes(), expected=smoke.PHOTO_EXPECTED,
+                       threshold=None, error_rate=0.05)
+
+
+def test_a_smoke_answer_the_count_lambda_accepts_passes():
+    answer = {"count": 3, "confidence": 0.8, "classes": [0, 1, 2, 3, 4, 5, 6],
+              "probabilities": [0.02, 0.03, 0.05, 0.8, 0.05, 0.03, 0.02], "model": "m", "overflow_class": 6}
+    runtime, stub = runtime_answering(json.dumps(answer).encode())
+    with stub:
+        result = check(runtime)
+    assert result == {"passed": True, "cause": None, "count": 3, "status": "match"}
+
+
+@pytest.mark.parametrize(("answer", "cause"), [
+    (b"<html>502</html>", "the endpoint's answer is not JSON"),
+    (json.dumps({"count": 3, "confidence": float("nan"), "classes": [3], "probabilities": [1.0],
+                 "model": "m"}).encode(), "confidence"),
+    (json.dumps({"count": 2, "confidence": 0.9, "classes": [0, 1], "probabilities": [0.1, 0.9],
+                 "model": "m"}).encode(), "count 2 is not among the classes"),
+    (("ModelError", 424), "InvokeEndpoint answered ModelError: Received server error (500) from primary"),
+])
+def test_a_smoke_answer_the_count_lambda_would_refuse_fails_with_its_cause(answer, cause):
+    runtime, stub = runtime_answering(answer)
+    with stub:
+        result = check(runtime)
+    assert result["passed"] is False
+    assert result["cause"].startswith("smoke check of endpoint invmon-dev-counter failed: ")
+    assert cause in result["cause"]

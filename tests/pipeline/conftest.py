@@ -53,5 +53,5 @@ def cloud(synthesized: offline.Synthesized, resolver: offline.Resolver) -> Itera
         offline.create_resources(synthesized)
         lambdas = offline.InProcessLambda(offline.lambda_functions(synthesized, resolver))
         bridge = harness.ScriptedSageMaker()
-        with offline.interpreter(lambdas, bridge):
+        with offline.interpreter(lambdas, bridge), harness.scripted_endpoints(bridge):
             yield Cloud(synthesized, resolver, lambdas, bridge)

@@ -3,10 +3,11 @@ state machines; this is the part only the tests need)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,30 @@ class Outcome(JobOutcome):
     health: dict[str, Any] | None = None
 
 
+def served_answer(count: int = 3) -> bytes:
+    """What the endpoint returns for one photo: ``ml/inference.py`` output_fn itself, on the shipped model's
+    class layout (0-5 and "more than 5"), most of the probability on ``count``."""
+    import torch
+
+    from ml.inference import output_fn
+    from ml.model import ModelConfig
+
+    config = ModelConfig(num_classes=7, overflow=True, model_id="scripted")
+    probabilities = torch.full((config.num_classes,), 0.05)
+    probabilities[count] = 1 - 0.05 * (config.num_classes - 1)
+    return output_fn({"probabilities": probabilities.unsqueeze(0), "config": config, "batch": False},
+                     "application/json").encode()
+
+
 @dataclass
 class ScriptedSageMaker(SageMakerBridge):
-    """Each job ends with ``outcome(action, request)``; a completed one writes the outputs its kind writes."""
+    """Each job ends with ``outcome(action, request)``; a completed one writes the outputs its kind writes. An
+    endpoint invocation (sagemaker-runtime InvokeEndpoint, ``scripted_endpoints``) is answered by
+    ``endpoint_answer(endpoint name, request body)``: (HTTP status, body)."""
 
     outcome: Callable[[str, dict[str, Any]], Outcome] = lambda action, request: Outcome()
+    endpoint_answer: Callable[[str, bytes], tuple[int, bytes]] = lambda name, body: (200, served_answer())
+    invocations: list[tuple[str, bytes]] = field(default_factory=list)  # (endpoint, body) per InvokeEndpoint
 
     def finish(self, operation: str, request: dict[str, Any]) -> JobOutcome:
         action = operation[0].lower() + operation[1:]
@@ -114,3 +134,41 @@ def write_transform_outputs(request: dict[str, Any], answer: Callable[[str], Any
     for relative in keys:
         s3.put_object(Bucket=out_bucket, Key=f"{out_prefix.rstrip('/')}/{relative}.out",
                       Body=json.dumps(answer(prefix + relative)).encode())
+
+
+@contextlib.contextmanager
+def scripted_endpoints(bridge: ScriptedSageMaker) -> Iterator[None]:
+    """moto's InvokeEndpoint answers every call with a fixed "body" (or a queue set through its moto-api), which
+    no photo would get from a model, and decodes every request body as UTF-8 before that (a JPEG fails with
+    UnicodeDecodeError; measured on moto 5.2.5): while active, the body is kept raw, ``bridge.endpoint_answer``
+    answers for an endpoint moto holds, and each call is recorded in ``bridge.invocations``."""
+    from moto.core.exceptions import JsonRESTError
+    from moto.sagemaker.models import sagemaker_backends
+    from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
+
+    original = SageMakerRuntimeResponse.invoke_endpoint
+
+    def invoke_endpoint(response: Any) -> Any:
+        name = response._get_param("EndpointName") or response.uri.split("/endpoints/")[1].split("/")[0]
+        body = response.body if isinstance(response.body, bytes) else str(response.body).encode("latin-1")
+        bridge.invocations.append((name, body))
+        if name not in sagemaker_backends[ACCOUNT][REGION].endpoints:
+            raise JsonRESTError("ValidationError", f"Endpoint {name} of account {ACCOUNT} not found.")
+        status, answer = bridge.endpoint_answer(name, body)
+        if status != 200:
+            # How InvokeEndpoint reports a container's error status: ModelError (HTTP 424), with the original one.
+            error = JsonRESTError("ModelError", f"Received server error ({status}) from primary")
+            error.code = 424
+            error.description = json.dumps({"__type": "ModelError", "message": error.message,
+                                            "OriginalStatusCode": status,
+                                            "OriginalMessage": answer.decode(errors="replace")})
+            raise error
+        return 200, {"Content-Type": "application/json"}, answer
+
+    SageMakerRuntimeResponse.invoke_endpoint = invoke_endpoint
+    SageMakerRuntimeResponse.use_raw_body = True
+    try:
+        yield
+    finally:
+        SageMakerRuntimeResponse.invoke_endpoint = original
+        del SageMakerRuntimeResponse.use_raw_body

@@ -196,7 +196,7 @@ def test_first_deploy_creates_the_endpoint_and_records_the_model_in_service(clou
     assert execution.status == "SUCCEEDED", execution.cause
     entered = execution.states_entered()
     path = ["Decide deploy", "Deploy?", "Release model", "Wait for endpoint", "Describe endpoint",
-            "Endpoint ready?", "Finish deploy", "Deploy finished"]
+            "Endpoint ready?", "Smoke test endpoint", "Smoke check passed?", "Finish deploy", "Deploy finished"]
     assert [s for s in entered if s in path] == path
     assert entered[-1] == "Pipeline succeeded"
     assert execution.output["deploy"]["decision"] == "deploy"
@@ -413,7 +413,7 @@ def test_the_pipeline_ingests_packs_trains_gates_and_deploys_to_pipeline_succeed
     # are not here).
     path = ["Check input", "SelectDataset", "CopyImages", "SplitDataset", "Pack stage", "PlanShards", "PackShards",
             "FinishPack", "Training stage", "PrepareTraining", "TrainModel", "RecordTraining", "Decide deploy",
-            "Release model", "Describe endpoint", "Finish deploy", "Pipeline succeeded"]
+            "Release model", "Describe endpoint", "Smoke test endpoint", "Finish deploy", "Pipeline succeeded"]
     assert [state for state in entered if state in path] == path
     workers = [i for i in cloud.lambdas.invocations if i.function.startswith("ingestworker")]
     assert sorted(item["image_id"] for w in workers for item in w.event["Items"]) == ids
@@ -507,6 +507,79 @@ def test_a_forced_redeploy_updates_the_endpoint_blue_green(cloud: Cloud) -> None
     assert update["EndpointConfigName"] == releases[1]["endpointConfigName"]
     assert "BlueGreenUpdatePolicy" in update["DeploymentConfig"]
     assert "Deploy finished" in execution.states_entered()
+
+
+def in_service_record(cloud: Cloud) -> dict[str, Any]:
+    from lambdas.deploy import plan
+
+    body = cloud.client("s3").get_object(Bucket=data_bucket(cloud), Key=plan.in_service_key(ENDPOINT))["Body"]
+    return json.loads(body.read())
+
+
+def broken_answer(name: str, body: bytes) -> tuple[int, bytes]:
+    """An answer the count Lambda refuses (lambdas/count/records.py read_prediction): a count outside the classes."""
+    answer = json.loads(harness.served_answer())
+    return 200, json.dumps(answer | {"count": 9}).encode()
+
+
+def test_a_good_smoke_answer_after_deploy_lets_the_deploy_finish(cloud: Cloud) -> None:
+    from lambdas.deploy import smoke
+
+    execution = run_deploy(cloud)
+    assert execution.status == "SUCCEEDED", execution.cause
+    # One known photo, to the endpoint the deploy created, before the model is recorded in service.
+    assert cloud.bridge.invocations == [(ENDPOINT, smoke.PHOTO.read_bytes())]
+    entered = execution.states_entered()
+    assert entered.index("Smoke test endpoint") < entered.index("Finish deploy")
+    release = next(i for i in cloud.lambdas.invocations if i.function.startswith("deployrelease"))
+    assert in_service_record(cloud)["modelName"] == release.result["modelName"]
+
+
+def test_a_failing_smoke_check_after_an_update_rolls_back_to_the_previous_config(cloud: Cloud) -> None:
+    assert run_deploy(cloud, name="first").status == "SUCCEEDED"
+    old = in_service_record(cloud)
+    cloud.bridge.endpoint_answer = broken_answer
+    execution = run_deploy(cloud, name="second", deploy={"force": True})
+    assert execution.status == "FAILED"
+    assert execution.error == "SmokeCheckFailed"
+    releases = [i.result for i in cloud.lambdas.invocations if i.function.startswith("deployrelease")]
+    assert [r["action"] for r in releases] == ["create", "update"]
+    assert releases[1]["previousEndpointConfigName"] == old["endpointConfigName"]
+    assert execution.cause.startswith(f"deploy stage failed: smoke check of endpoint {ENDPOINT} failed: the answer "
+                                      "to a known photo is one the count Lambda would refuse: prediction does not "
+                                      "follow the response contract")
+    assert "count 9 is not among the classes" in execution.cause
+    assert execution.cause.endswith(f"the endpoint is rolled back to its previous config {old['endpointConfigName']} "
+                                    "(UpdateEndpoint started) and the model in service is unchanged; the new config "
+                                    f"{releases[1]['endpointConfigName']} is left unused")
+    # UpdateEndpoint to the new config, then back to the old one; the record still names the old model.
+    assert [u["EndpointConfigName"] for u in cloud.bridge.updates] == [releases[1]["endpointConfigName"],
+                                                                       old["endpointConfigName"]]
+    endpoint = cloud.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)
+    assert endpoint["EndpointConfigName"] == old["endpointConfigName"]
+    assert in_service_record(cloud) == old
+    entered = execution.states_entered()
+    assert "Finish deploy" not in entered
+    assert entered.index("Roll back endpoint") < entered.index("Release deploy lock after failure")
+    assert lock_items(cloud) == []
+
+
+def test_a_failing_smoke_check_on_a_first_deploy_fails_with_nothing_to_roll_back(cloud: Cloud) -> None:
+    cloud.bridge.endpoint_answer = lambda name, body: (500, b"CUDA error: device-side assert triggered")
+    execution = run_deploy(cloud)
+    assert execution.status == "FAILED"
+    assert execution.error == "SmokeCheckFailed"
+    release = next(i.result for i in cloud.lambdas.invocations if i.function.startswith("deployrelease"))
+    assert execution.cause == (
+        f"deploy stage failed: smoke check of endpoint {ENDPOINT} failed: InvokeEndpoint answered ModelError: "
+        "Received server error (500) from primary; this was the first deploy of the endpoint, so there is no "
+        f"previous config to roll back to: the endpoint stays on config {release['endpointConfigName']} and no "
+        "model is recorded in service")
+    assert "Roll back endpoint" not in execution.states_entered()
+    assert cloud.bridge.updates == []
+    with pytest.raises(cloud.client("s3").exceptions.NoSuchKey):
+        in_service_record(cloud)
+    assert lock_items(cloud) == []
 
 
 # -------------------------------------------------------------------------------------------- bulk count
