@@ -205,7 +205,7 @@ def count_per_record(model_dir: str, photos_dir: str, photos: int = 40, batch_si
                 response = count_handler.handler(_sqs_event(chunk), _Context())
                 batch_times.append((time.perf_counter() - started, len(chunk)))
                 failures += len(response.get("batchItemFailures", []))
-            stored = boto3.resource("dynamodb").Table(env["COUNTS_TABLE"]).scan()["Items"]
+            stored = common.count_records(boto3.resource("dynamodb").Table(env["COUNTS_TABLE"]))
             statuses: dict[str, int] = {}
             for item in stored:
                 statuses[item.get("status", "?")] = statuses.get(item.get("status", "?"), 0) + 1

@@ -45,6 +45,22 @@ class Context:
         return quick if self.quick else full
 
 
+def count_records(table: Any) -> list[dict[str, Any]]:
+    """The photo records of a counts table: the table also holds consignments and the review queue's history and
+    day counters (lambdas/review/), which are not counts."""
+    from boto3.dynamodb.conditions import Attr
+
+    from lambdas.count.records import photo_pk
+
+    scan = {"FilterExpression": Attr("pk").begins_with(photo_pk(""))}
+    items, response = [], table.scan(**scan)
+    items += response["Items"]
+    while "LastEvaluatedKey" in response:
+        response = table.scan(ExclusiveStartKey=response["LastEvaluatedKey"], **scan)
+        items += response["Items"]
+    return items
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100), as numpy's default."""
     if not values:

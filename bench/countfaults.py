@@ -180,7 +180,7 @@ def run(ctx: Any = None, *, records: int | None = None, stall_share: float = 0.1
                 result = _drain(handler, deque(messages))
                 import boto3
 
-                stored = boto3.resource("dynamodb").Table(COUNTS_TABLE).scan(Select="COUNT")["Count"]
+                stored = len(common.count_records(boto3.resource("dynamodb").Table(COUNTS_TABLE)))
                 handler.reset()
     finally:
         stalls.release.set()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lambdas.training.request import ENTRY_POINT
 from ml import abid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,11 +204,11 @@ def test_ctrl_c_during_training_stops_every_child(tmp_path: Path, trimmed_sample
     seen = []
     for line in process.stdout:
         seen.append(line)
-        if "python -m ml.train" in line:  # the TrainModel task's job is starting its trainer
+        if f"python {ENTRY_POINT}" in line:  # the TrainModel task's job starts the entry point from its code channel
             break
         assert time.monotonic() < deadline, "the demo never reached training"
     time.sleep(3)  # let the trainer start
-    assert any("ml.train" in p for p in _left_behind(marker)), "the trainer should be running now"
+    assert any(ENTRY_POINT in p for p in _left_behind(marker)), "the trainer should be running now"
     process.send_signal(signal.SIGINT)
     rest, _ = process.communicate(timeout=120)
     assert process.returncode == 130, rest[-3000:]

@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 
 from invmon.lifeline import GRACE_SECONDS
+from lambdas.training.request import ENTRY_POINT
 from tests.e2e.test_demo import ROOT, _demo, _environment, _left_behind, _listening, trimmed_sample  # noqa: F401
 
 STAGES = {
     # stage: (a line that shows the stage has begun, seconds to wait after it, the signal, exit status or None)
     "synth": ("[1/", 3.0, signal.SIGTERM, 128 + signal.SIGTERM),
     "deploy": ("Release model", 2.0, signal.SIGINT, 130),
-    "training": ("python -m ml.train", 3.0, signal.SIGKILL, -signal.SIGKILL),
+    "training": (f"python {ENTRY_POINT}", 3.0, signal.SIGKILL, -signal.SIGKILL),
     "counting": ("held-back photos", 1.0, signal.SIGTERM, 128 + signal.SIGTERM),
 }
 
