@@ -27,7 +27,7 @@ from infra.config import Settings
 from infra.execution_roles import DLC_ACCOUNT, container_statements, execution_role, log_group_arn, volume_grant
 from infra.function import PythonFunction, log_group
 from infra.nag import IAM4, STATE_MACHINE_REASON, flatten, suppress, wildcard_suppression
-from infra.storage import MODEL_PREFIX, REPORT_PREFIX, grant_read_prefix
+from infra.storage import MODEL_PREFIX, REPORT_PREFIX, grant_read_prefix, lease_table
 
 # The count path's time budget, sized together (lambdas/count/handler.py reads the ENDPOINT_* values):
 #
@@ -135,19 +135,8 @@ class Count(Construct):
             sort_key=dynamodb.Attribute(name="reviewRank", type=dynamodb.AttributeType.STRING),
         )
         # Powertools' idempotency records: short-lived (TTL), so kept apart from the counts.
-        self.idempotency_table = dynamodb.Table(
-            self,
-            "Idempotency",
-            partition_key=dynamodb.Attribute(name="id", type=dynamodb.AttributeType.STRING),
-            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
-            encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
-            encryption_key=data_key,
-            time_to_live_attribute="expiration",
-            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
-                point_in_time_recovery_enabled=True
-            ),
-            removal_policy=RemovalPolicy.DESTROY,
-        )
+        self.idempotency_table = lease_table(self, "Idempotency", key_attribute="id", ttl_attribute="expiration",
+                                             data_key=data_key)
 
         # The queues have a key of their own: S3 must be allowed to use it for this bucket, and that
         # statement on the data key would make the key depend on the bucket that depends on the key.

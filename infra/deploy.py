@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 
-from aws_cdk import ArnFormat, Aws, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Aws, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -32,7 +31,7 @@ from infra.execution_roles import DLC_ACCOUNT, container_statements, execution_r
 from infra.function import PythonFunction, log_group
 from infra.nag import suppress, wildcard_suppression
 from infra.pipeline import StageFragment
-from infra.storage import MODEL_PREFIX, grant_read_prefix
+from infra.storage import MODEL_PREFIX, grant_read_prefix, lease_table
 from lambdas.deploy import lock, plan, smoke
 
 # --- the deploy stage's budget: every wait in it is bounded, and the sum is the lock's lease and the stage's share
@@ -574,19 +573,8 @@ class Deploy(Construct):
         # items are count records (its byStatus index, review queue and scans read them all), its role grants would
         # have to open it to the deploy path, and it is retained in production while a lock is worth nothing after
         # its lease. expiresAt is the TTL attribute, so stale locks are deleted too.
-        self.lock_table = dynamodb.Table(
-            self,
-            "Locks",
-            partition_key=dynamodb.Attribute(name=lock.KEY, type=dynamodb.AttributeType.STRING),
-            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
-            encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
-            encryption_key=data_key,
-            time_to_live_attribute="expiresAt",
-            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
-                point_in_time_recovery_enabled=True
-            ),
-            removal_policy=RemovalPolicy.DESTROY,
-        )
+        self.lock_table = lease_table(self, "Locks", key_attribute=lock.KEY, ttl_attribute="expiresAt",
+                                      data_key=data_key)
         self.lock = PythonFunction(
             self, "Lock", settings=settings, handler="lambdas.deploy.lock.handler", service="deploy-lock",
             description="Takes and frees the endpoint's deploy lock: one deploy at a time",

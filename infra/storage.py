@@ -4,6 +4,7 @@ access-log bucket. Private, KMS-encrypted, TLS only, versioned."""
 from __future__ import annotations
 
 from aws_cdk import CfnResource, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -100,6 +101,26 @@ class Storage(Construct):
         )
         if not settings.is_production:
             _tag_auto_delete_provider(Stack.of(self), settings)
+
+
+def lease_table(scope: Construct, construct_id: str, *, key_attribute: str, ttl_attribute: str,
+                data_key: kms.IKey) -> dynamodb.Table:
+    """A small table of short-lived items (idempotency records, the deploy lock): one string key, encrypted with the
+    data key, items deleted by DynamoDB's TTL once stale, and destroyed with the stack since nothing in it outlives
+    its lease."""
+    return dynamodb.Table(
+        scope,
+        construct_id,
+        partition_key=dynamodb.Attribute(name=key_attribute, type=dynamodb.AttributeType.STRING),
+        billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+        encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED,
+        encryption_key=data_key,
+        time_to_live_attribute=ttl_attribute,
+        point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+            point_in_time_recovery_enabled=True
+        ),
+        removal_policy=RemovalPolicy.DESTROY,
+    )
 
 
 def run_data_expiry(settings: Settings) -> list[s3.LifecycleRule]:
