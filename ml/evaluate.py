@@ -70,18 +70,32 @@ def coverage(confidence: torch.Tensor, correct: torch.Tensor, levels=COVERAGE_LE
 
 
 def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (1, 5), tta: int | None = None,
-             out: Path | None = None, batch_size: int = 64) -> dict:
+             out: Path | None = None, batch_size: int = 64, save_logits: Path | None = None,
+             logits_file: Path | None = None) -> dict:
     """Scores a model on a channel (an ABID folder or a folder of shards); ``tta`` None means what the model
-    serves with (its config)."""
+    serves with (its config). ``save_logits`` keeps the photos' logits and counts (``torch.save``) in the form
+    ``ml.recalibrate --logits`` reads; ``logits_file`` scores such a file instead of the photos (a recalibrated
+    model has the same logits, so its figures need no second pass over the photos)."""
     model, config = load_model(model_dir)
     tta = max(1, min(8, config.tta if tta is None else tta))
     started = time.time()
-    cached = mlchannel.load_channel(data_dir, config.image_size)
-    logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
-    report = score(config, logits, cached.quantities, eval_range=eval_range)
+    if logits_file is not None:
+        saved = torch.load(logits_file)
+        if saved.get("tta", 1) != tta:
+            raise ValueError(f"{logits_file} holds logits averaged over {saved.get('tta', 1)} symmetries; this "
+                             f"evaluation is at tta {tta}")
+        logits, quantities, image_ids, rejected = saved["logits"], saved["quantities"], saved["image_ids"], []
+    else:
+        cached = mlchannel.load_channel(data_dir, config.image_size)
+        logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
+        quantities, image_ids = cached.quantities, [r.image_id for r in cached.records]
+        rejected = [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected]
+    if save_logits is not None:
+        save_logits.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"logits": logits, "quantities": quantities, "tta": tta, "image_ids": image_ids}, save_logits)
+    report = score(config, logits, quantities, eval_range=eval_range)
     report = {"model_dir": str(model_dir), "data": str(data_dir), "model": config.model_id or config.model_name,
-              "tta": tta, "images": len(cached.records),
-              "rejected": [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected]} | report
+              "tta": tta, "images": len(image_ids), "rejected": rejected} | report
     report["seconds"] = round(time.time() - started, 1)
     if out is not None:
         write(report, out, config, name=Path(data_dir).name, history_file=Path(model_dir) / "history.json")
@@ -162,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-count", type=int, default=5)
     parser.add_argument("--tta", type=int, default=None,
                         help="symmetries averaged per photo (1-8); default: what the model serves with")
+    parser.add_argument("--save-logits", type=Path, default=None,
+                        help="also write the photos' logits and counts here (torch.save), for ml.recalibrate --logits")
+    parser.add_argument("--logits", type=Path, default=None,
+                        help="score these saved logits (--save-logits of the same photos) instead of the photos")
     args = parser.parse_args(argv)
     report = evaluate(args.model_dir, mldata.resolve_data(args.data), eval_range=(args.min_count, args.max_count),
-                      tta=args.tta, out=args.out)
+                      tta=args.tta, out=args.out, save_logits=args.save_logits, logits_file=args.logits)
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0

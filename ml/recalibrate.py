@@ -5,6 +5,10 @@ Does what the trainer does at the end of a job (``ml.train.measure_operating_poi
 validation photos and measures the operating point on the calibrated probabilities at the stated error rate and
 precisions, then writes both into the model's ``model-config.json`` (and its ``code/`` copy of the serving
 modules). Prints the calibration report and the operating point as JSON.
+
+``--tta N`` changes how many symmetries the model averages when it serves, and so recalibrates for that: the
+temperature and the thresholds are fitted on the probabilities the model will serve, never carried over from
+another ``tta``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from ml import channel as mlchannel
 from ml import data as mldata
 from ml import decisions, operating
-from ml.model import load_model
+from ml.model import CONFIG_FILE, load_model
 from ml.train import calibrate_and_measure, measure_operating_point, write_serving_code
 
 
@@ -48,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits", type=Path, default=None,
                         help="the validation photos' saved logits ({'logits', 'quantities'}, torch.save), instead "
                              "of scoring --validation again")
+    parser.add_argument("--tta", type=int, default=None, choices=range(1, 9),
+                        help="symmetries the model averages when it serves from now on (default: keep its own)")
     args = parser.parse_args(argv)
     _, config = load_model(args.model_dir)
+    if args.tta is not None and args.tta != config.tta:
+        # Saved first: measure_operating_point scores the validation photos as the saved config serves.
+        config.tta = args.tta
+        (args.model_dir / CONFIG_FILE).write_text(config.to_json() + "\n")
     prior = prior_from_split(args.train_prior, config.num_classes) if args.train_prior else None
     if args.uniform_prior:
         prior = [round(1 / config.num_classes, 6)] * config.num_classes
@@ -58,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                 error_rate=decisions.check_rate(args.consignment_error_rate))
     if args.logits is not None:
         saved = torch.load(args.logits)
+        if saved.get("tta", 1) != config.tta:
+            parser.error(f"{args.logits} holds logits averaged over {saved.get('tta', 1)} symmetries, but the model "
+                         f"serves with tta {config.tta}; score with ml.evaluate --tta {config.tta} --save-logits")
         point, fitted = calibrate_and_measure(args.model_dir, config, saved["logits"], saved["quantities"], targets,
                                               prior)
     else:

@@ -77,3 +77,33 @@ def test_coverage_keeps_the_most_confident_answers() -> None:
     rows = {row["coverage"]: row for row in coverage(confidence, correct, levels=(1.0, 0.5))}
     assert rows[1.0]["accuracy"] == 0.5 and rows[0.5]["accuracy"] == 1.0
     assert rows[0.5]["min_confidence"] == pytest.approx(0.8)
+
+
+def test_a_model_recalibrated_for_another_tta_serves_it_with_thresholds_fitted_on_its_own_probabilities(
+        tiny_model_dir: Path, sample_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ml import recalibrate
+    from ml.evaluate import evaluate
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    scored = evaluate(model_dir, sample_dir, tta=2, save_logits=tmp_path / "logits-tta2.pt")
+    saved = torch.load(tmp_path / "logits-tta2.pt")
+    assert saved["tta"] == 2 and len(saved["logits"]) == len(saved["quantities"]) == len(saved["image_ids"]) == 240
+    rescored = evaluate(model_dir, sample_dir, tta=2, logits_file=tmp_path / "logits-tta2.pt")
+    assert rescored["headline"] == scored["headline"] and rescored["operating_point"] == scored["operating_point"]
+    with pytest.raises(ValueError, match="averaged over 2 symmetries"):
+        evaluate(model_dir, sample_dir, tta=1, logits_file=tmp_path / "logits-tta2.pt")
+
+    # Logits averaged over 2 symmetries cannot calibrate a model that serves one pass.
+    with pytest.raises(SystemExit):
+        recalibrate.main(["--model-dir", str(model_dir), "--validation", str(sample_dir),
+                          "--logits", str(tmp_path / "logits-tta2.pt")])
+    before = json.loads((model_dir / "model-config.json").read_text())
+    recalibrate.main(["--model-dir", str(model_dir), "--validation", str(sample_dir),
+                      "--logits", str(tmp_path / "logits-tta2.pt"), "--tta", "2"])
+    after = json.loads((model_dir / "model-config.json").read_text())
+    assert (before["tta"], after["tta"]) == (1, 2)
+    assert after["metrics"]["calibration"]["photos"] == 240
+    assert evaluate(model_dir, sample_dir)["tta"] == 2  # what the model now serves with
