@@ -22,10 +22,35 @@ from bench import common
 # model_fn serves "static+cl+jit" on CPU (ml.model.for_cpu_serving), chosen from these figures.
 # (static alone, int8 without channels-last and static+cl+compile were measured too and lost to these; pass them
 # with --variants to see them again.)
-VARIANTS = ("eager", "static+cl", "static+cl+jit", "int8+cl+jit")
-QUICK_VARIANTS = ("eager", "static+cl+jit")
+# "+tta8" is the served variant averaging the 8 symmetries of the square (issue 27: measured so that the served
+# default is chosen from its accuracy, latency and cost, not assumed).
+VARIANTS = ("eager", "static+cl", "static+cl+jit", "int8+cl+jit", "static+cl+jit+tta8")
+QUICK_VARIANTS = ("eager", "static+cl+jit", "static+cl+jit+tta8")
 BATCH_SIZES = (1, 8, 32)
 QUICK_BATCH_SIZES = (1, 4)
+
+# SageMaker Serverless Inference bills the time each request runs, at the endpoint's configured memory, and the
+# data processed in and out. US East (N. Virginia), on demand, as listed on aws.amazon.com/sagemaker/pricing
+# ("Serverless Inference"): $0.0000200 a second per 1,024 MB configured (1 GB: $0.00002/s ... 6 GB: $0.00012/s),
+# and $0.016 per GB of data processed in and again out. Other regions differ; this machine cannot reach the page,
+# so check it before quoting a cost. The serverless vCPU share grows with the memory size and is not published:
+# the cost below assumes the endpoint runs a photo as fast as this machine does at batch 1.
+SERVERLESS_PRICE_PER_SECOND_PER_GB = 0.00002
+SERVERLESS_DATA_PRICE_PER_GB = 0.016
+
+
+def serverless_memory_mb() -> int:
+    """The stack's default serverless memory size (cdk.json's ``endpointServerlessMemoryMb``)."""
+    context = json.loads((common.ROOT / "cdk.json").read_text())["context"]
+    return int(context["endpointServerlessMemoryMb"])
+
+
+def serverless_cost_per_1000(batch1_p50_ms: float, request_bytes: float, response_bytes: float,
+                             memory_mb: int) -> float:
+    """US dollars for 1,000 photos sent one per request (what the count Lambda does) to a serverless endpoint."""
+    compute = batch1_p50_ms / 1000 * SERVERLESS_PRICE_PER_SECOND_PER_GB * memory_mb / 1024
+    data = (request_bytes + response_bytes) / 1e9 * SERVERLESS_DATA_PRICE_PER_GB
+    return 1000 * (compute + data)
 
 
 def _functions(system: str, model_dir: str, variant: str, calibration_dir: str | None) -> tuple[Any, Any, dict]:
@@ -62,6 +87,7 @@ def measure(system: str, model_dir: str, photos_dir: str, variant: str = "eager"
         return photos[i % len(photos)]
 
     stages: dict[str, list[float]] = {"input_fn": [], "predict_fn": [], "output_fn": []}
+    response_bytes: list[int] = []
 
     def one(i: int, record: bool = True) -> None:
         t0 = time.perf_counter()
@@ -74,6 +100,7 @@ def measure(system: str, model_dir: str, photos_dir: str, variant: str = "eager"
         if "count" not in json.loads(answer):
             raise RuntimeError(f"{system} {variant}: the answer has no count: {answer[:200]}")
         if record:
+            response_bytes.append(len(answer))
             stages["input_fn"].append(t1 - t0)
             stages["predict_fn"].append(t2 - t1)
             stages["output_fn"].append(t3 - t2)
@@ -99,13 +126,23 @@ def measure(system: str, model_dir: str, photos_dir: str, variant: str = "eager"
         throughput.append({"batch_size": size, "batch_p50_ms": round(median * 1000, 2),
                            "photos_per_s": round(size / median, 2), "per_photo_ms": round(median * 1000 / size, 2)})
     best = max(throughput, key=lambda row: row["photos_per_s"]) if throughput else None
+    batch1 = common.summarize_ms(total)
+    request_mean = sum(len(photo(warmup + i)) for i in range(iterations)) / max(1, iterations)
+    response_mean = sum(response_bytes) / max(1, len(response_bytes))
+    memory_mb = serverless_memory_mb()
     return {
         "system": system,
         "variant": variant,
         "device": str(model.device),
         "tta": getattr(model, "tta", 1),
         "load": load_timings,
-        "batch1": common.summarize_ms(total),
+        "batch1": batch1,
+        "serverless": {"memory_mb": memory_mb,
+                       "usd_per_second": SERVERLESS_PRICE_PER_SECOND_PER_GB * memory_mb / 1024,
+                       "usd_per_gb_data": SERVERLESS_DATA_PRICE_PER_GB, "request_bytes_mean": round(request_mean),
+                       "response_bytes_mean": round(response_mean),
+                       "usd_per_1000_photos": serverless_cost_per_1000(batch1["p50_ms"], request_mean,
+                                                                       response_mean, memory_mb)},
         "batch1_stages_p50_ms": {k: round(common.percentile(v, 50) * 1000, 3) for k, v in stages.items()},
         "throughput": throughput,
         "best": best,

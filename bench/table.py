@@ -151,11 +151,21 @@ def _serving(serving: dict[str, Any] | None) -> list[str]:
             in_turns, f"{paired_seed / in_turns:.1f}x" if in_turns and paired_seed else "–",
             _fmt(acc.get("headline", {}).get("accuracy"), 3) if acc else "–",
             _fmt(acc.get("agreement_with_first"), 3) if acc else "–",
+            f"{r['serverless']['usd_per_1000_photos']:.4f}" if r.get("serverless") else "–",
         ])
     lines += _table(["model", "batch 1 p50 ms", "p95 ms", "decode p50 ms", "forward p50 ms",
                      "best photos/s @ batch", "peak RSS MiB", "vs seed (p50)", "in turns p50 ms",
-                     "vs seed (in turns)", "held-out acc.", "agreement"], rows)
+                     "vs seed (in turns)", "held-out acc.", "agreement", "serverless $ / 1,000 photos"], rows)
     lines.append("")
+    priced = next((r["serverless"] for r in serving["runs"] if r.get("serverless")), None)
+    if priced:
+        lines.append(f"Serverless cost: 1,000 photos sent one per request to a {priced['memory_mb']:,} MB serverless "
+                     f"endpoint (the stack's default), billed for the batch-1 p50 time at "
+                     f"${priced['usd_per_second']:.7f} a second plus "
+                     f"${priced['usd_per_gb_data']} per GB in and out (US East list prices, `bench/serving.py`; "
+                     "assumes the endpoint's CPUs are as fast as these). `+tta8`: the served variant averaging the 8 "
+                     "symmetries, 8 forward passes per photo.")
+        lines.append("")
     head = headline({"serving": serving}).get("serving", {})
     if head.get("speedup_best"):
         met = "met" if head["speedup_best"] >= 8 and head.get("best_keeps_accuracy") else "not met"

@@ -11,7 +11,10 @@ means changing ``model_fn`` alone. Variant names are ``+``-joined steps applied 
 - ``int8``: post-training static quantization (FX graph mode, x86 backend: per-channel int8 weights, uint8
   activations) calibrated on training photos, never on the held-out ones;
 - ``jit``: ``torch.jit.trace`` + ``torch.jit.freeze`` (folds BatchNorm into the convolutions, constant weights);
-- ``compile``: ``torch.compile`` (Inductor: generated C++ kernels; compiled on first call).
+- ``compile``: ``torch.compile`` (Inductor: generated C++ kernels; compiled on first call);
+- ``tta8`` (or ``tta2`` .. ``tta7``): ``predict_fn`` averages the class probabilities over that many of the 8
+  symmetries of the square (``model-config.json``'s ``tta``), whatever the model's config says; every other
+  variant serves with the config's own ``tta``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ml import inference
 from ml.model import ChannelsLast, with_fixed_padding
 
 STEPS = ("static", "cl", "int8", "jit", "compile")
+TTA_STEPS = tuple(f"tta{n}" for n in range(1, 9))
 
 
 def calibration_batch(model: inference.LoadedModel, folder: Path, count: int) -> torch.Tensor:
@@ -53,9 +57,10 @@ def load(model_dir: str | Path, variant: str = "eager", calibration_dir: str | P
          calibration_images: int = 64) -> tuple[inference.LoadedModel, dict]:
     """``ml.inference.model_fn`` plus the variant's steps; returns the model and the seconds each step took."""
     steps = [] if variant in ("", "eager") else variant.split("+")
-    unknown = [s for s in steps if s not in STEPS]
+    unknown = [s for s in steps if s not in STEPS + TTA_STEPS]
     if unknown:
-        raise ValueError(f"unknown variant steps {unknown}; known: {STEPS}")
+        raise ValueError(f"unknown variant steps {unknown}; known: {STEPS} and tta1..tta8")
+    tta = [int(s[3:]) for s in steps if s in TTA_STEPS]
     timings: dict[str, float] = {}
     started = time.perf_counter()
     # Variants are built on the eager model; model_fn alone now serves the fast path (static+cl+jit) on CPU.
@@ -97,4 +102,6 @@ def load(model_dir: str | Path, variant: str = "eager", calibration_dir: str | P
             network(example)
         timings["compile_s"] = time.perf_counter() - started
     model.network = network
+    if tta:
+        model.tta = tta[-1]
     return model, {k: round(v, 3) for k, v in timings.items()}

@@ -50,6 +50,23 @@ def test_unknown_variant_step_is_refused(bench_model_dir: Path):
         variants.load(bench_model_dir, "static+turbo")
 
 
+def test_a_tta_step_makes_the_variant_average_that_many_symmetries_whatever_the_config_says(bench_model_dir: Path):
+    plain, _ = variants.load(bench_model_dir, "static+cl+jit")
+    averaged, _ = variants.load(bench_model_dir, "static+cl+jit+tta8")
+    assert (plain.tta, averaged.tta) == (plain.config.tta, 8)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variants.load(bench_model_dir, "static+tta9")
+
+
+def test_serverless_cost_bills_the_request_time_at_the_configured_memory_plus_the_data():
+    # 100 ms at 3 GB: 0.1 s x $0.00006/s = $0.000006 a photo; 10 kB in and 1 kB out at $0.016/GB each way.
+    cost = serving.serverless_cost_per_1000(100.0, 10_000, 1_000, 3072)
+    assert cost == pytest.approx(1000 * (0.1 * 0.00006 + 11_000 / 1e9 * 0.016))
+    assert serving.serverless_cost_per_1000(800.0, 10_000, 1_000, 3072) > 7 * cost
+    assert serving.serverless_memory_mb() == json.loads((ROOT / "cdk.json").read_text())["context"][
+        "endpointServerlessMemoryMb"]
+
+
 def test_serving_measures_ours_and_the_seed_through_the_serving_functions(bench_model_dir: Path, sample_dir: Path):
     for system, variant in (("ours", "eager"), ("ours", "static+cl+jit"), ("seed", "eager")):
         result = serving.measure(system, str(bench_model_dir), str(sample_dir), variant=variant, iterations=2,
@@ -58,6 +75,7 @@ def test_serving_measures_ours_and_the_seed_through_the_serving_functions(bench_
         assert result["batch1"]["p50_ms"] > 0
         assert set(result["batch1_stages_p50_ms"]) == {"input_fn", "predict_fn", "output_fn"}
         assert result["best"]["batch_size"] == 2 and result["best"]["photos_per_s"] > 0
+        assert result["serverless"]["usd_per_1000_photos"] > 0
 
 
 def test_paired_times_the_seed_and_ours_in_turns(bench_model_dir: Path, sample_dir: Path):
