@@ -598,7 +598,9 @@ MEANINGS: dict[str, str] = {
     "reviewStatuses": "Count statuses that go to a person (besides the audit sample).",
     "reviewAuditRate": "Share of confident decisions (counted, match) sent to a person blind, to measure production "
                        "precision.",
-    "reviewMaxPerDay": "Most photos queued for review per UTC day; the rest keep their status and are not queued.",
+    "reviewMaxPerDay": ("Most photos queued for review per UTC day. Once reached, a photo more likely wrong than the "
+                        "least likely one waiting takes its place (never an audit item's or a held one's); the "
+                        "rest keep their status and are not queued."),
     "reviewLeaseSeconds": "How long a claimed photo stays with its reviewer before it returns to the queue.",
     "reviewOldestPendingAlarmHours": "The alarm on the age of the oldest pending review fires above this many hours.",
     "reviewApiRateLimit": "The review API stage's steady request rate (requests per second); API Gateway answers 429 "

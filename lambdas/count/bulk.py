@@ -144,6 +144,7 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
     # Bulk counts join the review queue by the same rules as single uploads (lambdas/review/queue.py).
     policy = review_queue.QueuePolicy.from_environ()
     take_slot = review_queue.day_slot_taker(table, policy)
+    displace = review_queue.displacer(table, policy)
     with table.batch_writer(overwrite_by_pkeys=["pk", "sk"]) as batch:
         for entry in chunk:
             try:
@@ -166,7 +167,7 @@ def load(s3: Any, table: Any, *, job: dict[str, Any], index: int, threshold: flo
                 prediction=prediction, rejection=None, expected=entry.get("expected"),
                 expected_from=entry.get("expectedFrom"), threshold=threshold, counted_at=_now(),
                 source=f"bulk:{job['TransformJobName']}", notes=entry.get("notes"), error_rate=error_rate),
-                policy, take_slot))
+                policy, take_slot, displace))
             loaded += 1
     report = {"index": index, "loaded": loaded, "unanswered": unanswered, "broken": broken}
     s3.put_object(Bucket=bucket, Key=f"{base}load-{index:07d}.json", Body=json.dumps(report).encode())

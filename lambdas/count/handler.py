@@ -263,7 +263,8 @@ def count_photo(ref: ObjectRef, svc: Services) -> dict[str, Any]:
         notes=notes,
         error_rate=svc.error_rate,
     )
-    review_queue.mark(item, svc.review_policy, review_queue.day_slot_taker(svc.table, svc.review_policy))
+    review_queue.mark(item, svc.review_policy, review_queue.day_slot_taker(svc.table, svc.review_policy),
+                      review_queue.displacer(svc.table, svc.review_policy))
     try:
         svc.table.put_item(**rec.conditional_put(item, ref.sequencer))
     except svc.table.meta.client.exceptions.ConditionalCheckFailedException:

@@ -18,12 +18,19 @@ An answer removes both attributes (the record leaves the index) and records the 
 The audit draw is a hash of the photo's identity (key and version), not a random number: a redelivered upload
 gets the same decision, and the rate is still the configured one over many photos (tests/lambdas/test_review.py
 checks it within binomial tolerance).
+
+``reviewMaxPerDay`` bounds the photos queued per UTC day (a counter item per day). A full day does not close
+the queue to the photos that matter most: a photo more likely wrong than the least likely one waiting takes its
+place (``displacer``), so the queue keeps the day's most likely discrepancies whatever order they arrive in.
+Audit items are never displaced (they measure the confident decisions, whatever their priority), nor a photo a
+reviewer holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +48,10 @@ DEFAULT_AUDIT_RATE = 0.02
 DEFAULT_MAX_PER_DAY = 500
 # One item per UTC day counts the photos queued that day, so reviewMaxPerDay holds across concurrent counters.
 DAY_COUNTER_SK = "review-day"
+# How far a full day's displacement looks from the least likely end of the queue for a photo it may take out
+# (past audit items and held photos); each page is one Query.
+DISPLACE_PAGES = 4
+DISPLACE_PAGE = 25
 
 
 @dataclass(frozen=True)
@@ -86,16 +97,19 @@ def reason_to_review(item: Mapping[str, Any], policy: QueuePolicy) -> str | None
     return None
 
 
-def mark(item: dict[str, Any], policy: QueuePolicy,
-         take_slot: Callable[[str], bool] | None = None) -> dict[str, Any]:
+def mark(item: dict[str, Any], policy: QueuePolicy, take_slot: Callable[[str], bool] | None = None,
+         displace: Callable[[Mapping[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Add the queue attributes to a record that needs a person (in place; returned for chaining).
-    ``take_slot(day)`` reserves one of the day's ``max_per_day`` places and says whether it got one."""
+    ``take_slot(day)`` reserves one of the day's ``max_per_day`` places and says whether it got one; when it did
+    not, ``displace(item)`` may free one by taking a less likely photo out of the queue."""
     why = reason_to_review(item, policy)
     if why is None:
         return item
     day = str(item.get("countedAt", ""))[:10]
-    if take_slot is not None and not take_slot(day):
-        item["reviewSkipped"] = f"reviewMaxPerDay ({policy.max_per_day}) reached on {day}"
+    if take_slot is not None and not take_slot(day) and not (displace is not None and why != "audit"
+                                                             and displace(item)):
+        item["reviewSkipped"] = (f"reviewMaxPerDay ({policy.max_per_day}) reached on {day}, and no photo "
+                                 "waiting was less likely wrong")
         return item
     item[QUEUE_KEY] = PENDING
     item[RANK_KEY] = rank(item)
@@ -124,3 +138,50 @@ def day_slot_taker(table: Any, policy: QueuePolicy) -> Callable[[str], bool]:
             raise
 
     return take
+
+
+def displacer(table: Any, policy: QueuePolicy, clock: Callable[[], float] = time.time
+              ) -> Callable[[Mapping[str, Any]], bool]:
+    """A ``displace`` on the counts table: takes the waiting photo least likely to be wrong out of the queue when
+    ``item`` is more likely wrong, and says whether it did. One conditional write; a photo another counter took
+    out, or a reviewer claimed, meanwhile fails its condition and the next one is tried."""
+    from botocore.exceptions import ClientError
+
+    def displace(item: Mapping[str, Any]) -> bool:
+        wanted = priority(item)
+        now = int(clock())
+        start: dict[str, Any] | None = None
+        for _ in range(DISPLACE_PAGES):
+            args: dict[str, Any] = {"IndexName": QUEUE_INDEX, "Limit": DISPLACE_PAGE, "ScanIndexForward": False,
+                                    "KeyConditionExpression": "reviewQueue = :p",
+                                    "ExpressionAttributeValues": {":p": PENDING}}
+            if start:
+                args["ExclusiveStartKey"] = start
+            page = table.query(**args)
+            for waiting in page.get("Items", []):
+                if priority(waiting) >= wanted:
+                    return False  # descending rank: everything further on is at least as likely wrong
+                if waiting.get("reviewAudit") or int(waiting.get("leaseUntil", 0)) >= now:
+                    continue
+                try:
+                    table.update_item(
+                        Key={"pk": waiting["pk"], "sk": waiting["sk"]},
+                        UpdateExpression="REMOVE reviewQueue, reviewRank SET reviewSkipped = :why",
+                        ConditionExpression="reviewQueue = :p AND reviewRank = :rank AND "
+                                            "(attribute_not_exists(leaseUntil) OR leaseUntil < :now)",
+                        ExpressionAttributeValues={
+                            ":p": PENDING, ":rank": waiting[RANK_KEY], ":now": now,
+                            ":why": f"displaced from the review queue once reviewMaxPerDay ({policy.max_per_day}) "
+                                    f"was reached, by a photo more likely wrong ({wanted:.3f} against "
+                                    f"{priority(waiting):.3f})"})
+                except ClientError as error:
+                    if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                        continue
+                    raise
+                return True
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return False
+        return False
+
+    return displace

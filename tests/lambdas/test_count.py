@@ -24,6 +24,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from PIL import Image
 
+from invmon import review
 from lambdas.count import handler as count
 from lambdas.count import records as rec
 
@@ -82,11 +83,7 @@ def aws(monkeypatch):
         s3.create_bucket(Bucket=BUCKET)
         s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
         dynamodb = boto3.client("dynamodb")
-        dynamodb.create_table(TableName="counts", BillingMode="PAY_PER_REQUEST",
-                              AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                                    {"AttributeName": "sk", "AttributeType": "S"}],
-                              KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
-                                         {"AttributeName": "sk", "KeyType": "RANGE"}])
+        review.create_counts_table("counts")  # the deployed table's keys and indexes (tests/infra keep them equal)
         dynamodb.create_table(TableName="idempotency", BillingMode="PAY_PER_REQUEST",
                               AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
                               KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}])
@@ -272,6 +269,26 @@ def test_low_confidence_count_is_not_compared_and_raises_an_event(aws, sample_di
     assert item["reviewQueue"] == "pending"
     assert item["reviewRank"].startswith(f"{1 - float(item['discrepancyProbability']):.6f}#")
     assert [a["detail-type"] for a in published(aws)] == ["Photo count uncounted-low-confidence"]
+
+
+def test_a_full_review_day_still_queues_a_likelier_discrepancy_in_place_of_a_less_likely_one(
+        aws, sample_dir, monkeypatch, lambda_context):
+    monkeypatch.setenv("REVIEW_MAX_PER_DAY", "1")
+    answers = {}
+    count.services().runtime = FakeEndpoint(lambda body: answers[body])
+    doubtful, wrong = photo(sample_dir, "01046"), photo(sample_dir, "01180")
+    answers[doubtful] = prediction(2, confidence=0.31)  # unsure, but it could be the 2 announced
+    answers[wrong] = prediction(2, confidence=0.95)  # sure it is 2 where 5 were announced
+    first = upload(aws, "incoming/doubtful.jpg", doubtful, {"expected-count": "2"})
+    second = upload(aws, "incoming/wrong.jpg", wrong, {"expected-count": "5"})
+    for event in (first, second):
+        assert count.handler(sqs_event(notification(event)), lambda_context) == {"batchItemFailures": []}
+
+    kept = record_of(aws, "incoming/wrong.jpg", second["s3"]["object"]["versionId"])
+    out = record_of(aws, "incoming/doubtful.jpg", first["s3"]["object"]["versionId"])
+    assert kept["discrepancyProbability"] > out["discrepancyProbability"]
+    assert kept["reviewQueue"] == "pending"
+    assert "reviewQueue" not in out and "displaced" in out["reviewSkipped"]
 
 
 def test_s3_test_event_is_acknowledged_without_a_record(aws, endpoint, lambda_context):

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import boto3
@@ -116,6 +117,37 @@ def test_the_daily_cap_stops_queueing_once_reached(backend):
                       "countedAt": "2026-12-06T10:00:00.000+00:00"}, policy, take) for i in range(4)]
     assert [q.QUEUE_KEY in item for item in marked] == [True, True, False, False]
     assert "reviewMaxPerDay" in marked[-1]["reviewSkipped"]
+
+
+def test_a_full_day_gives_a_place_to_a_photo_more_likely_wrong_never_to_a_less_likely_one(backend):
+    # A day's places went to the first photos to arrive; a later, likelier discrepancy must still reach a person.
+    # The least likely waiting photo leaves for it, but never an audit item or a photo a reviewer holds.
+    table = backend["table"]
+    policy = q.QueuePolicy(max_per_day=2, audit_rate=1.0)
+    take, displace = q.day_slot_taker(table, policy), q.displacer(table, policy)
+
+    def count(name: str, probability: str, status: str = rec.MISMATCH) -> dict:
+        item = {"pk": f"photo#incoming/{name}.jpg", "sk": "null", "key": f"incoming/{name}.jpg", "versionId": "null",
+                "status": status, "discrepancyProbability": Decimal(probability), "confidence": Decimal("0.5"),
+                "countedAt": "2026-12-06T10:00:00.000+00:00"}
+        table.put_item(Item=q.mark(item, policy, take, displace))
+        return item
+
+    count("early", "0.30")
+    count("audit", "0.01", status=rec.MATCH)
+    count("likely", "0.90")
+    unlikely = count("unlikely", "0.20")
+    waiting = {item["key"] for item in store.pending(table)}
+    assert waiting == {"incoming/likely.jpg", "incoming/audit.jpg"}
+    early = table.get_item(Key={"pk": "photo#incoming/early.jpg", "sk": "null"})["Item"]
+    assert q.QUEUE_KEY not in early and "displaced" in early["reviewSkipped"] and "0.900" in early["reviewSkipped"]
+    assert "no photo waiting was less likely wrong" in unlikely["reviewSkipped"]
+
+    table.update_item(Key={"pk": "photo#incoming/likely.jpg", "sk": "null"}, UpdateExpression="SET leaseUntil = :t",
+                      ExpressionAttributeValues={":t": int(time.time()) + 300})
+    held_back = count("likeliest", "0.95")
+    assert q.QUEUE_KEY not in held_back
+    assert {item["key"] for item in store.pending(table)} == waiting
 
 
 # --- claim and lease -------------------------------------------------------------------------------------------------
