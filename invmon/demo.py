@@ -514,6 +514,18 @@ def status_summary(result: DemoResult) -> str:
     return f"{len(result.rows)} uploads: " + ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
+def counted_cell(record: dict, expected: Any) -> str:
+    """The count as the decision saw it. A consignment at or above the overflow class ("N or more") is decided by
+    that class's probability (lambdas/count/records.py), so the cell gives it beside the most likely exact count:
+    a bin of 20 announced as 20 reads "4; 6+ at 0.71", not a bare 4 next to "match"."""
+    count, overflow = record.get("count", ""), record.get("overflowClass")
+    classes = [int(c) for c in record.get("classes", [])]
+    if expected is None or overflow is None or int(expected) < int(overflow) or int(overflow) not in classes:
+        return str(count)
+    probability = float(record.get("probabilities", [])[classes.index(int(overflow))])
+    return f"{count}; {int(overflow)}+ at {probability:.2f}"
+
+
 def report(result: DemoResult) -> str:
     table_rows = []
     for row in result.rows:
@@ -529,7 +541,7 @@ def report(result: DemoResult) -> str:
                 row["photo"],
                 "" if row.get("truth") is None else row["truth"],
                 "" if row["expected"] is None else row["expected"],
-                record.get("count", ""),
+                counted_cell(record, row["expected"]),
                 "" if confidence is None else f"{float(confidence):.2f}",
                 status,
                 record.get("decidedBy", ""),

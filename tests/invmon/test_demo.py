@@ -83,3 +83,16 @@ def test_each_state_says_how_long_it_took_when_it_exits() -> None:
     printer({"type": "TaskStateExited", "timestamp": t0 + timedelta(seconds=85.24),
              "stateExitedEventDetails": {"name": "TrainModel"}})
     assert lines[1].endswith("└ TrainModel: 85.2 s")
+
+
+def test_a_consignment_above_the_exact_classes_shows_the_overflow_probability_that_decided_it() -> None:
+    from invmon.demo import report
+
+    overflowing = _row("08800.jpg", "match")
+    overflowing["truth"] = overflowing["expected"] = 20
+    overflowing["record"] |= {"count": 4, "overflowClass": 6, "classes": list(range(7)),
+                              "probabilities": [0.0, 0.01, 0.02, 0.06, 0.1, 0.1, 0.71]}
+    rows = {line.split()[0]: line for line in report(_result([overflowing, _row("a.jpg", "match")])).splitlines()
+            if line.endswith(".jpg") or ".jpg " in line}
+    assert "4; 6+ at 0.71" in rows["08800.jpg"]
+    assert "6+" not in rows["a.jpg"]  # an exact consignment shows the exact count alone
