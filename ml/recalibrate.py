@@ -23,7 +23,7 @@ import torch
 from ml import channel as mlchannel
 from ml import data as mldata
 from ml import decisions, operating
-from ml.model import CONFIG_FILE, load_model
+from ml.model import load_model
 from ml.train import calibrate_and_measure, measure_operating_point, write_serving_code
 
 
@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="symmetries the model averages when it serves from now on (default: keep its own)")
     args = parser.parse_args(argv)
     _, config = load_model(args.model_dir)
-    if args.tta is not None and args.tta != config.tta:
-        # Saved first: measure_operating_point scores the validation photos as the saved config serves.
-        config.tta = args.tta
-        (args.model_dir / CONFIG_FILE).write_text(config.to_json() + "\n")
+    # In memory only: calibrate_and_measure writes the config once, with the new tta, its temperature and its
+    # thresholds together, so a refused or failed run leaves the model as it was.
+    config.tta = config.tta if args.tta is None else args.tta
     prior = prior_from_split(args.train_prior, config.num_classes) if args.train_prior else None
     if args.uniform_prior:
         prior = [round(1 / config.num_classes, 6)] * config.num_classes
@@ -75,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                               prior)
     else:
         valid = mlchannel.load_channel(mldata.resolve_data(args.validation), config.image_size)
-        point, fitted = measure_operating_point(args.model_dir, valid, torch.device("cpu"), targets, prior)
+        point, fitted = measure_operating_point(args.model_dir, valid, torch.device("cpu"), targets, prior,
+                                                tta=config.tta)
     write_serving_code(args.model_dir)
     json.dump({"calibration": fitted, "operating_point": point}, sys.stdout, indent=2)
     print()

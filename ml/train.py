@@ -1154,13 +1154,16 @@ def finish_job(args: argparse.Namespace, config: ModelConfig, data: TrainingData
 
 
 def measure_operating_point(model_dir: Path, valid: mldata.CachedImages, device: torch.device,
-                            targets: operating.Targets, prior: list[float] | None = None) -> tuple[dict, dict]:
+                            targets: operating.Targets, prior: list[float] | None = None,
+                            tta: int | None = None) -> tuple[dict, dict]:
     """Calibrate the saved model on the validation photos (temperature scaling, ``ml/calibration.py``), then
-    measure its decision thresholds on the calibrated probabilities, and write both into its config.
+    measure its decision thresholds on the calibrated probabilities, and write both into its config; ``tta``
+    (default: the config's) is how many symmetries it will serve with, written with them.
 
     The saved weights, not the ones in memory, are measured: they are what serves (the kept epoch, in fp16).
     Returns (operating point, calibration report: temperature, ECE and NLL before and after)."""
     network, config = load_model(model_dir, device)
+    config.tta = config.tta if tta is None else tta
     logits = predict_logits(network, valid.images, config, device, tta=config.tta)
     return calibrate_and_measure(model_dir, config, logits, valid.quantities, targets, prior)
 

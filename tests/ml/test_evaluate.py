@@ -101,6 +101,11 @@ def test_a_model_recalibrated_for_another_tta_serves_it_with_thresholds_fitted_o
         recalibrate.main(["--model-dir", str(model_dir), "--validation", str(sample_dir),
                           "--logits", str(tmp_path / "logits-tta2.pt")])
     before = json.loads((model_dir / "model-config.json").read_text())
+    # Refused before anything is written: the model keeps its tta and the thresholds fitted for it.
+    with pytest.raises(SystemExit):
+        recalibrate.main(["--model-dir", str(model_dir), "--validation", str(sample_dir),
+                          "--logits", str(tmp_path / "logits-tta2.pt"), "--tta", "4"])
+    assert json.loads((model_dir / "model-config.json").read_text()) == before
     recalibrate.main(["--model-dir", str(model_dir), "--validation", str(sample_dir),
                       "--logits", str(tmp_path / "logits-tta2.pt"), "--tta", "2"])
     after = json.loads((model_dir / "model-config.json").read_text())
