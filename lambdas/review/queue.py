@@ -106,11 +106,16 @@ def mark(item: dict[str, Any], policy: QueuePolicy, take_slot: Callable[[str], b
     if why is None:
         return item
     day = str(item.get("countedAt", ""))[:10]
-    if take_slot is not None and not take_slot(day) and not (displace is not None and why != "audit"
-                                                             and displace(item)):
-        item["reviewSkipped"] = (f"reviewMaxPerDay ({policy.max_per_day}) reached on {day}, and no photo "
-                                 "waiting was less likely wrong")
-        return item
+    if take_slot is not None and not take_slot(day):
+        full = f"reviewMaxPerDay ({policy.max_per_day}) reached on {day}"
+        if why == "audit":
+            # A sample of confident decisions takes a free place only: displacing for one would trade a likely
+            # discrepancy for a measurement.
+            item["reviewSkipped"] = f"{full}; audit samples take free places only"
+            return item
+        if displace is None or not displace(item):
+            item["reviewSkipped"] = f"{full}, and no photo waiting was less likely wrong"
+            return item
     item[QUEUE_KEY] = PENDING
     item[RANK_KEY] = rank(item)
     item["reviewReason"] = why

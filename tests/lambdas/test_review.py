@@ -148,6 +148,8 @@ def test_a_full_day_gives_a_place_to_a_photo_more_likely_wrong_never_to_a_less_l
     held_back = count("likeliest", "0.95")
     assert q.QUEUE_KEY not in held_back
     assert {item["key"] for item in store.pending(table)} == waiting
+    late_audit = count("late-audit", "0.50", status=rec.MATCH)
+    assert q.QUEUE_KEY not in late_audit and "audit samples take free places only" in late_audit["reviewSkipped"]
 
 
 # --- claim and lease -------------------------------------------------------------------------------------------------
