@@ -84,7 +84,8 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
         if saved.get("tta", 1) != tta:
             raise ValueError(f"{logits_file} holds logits averaged over {saved.get('tta', 1)} symmetries; this "
                              f"evaluation is at tta {tta}")
-        logits, quantities, image_ids, rejected = saved["logits"], saved["quantities"], saved["image_ids"], []
+        logits, quantities, image_ids = saved["logits"], saved["quantities"], saved["image_ids"]
+        rejected = saved.get("rejected", [])
     else:
         cached = mlchannel.load_channel(data_dir, config.image_size)
         logits = predict_logits(model, cached.images, config, torch.device("cpu"), batch_size=batch_size, tta=tta)
@@ -92,7 +93,8 @@ def evaluate(model_dir: Path, data_dir: Path, *, eval_range: tuple[int, int] = (
         rejected = [{"image_id": r.image_id, "reason": r.reason} for r in cached.rejected]
     if save_logits is not None:
         save_logits.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"logits": logits, "quantities": quantities, "tta": tta, "image_ids": image_ids}, save_logits)
+        torch.save({"logits": logits, "quantities": quantities, "tta": tta, "image_ids": image_ids,
+                    "rejected": rejected}, save_logits)
     report = score(config, logits, quantities, eval_range=eval_range)
     report = {"model_dir": str(model_dir), "data": str(data_dir), "model": config.model_id or config.model_name,
               "tta": tta, "images": len(image_ids), "rejected": rejected} | report

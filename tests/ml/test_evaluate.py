@@ -93,6 +93,7 @@ def test_a_model_recalibrated_for_another_tta_serves_it_with_thresholds_fitted_o
     assert saved["tta"] == 2 and len(saved["logits"]) == len(saved["quantities"]) == len(saved["image_ids"]) == 240
     rescored = evaluate(model_dir, sample_dir, tta=2, logits_file=tmp_path / "logits-tta2.pt")
     assert rescored["headline"] == scored["headline"] and rescored["operating_point"] == scored["operating_point"]
+    assert rescored["rejected"] == scored["rejected"] and rescored["images"] == scored["images"]
     with pytest.raises(ValueError, match="averaged over 2 symmetries"):
         evaluate(model_dir, sample_dir, tta=1, logits_file=tmp_path / "logits-tta2.pt")
 
