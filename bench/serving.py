@@ -45,10 +45,14 @@ def serverless_memory_mb() -> int:
     return int(context["endpointServerlessMemoryMb"])
 
 
+def serverless_price_per_second(memory_mb: int) -> float:
+    return SERVERLESS_PRICE_PER_SECOND_PER_GB * memory_mb / 1024
+
+
 def serverless_cost_per_1000(batch1_p50_ms: float, request_bytes: float, response_bytes: float,
                              memory_mb: int) -> float:
     """US dollars for 1,000 photos sent one per request (what the count Lambda does) to a serverless endpoint."""
-    compute = batch1_p50_ms / 1000 * SERVERLESS_PRICE_PER_SECOND_PER_GB * memory_mb / 1024
+    compute = batch1_p50_ms / 1000 * serverless_price_per_second(memory_mb)
     data = (request_bytes + response_bytes) / 1e9 * SERVERLESS_DATA_PRICE_PER_GB
     return 1000 * (compute + data)
 
@@ -138,7 +142,7 @@ def measure(system: str, model_dir: str, photos_dir: str, variant: str = "eager"
         "load": load_timings,
         "batch1": batch1,
         "serverless": {"memory_mb": memory_mb,
-                       "usd_per_second": SERVERLESS_PRICE_PER_SECOND_PER_GB * memory_mb / 1024,
+                       "usd_per_second": serverless_price_per_second(memory_mb),
                        "usd_per_gb_data": SERVERLESS_DATA_PRICE_PER_GB, "request_bytes_mean": round(request_mean),
                        "response_bytes_mean": round(response_mean),
                        "usd_per_1000_photos": serverless_cost_per_1000(batch1["p50_ms"], request_mean,
