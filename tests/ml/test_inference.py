@@ -392,3 +392,15 @@ def test_cpu_fast_path_answers_like_the_eager_model(tiny_model_dir: Path, sample
     fast_p = inference.predict_fn(images, fast)["probabilities"]
     eager_p = inference.predict_fn(images, eager)["probabilities"]
     assert torch.allclose(fast_p, eager_p, atol=1e-4)
+
+
+def test_the_shipped_model_serves_the_repository_s_own_serving_modules() -> None:
+    # code/ml/ is a copy (the model archive must serve on its own); a copy that drifts from ml/ serves code no
+    # test here runs. ml.train.write_serving_code refreshes it.
+    from ml.train import CODE_FILES
+
+    root = Path(__file__).resolve().parents[2]
+    stale = [name for name in CODE_FILES
+             if (root / "models" / "abid-effnet-lite0" / "code" / "ml" / name).read_bytes()
+             != (root / "ml" / name).read_bytes()]
+    assert stale == [], f"run ml.train.write_serving_code(models/abid-effnet-lite0): {stale} differ from ml/"

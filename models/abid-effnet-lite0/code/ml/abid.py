@@ -55,17 +55,55 @@ class AbidRecord:
                    n_asins=optional_int(data.get("n_asins")))
 
 
+# Bounds on one metadata document, so a hostile one is rejected alone instead of failing the batch or shard that
+# holds it: ABID's documents are a few KB with three levels of nesting and counts in the tens.
+MAX_METADATA_BYTES = 256 * 1024
+MAX_METADATA_DEPTH = 16
+MAX_INTEGER_DIGITS = 18  # below 2**63: what the trainer's int64 labels hold
+MAX_EXPECTED_QUANTITY = 10_000  # far above any bin; the model's classes stop long before
+# ABID's photos are tens to hundreds of KB; ingest and pack refuse a photo above this (reading at most this much
+# of it), so one oversized object fails alone and cannot fill a packer's memory (32 reads run at once).
+MAX_PHOTO_BYTES = 8 * 1024 * 1024
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise InvalidRecord(f"metadata holds a {len(text)}-digit number (at most {MAX_INTEGER_DIGITS} digits)")
+    return int(text)
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of a parsed document, stopping once past ``limit``."""
+    if limit < 0 or not isinstance(value, dict | list):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+
+
 def parse_metadata(image_id: str, raw: bytes | str) -> AbidRecord:
-    """Read one ``metadata/<id>.json`` document; raise :class:`InvalidRecord` saying what is wrong."""
+    """Read one ``metadata/<id>.json`` document; raise :class:`InvalidRecord` saying what is wrong.
+
+    Bounded before and while parsing: its size, the digits of any integer (Python refuses above 4,300 with a
+    ValueError that is no JSON error), its depth (a deep one raises RecursionError) and EXPECTED_QUANTITY."""
+    if len(raw) > MAX_METADATA_BYTES:
+        raise InvalidRecord(f"metadata is {len(raw)} bytes, above the {MAX_METADATA_BYTES} a document may have")
     try:
-        document = json.loads(raw)
+        document = json.loads(raw, parse_int=_bounded_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRecord(f"metadata is not valid JSON: {error}") from None
+    except InvalidRecord:
+        raise
+    except (RecursionError, ValueError) as error:
+        raise InvalidRecord(f"metadata cannot be read: {type(error).__name__}: {str(error)[:200]}") from None
+    if _depth(document, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+        raise InvalidRecord(f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels")
     if not isinstance(document, dict):
         raise InvalidRecord("metadata is not a JSON object")
     quantity = document.get("EXPECTED_QUANTITY")
     if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 0:
         raise InvalidRecord(f"EXPECTED_QUANTITY is missing or not a non-negative integer: {quantity!r}")
+    if quantity > MAX_EXPECTED_QUANTITY:
+        raise InvalidRecord(f"EXPECTED_QUANTITY {quantity} is above {MAX_EXPECTED_QUANTITY}, more than a bin holds")
     products = document.get("BIN_FCSKU_DATA")
     if products is None:
         # Some republished copies kept EXPECTED_QUANTITY only: the number of distinct products is unknown,
